@@ -1,0 +1,31 @@
+# Development set-up: a local virtual environment with torch pinned to the CPU build.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/bnprobe demo
+
+lint: setup
+	$(BIN)/ruff check bnprobe tests examples benchmarks docs
+	$(BIN)/ruff format --check bnprobe tests examples benchmarks docs
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache lightning_logs bnprobe_demo
