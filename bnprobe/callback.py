@@ -1,0 +1,307 @@
+"""The Lightning adapter: :class:`BNProbe` drives a :class:`~bnprobe.tap.BNTap` from trainer hooks.
+
+All the logic lives in :class:`BNProbeBase`, which uses only duck-typed trainer attributes, so the
+same class body serves ``pytorch_lightning`` (here) and ``lightning.pytorch``
+(:mod:`bnprobe.lightning`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from bnprobe.store import Store
+from bnprobe.tap import BNTap, LayerSelection, Snapshot, find_layers
+
+FLUSH_EVERY_S = 30.0
+"""The store writes a part file at most this often while training (and always at the end of each
+epoch, at the end of fit and when fit fails)."""
+
+
+class BNProbeBase:
+    r"""Watch every BatchNorm layer while a model trains.
+
+    Args:
+        every_n_steps: measure every n-th optimizer step (steps 0, n, 2n, ...). Default: the
+            trainer's ``log_every_n_steps``.
+        layers: which BN layers: None (every ``torch.nn.modules.batchnorm._BatchNorm``), a
+            qualified name or glob pattern, a list of them, or a predicate
+            ``(name, module) -> bool``.
+        histograms: log per-channel histograms of gamma, beta, d and v to TensorBoard.
+        per_channel: also keep one row per channel in the table.
+        probe_batch: the batch for the train/eval probe (default: the first validation batch).
+        save_dir: where the parquet store goes; default ``<trainer.log_dir>/bnprobe``;
+            False: no store.
+
+    Logged keys (scalars, through every logger of the trainer, rank zero only), one per BN layer:
+
+    - ``bnprobe/train/<metric>/<layer>`` for ``batch_mean``, ``batch_var``, ``running_mean``,
+      ``running_var``, ``mean_shift``, ``mean_shift_max``, ``var_shift``, ``var_shift_max``,
+      ``kl``, ``kl_max``, ``outlier_frac``, ``samples_per_channel``, ``nonfinite``,
+      ``gamma_mean``, ``gamma_std``, ``beta_mean``, ``beta_std``, ``gamma_drift``,
+      ``beta_drift``, ``gamma_small_frac``, and the structural ``forward_calls``, ``train_mode``,
+      ``model_train_mode``, ``momentum``, ``has_running_stats`` (``input_bias`` and
+      ``input_dropout`` at the first measured step);
+    - histograms ``bnprobe/train/hist/{gamma,beta,d,v}/<layer>`` (TensorBoard only).
+
+    docs/metrics.md defines each metric.
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        layers: LayerSelection = None,
+        histograms: bool = True,
+        per_channel: bool = False,
+        probe_batch: Any = None,
+        save_dir: str | os.PathLike[str] | bool | None = None,
+    ) -> None:
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool)
+            or not isinstance(every_n_steps, int)
+            or every_n_steps < 1
+        ):
+            raise ValueError(
+                "BNProbe(every_n_steps=...) must be a positive int, or None for the trainer's "
+                f"log_every_n_steps; got {every_n_steps!r}"
+            )
+        _check_layers(layers)
+        for option, value in (("histograms", histograms), ("per_channel", per_channel)):
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"BNProbe({option}=...) must be True or False; got {value!r} "
+                    f"of type {type(value).__name__}"
+                )
+        if save_dir is True or not (
+            save_dir is None or save_dir is False or isinstance(save_dir, str | os.PathLike)
+        ):
+            raise ValueError(
+                "BNProbe(save_dir=...) must be a folder path, None (<trainer.log_dir>/bnprobe) "
+                f"or False (do not save); got {save_dir!r}"
+            )
+        self.every_n_steps = every_n_steps
+        self.layers = layers
+        self.histograms = histograms
+        self.per_channel = per_channel
+        self.probe_batch = probe_batch
+        self.save_dir = save_dir
+        self.tap: BNTap | None = None
+        self.store = Store(None)
+        self._every = every_n_steps or 1
+        self._measuring: int | None = None
+        self._last_step = -1
+        self._traced = False
+        self._references: dict[str, dict[str, torch.Tensor]] = {}
+        self._broken: set[str] = set()
+        self._last_flush = time.monotonic()
+        self._writes = False
+
+    # -- public ----------------------------------------------------------------------------------
+    def to_dataframe(self) -> pd.DataFrame:
+        """Every row collected so far (SPEC schema)."""
+        return self.store.to_dataframe()
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Qualified names of the BN layers being measured."""
+        return [layer.name for layer in self.tap.layers] if self.tap is not None else []
+
+    # -- trainer hooks ---------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.tap is not None:
+            return
+        self._every = self.every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
+        if not find_layers(pl_module):
+            _warn(
+                f"BNProbe: {type(pl_module).__name__} has no BatchNorm layer "
+                "(no torch.nn.modules.batchnorm._BatchNorm); the probe does nothing."
+            )
+            return
+        self.tap = BNTap(
+            pl_module,
+            self.layers,
+            keep_channels=self.histograms,
+            per_channel=self.per_channel,
+            world_size=_sync_world_size,
+        )
+        self._writes = bool(trainer.is_global_zero)
+        save_dir = self._resolve_save_dir(trainer)
+        self.store = Store(save_dir if self._writes else None, rank=int(trainer.global_rank))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.tap is None:
+            return
+        self.tap.load_references(self._references)
+        self.tap.attach()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = int(trainer.global_step)
+        if self.tap is None or step == self._last_step or step % self._every:
+            return
+        self._measuring = step
+        self.tap.start(trace=not self._traced)
+        self._traced = True
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.tap is None or self._measuring is None:
+            return
+        step, self._measuring = self._measuring, None
+        self._last_step = step
+        tap = self.tap
+
+        def measure() -> None:
+            snap = tap.collect(
+                step=step, epoch=int(trainer.current_epoch), rank=int(trainer.global_rank)
+            )
+            self._record(trainer, snap, step)
+
+        self._guard("collecting measurements", measure)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._close()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        refs = self.tap.references() if self.tap is not None else self._references
+        return {"references": refs, "last_step": self._last_step, "traced": self._traced}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._references = dict(state_dict.get("references", {}))
+        self._last_step = int(state_dict.get("last_step", -1))
+        self._traced = bool(state_dict.get("traced", False))
+        if self.tap is not None:
+            self.tap.load_references(self._references)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _record(self, trainer: pl.Trainer, snap: Snapshot, step: int) -> None:
+        if not self._writes:
+            return
+        self.store.append(snap.rows)
+        aggregate = snap.rows[snap.rows["channel"].isna()]
+        metrics = {
+            f"bnprobe/{stage}/{metric}/{layer}": float(value)
+            for stage, metric, layer, value in zip(
+                aggregate["stage"],
+                aggregate["metric"],
+                aggregate["layer"],
+                aggregate["value"],
+                strict=True,
+            )
+        }
+        for logger in trainer.loggers:
+            self._guard(
+                f"logging to {type(logger).__name__}", partial(logger.log_metrics, metrics, step)
+            )
+        if self.histograms and snap.channels:
+            for writer in _tensorboard_writers(trainer):
+                self._guard(
+                    "writing TensorBoard histograms", partial(_histograms, writer, snap, step)
+                )
+        if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._last_flush = time.monotonic()
+        self._guard("saving the store", self.store.flush)
+
+    def _close(self) -> None:
+        self._measuring = None
+        self._flush()
+        if self.tap is not None:
+            self.tap.detach()
+
+    def _resolve_save_dir(self, trainer: pl.Trainer) -> Path | None:
+        if self.save_dir is False:
+            return None
+        if self.save_dir is not None:
+            return Path(os.fspath(self.save_dir))
+        return Path(trainer.log_dir or trainer.default_root_dir) / "bnprobe"
+
+    def _guard(self, what: str, fn: Callable[[], object]) -> None:
+        """Run one part of the probe; on error warn once, switch that part off, never raise."""
+        if what in self._broken:
+            return
+        try:
+            fn()
+        except Exception as err:
+            self._broken.add(what)
+            _warn(
+                f"BNProbe: {what} failed with {type(err).__name__}: {err}. "
+                "That part of the probe is now off; training goes on."
+            )
+
+
+class BNProbe(BNProbeBase, pl.Callback):
+    __doc__ = BNProbeBase.__doc__
+
+
+def _check_layers(layers: object) -> None:
+    ok = (
+        layers is None
+        or isinstance(layers, str)
+        or callable(layers)
+        or (isinstance(layers, Sequence) and all(isinstance(p, str) for p in layers))
+    )
+    if not ok:
+        raise ValueError(
+            "BNProbe(layers=...) must be None (every BatchNorm layer), a layer name or glob "
+            "pattern, a list of them, or a predicate (name, module) -> bool; "
+            f"got {layers!r}"
+        )
+
+
+def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
+    writers = (getattr(lg, "experiment", None) for lg in trainer.loggers)
+    return [w for w in writers if hasattr(w, "add_histogram")]
+
+
+def _histograms(writer: Any, snap: Snapshot, step: int) -> None:
+    for layer, per in snap.channels.items():
+        for name in ("gamma", "beta", "d", "v"):
+            if name in per:
+                writer.add_histogram(f"bnprobe/train/hist/{name}/{layer}", per[name], step)
+
+
+def _sync_world_size(module: nn.Module) -> int:
+    group = getattr(module, "process_group", None)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_world_size(group))
+    return 1
+
+
+def _warn(message: str, category: type[Warning] = UserWarning) -> None:
+    warnings.warn(message, category, stacklevel=3)
+
+
+__all__ = ["FLUSH_EVERY_S", "BNProbe", "BNProbeBase"]

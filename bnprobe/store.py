@@ -1,0 +1,197 @@
+"""The tidy table: its schema, how rows are built, and the crash-safe parquet store.
+
+One value per row, columns in this order (SPEC.md):
+
+    step, epoch, stage, rank, layer, channel, metric, value
+
+The store writes each flush as one complete parquet *part file*, first under a hidden temporary
+name and then renamed into place (``os.replace`` is atomic on POSIX and Windows). A process
+killed at any moment therefore leaves only whole part files behind: every flushed row can be
+read back with :func:`load`, and a half-written file is never visible to it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+COLUMNS: tuple[str, ...] = ("step", "epoch", "stage", "rank", "layer", "channel", "metric", "value")
+DTYPES: dict[str, Any] = {
+    "step": "int64",
+    "epoch": "int64",
+    "stage": "object",
+    "rank": "int64",
+    "layer": "object",
+    "channel": "Int64",
+    "metric": "object",
+    "value": "float64",
+}
+STAGES: tuple[str, ...] = ("train", "val", "probe", "recalibrate")
+MODEL = "<model>"
+"""Layer name of whole-model rows (``logits_gap``, ``pred_agreement``)."""
+
+KEY: list[str] = ["step", "stage", "rank", "layer", "channel", "metric"]
+"""Columns that identify a measurement; :func:`load` keeps the last row written for each key."""
+
+PART_GLOB = "part-*.parquet"
+
+
+def empty_frame() -> pd.DataFrame:
+    """A table with the schema and no rows."""
+    return conform(pd.DataFrame({c: [] for c in COLUMNS}))
+
+
+def conform(df: pd.DataFrame) -> pd.DataFrame:
+    """Return ``df`` with exactly the SPEC columns, in order, with the SPEC dtypes."""
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"table is missing columns {missing}; expected {list(COLUMNS)}")
+    out = df.loc[:, list(COLUMNS)].copy()
+    for col, dtype in DTYPES.items():
+        if dtype == "object":
+            out[col] = out[col].astype(object)
+        else:
+            out[col] = out[col].astype(dtype)
+    return out.reset_index(drop=True)
+
+
+def make_rows(
+    *,
+    step: int,
+    epoch: int,
+    stage: str,
+    rank: int,
+    layers: Sequence[str],
+    metrics: Sequence[str],
+    values: np.ndarray | Sequence[float],
+    channels: Sequence[int | None] | np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Build rows that share step, epoch, stage and rank from parallel columns.
+
+    ``layers``, ``metrics``, ``values`` (and ``channels`` if given; ``None`` = layer aggregate)
+    have one entry per row.
+    """
+    n = len(metrics)
+    vals = np.asarray(values, dtype=np.float64)
+    if len(layers) != n or vals.shape != (n,):
+        raise ValueError("layers, metrics and values must have one entry per row")
+    if channels is None:
+        chan = pd.array([pd.NA] * n, dtype="Int64")
+    else:
+        chan = pd.array(list(channels), dtype="Int64")
+    return pd.DataFrame(
+        {
+            "step": np.full(n, step, dtype=np.int64),
+            "epoch": np.full(n, epoch, dtype=np.int64),
+            "stage": np.full(n, stage, dtype=object),
+            "rank": np.full(n, rank, dtype=np.int64),
+            "layer": np.asarray(layers, dtype=object),
+            "channel": chan,
+            "metric": np.asarray(metrics, dtype=object),
+            "value": vals,
+        }
+    )
+
+
+def concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate tables, keeping the schema (an empty table when there is nothing)."""
+    parts = [f for f in frames if len(f)]
+    if not parts:
+        return empty_frame()
+    return conform(pd.concat(parts, ignore_index=True))
+
+
+class Store:
+    """Rows collected so far, in memory, and flushed to ``save_dir`` as atomic part files.
+
+    ``save_dir=None`` keeps rows in memory only. Each instance names its parts with its rank and
+    a per-run token, so several processes, and a resumed run, never overwrite each other.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike[str] | None = None, *, rank: int = 0) -> None:
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.rank = rank
+        self._token = f"{time.time_ns():020d}-{os.getpid()}"
+        self._seq = 0
+        self._frames: list[pd.DataFrame] = []  # every row, in order
+        self._pending: list[pd.DataFrame] = []  # rows not yet flushed
+        self._cache: pd.DataFrame | None = None
+
+    def append(self, df: pd.DataFrame) -> None:
+        if len(df) == 0:
+            return
+        self._frames.append(df)
+        self._pending.append(df)
+        self._cache = None
+
+    @property
+    def pending_rows(self) -> int:
+        return sum(len(f) for f in self._pending)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        if self._cache is None:
+            self._cache = concat(self._frames)
+            self._frames = [self._cache] if len(self._cache) else []
+        return self._cache.copy()
+
+    def flush(self) -> Path | None:
+        """Write the rows not yet saved as one part file; return its path (None if nothing)."""
+        if self.save_dir is None or not self._pending:
+            return None
+        df = concat(self._pending)
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        name = f"part-r{self.rank:04d}-{self._token}-{self._seq:06d}.parquet"
+        final = self.save_dir / name
+        tmp = self.save_dir / f".{name}.tmp"
+        df.to_parquet(tmp, index=False)
+        with open(tmp, "rb") as fh:  # make the bytes durable before the rename publishes them
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        self._seq += 1
+        self._pending.clear()
+        return final
+
+
+def load(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read the saved store of a run (its ``bnprobe`` folder, or a run folder holding one).
+
+    Returns every flushed row with the SPEC schema. Where a resumed run measured a step again,
+    the row written last wins, so a key appears once.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"no bnprobe store at {str(root)!r}: the path does not exist")
+    parts = _find_parts(root)
+    if not parts:
+        raise FileNotFoundError(
+            f"no bnprobe store at {str(root)!r}: no {PART_GLOB} files in it or in a 'bnprobe' "
+            "folder below it. Pass the folder BNProbe saved to (default <log_dir>/bnprobe)."
+        )
+    df = concat(pd.read_parquet(p) for p in parts)
+    return dedupe(df)
+
+
+def dedupe(df: pd.DataFrame) -> pd.DataFrame:
+    """Keep the last row for each measurement key (``KEY``), in first-seen order."""
+    keyed = df.assign(channel=df["channel"].fillna(-1))
+    keep = ~keyed.duplicated(subset=KEY, keep="last")
+    return df.loc[keep.to_numpy()].reset_index(drop=True)
+
+
+def _find_parts(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    direct = sorted(root.glob(PART_GLOB))
+    if direct:
+        return direct
+    nested = sorted(p.parent for p in root.rglob(PART_GLOB))
+    if not nested:
+        return []
+    # A run folder: take the store folders below it, in name order (each sorts its own parts).
+    return [p for d in dict.fromkeys(nested) for p in sorted(d.glob(PART_GLOB))]
