@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pytorch_lightning as pl
@@ -22,6 +22,9 @@ from torch import nn
 
 from bnprobe.store import Store
 from bnprobe.tap import BNTap, LayerSelection, Snapshot, find_layers
+
+if TYPE_CHECKING:
+    from bnprobe.diagnose import Finding
 
 FLUSH_EVERY_S = 30.0
 """The store writes a part file at most this often while training (and always at the end of each
@@ -111,6 +114,19 @@ class BNProbeBase:
     def to_dataframe(self) -> pd.DataFrame:
         """Every row collected so far (SPEC schema)."""
         return self.store.to_dataframe()
+
+    def findings(self) -> list[Finding]:
+        """What is wrong with the BN layers so far, in plain words (:func:`bnprobe.diagnose`)."""
+        from bnprobe.diagnose import diagnose
+
+        return diagnose(self.to_dataframe())
+
+    def report(self) -> str:
+        """A readable summary: latest key metrics per layer, then findings with advice."""
+        from bnprobe.diagnose import diagnose, format_report
+
+        df = self.to_dataframe()
+        return format_report(df, diagnose(df))
 
     @property
     def layer_names(self) -> list[str]:

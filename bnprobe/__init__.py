@@ -1,0 +1,55 @@
+"""bnprobe: watch every BatchNorm layer while a model trains.
+
+``from bnprobe import BNProbe`` and add it to ``Trainer(callbacks=[...])``. Names are imported on
+first use, so ``import bnprobe`` stays fast and loads Lightning only when the callback is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "BNProbe": "bnprobe.callback",
+    "BNTap": "bnprobe.tap",
+    "Finding": "bnprobe.diagnose",
+    "diagnose": "bnprobe.diagnose",
+    "check_mismatch": "bnprobe.mismatch",
+    "recalibrate": "bnprobe.mismatch",
+    "load": "bnprobe.store",
+    "read_tensorboard": "bnprobe.tensorboard",
+}
+
+__all__ = [
+    "BNProbe",
+    "BNTap",
+    "Finding",
+    "check_mismatch",
+    "diagnose",
+    "load",
+    "read_tensorboard",
+    "recalibrate",
+]
+
+if TYPE_CHECKING:
+    from bnprobe.callback import BNProbe
+    from bnprobe.diagnose import Finding, diagnose
+    from bnprobe.mismatch import check_mismatch, recalibrate
+    from bnprobe.store import load
+    from bnprobe.tap import BNTap
+    from bnprobe.tensorboard import read_tensorboard
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bnprobe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,0 +1,5 @@
+import sys
+
+from bnprobe.cli import main
+
+sys.exit(main())
