@@ -1,0 +1,160 @@
+"""Figures where a picture reads better than numbers, drawn from the SPEC table.
+
+Matplotlib is imported inside the functions (importing bnprobe stays fast) and figures are
+plain ``matplotlib.figure.Figure`` objects drawn with the Agg canvas: no pyplot, no global
+state, nothing to close, safe in a training process without a display.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from bnprobe import store
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+GAP_METRICS: tuple[str, ...] = ("local_gap", "output_gap")
+_MAX_LAYER_LABELS = 60
+_MAX_STEP_LABELS = 10
+
+
+def _aggregates(df: pd.DataFrame) -> pd.DataFrame:
+    """Layer aggregates of rank 0 of a single run."""
+    if "run" in df.columns and df["run"].nunique() > 1:
+        runs = sorted(df["run"].unique())
+        raise ValueError(
+            f"the table holds {len(runs)} runs ({runs[:3]}...); draw one at a time: "
+            "df[df['run'] == run]"
+        )
+    keep = df["channel"].isna().to_numpy()
+    if "rank" in df.columns:
+        keep = keep & (df["rank"] == 0).to_numpy()
+    return df[keep]
+
+
+def has_rows(df: pd.DataFrame, stage: str, metrics: Sequence[str]) -> bool:
+    """Whether ``df`` has layer aggregates of ``stage`` for any of ``metrics``."""
+    if len(df) == 0:
+        return False
+    sel = (df["stage"] == stage) & df["metric"].isin(list(metrics)) & df["channel"].isna()
+    return bool(sel.any())
+
+
+def _layer_order(layers: pd.Series) -> list[str]:
+    """Layers in first-seen order (``named_modules()`` order when the rows were logged so)."""
+    return [str(x) for x in dict.fromkeys(layers.tolist())]
+
+
+def _label_layers(ax: Axes, layers: list[str]) -> None:
+    every = max(1, -(-len(layers) // _MAX_LAYER_LABELS))
+    ticks = list(range(0, len(layers), every))
+    ax.set_yticks(ticks, [layers[i] for i in ticks], fontsize=8)
+
+
+def shift_heatmap(df: pd.DataFrame, stage: str = "train", metric: str = "mean_shift") -> Figure:
+    """A layers x steps heatmap of one metric (default: ``mean_shift``, mean |d| per layer).
+
+    Rows are layers in the order they were logged, columns the logged steps (unevenly spaced
+    steps get equal width; tick labels give the step). NaN and inf cells are grey. The colour
+    scale starts at 0 (or at the smallest value if it is negative).
+    """
+    from matplotlib.figure import Figure
+
+    rows = _aggregates(df)
+    rows = rows[(rows["stage"] == stage) & (rows["metric"] == metric)]
+    if rows.empty:
+        raise ValueError(
+            f"no layer aggregates of stage {stage!r}, metric {metric!r} to draw; "
+            f"stages present: {sorted(df['stage'].unique())}"
+        )
+    layers = _layer_order(rows["layer"])
+    rows = rows.drop_duplicates(["layer", "step"], keep="last")
+    grid = rows.pivot(index="layer", columns="step", values="value").reindex(layers)
+    steps = [int(s) for s in grid.columns]
+    values = np.ma.masked_invalid(grid.to_numpy(dtype=np.float64))
+    finite = values.compressed()
+    vmin = min(0.0, float(finite.min())) if finite.size else 0.0
+    vmax = float(finite.max()) if finite.size else 1.0
+    if vmax <= vmin:
+        vmax = vmin + 1.0
+
+    import matplotlib
+
+    cmap = matplotlib.colormaps["magma"].with_extremes(bad="0.75")
+    height = min(2.0 + 0.22 * len(layers), 16.0)
+    fig = Figure(figsize=(9.0, height), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(
+        values, aspect="auto", interpolation="nearest", cmap=cmap, vmin=vmin, vmax=vmax
+    )
+    every = max(1, -(-len(steps) // _MAX_STEP_LABELS))
+    ticks = list(range(0, len(steps), every))
+    ax.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize=8)
+    _label_layers(ax, layers)
+    ax.set_xlabel("step")
+    ax.set_title(f"{stage} {metric} per layer and step ({len(layers)} layers)")
+    fig.colorbar(image, ax=ax, label=metric, shrink=0.9)
+    return fig
+
+
+def gap_bars(df: pd.DataFrame) -> Figure:
+    """Bars of the latest probe's ``local_gap`` and ``output_gap`` for every layer.
+
+    gap = ‖y_train − y_eval‖ / ‖y_train‖: ``local_gap`` for the layer alone on the same input,
+    ``output_gap`` at its output with the whole model switched. The title adds the whole-model
+    ``logits_gap`` and ``pred_agreement`` when they were measured at that step.
+    """
+    from matplotlib.figure import Figure
+
+    rows = _aggregates(df)
+    rows = rows[rows["stage"] == "probe"]
+    gaps = rows[rows["metric"].isin(list(GAP_METRICS)) & (rows["layer"] != store.MODEL)]
+    if gaps.empty:
+        raise ValueError(
+            f"no probe rows of {' or '.join(GAP_METRICS)} to draw; run the train/eval probe "
+            "(BNProbe with a validation loop or probe_batch, or bnprobe.check_mismatch) first"
+        )
+    step = int(gaps["step"].max())
+    latest = gaps[gaps["step"] == step].drop_duplicates(["layer", "metric"], keep="last")
+    layers = _layer_order(latest["layer"])
+    grid = latest.pivot(index="layer", columns="metric", values="value").reindex(
+        index=layers, columns=list(GAP_METRICS)
+    )
+
+    height = min(2.0 + 0.28 * len(layers), 16.0)
+    fig = Figure(figsize=(9.0, height), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    y = np.arange(len(layers), dtype=np.float64)
+    width = 0.4
+    colors = {"local_gap": "#4c72b0", "output_gap": "#dd8452"}
+    for i, metric in enumerate(GAP_METRICS):
+        vals = grid[metric].to_numpy(dtype=np.float64)
+        ax.barh(
+            y + (i - 0.5) * width,
+            np.nan_to_num(vals, nan=0.0),
+            height=width,
+            color=colors[metric],
+            label=metric,
+        )
+    ax.set_ylim(len(layers) - 0.5, -0.5)  # first layer on top
+    _label_layers(ax, layers)
+    ax.set_xlabel("relative gap ‖y_train − y_eval‖ / ‖y_train‖")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    title = f"train/eval gap per layer, probe at step {step}"
+    model = rows[(rows["layer"] == store.MODEL) & (rows["step"] == step)]
+    extras = [
+        f"{m} {float(model.loc[model['metric'] == m, 'value'].iloc[-1]):.3g}"
+        for m in ("logits_gap", "pred_agreement")
+        if (model["metric"] == m).any()
+    ]
+    if extras:
+        title += "\n" + ", ".join(extras)
+    ax.set_title(title)
+    return fig

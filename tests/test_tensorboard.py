@@ -1,0 +1,602 @@
+"""TensorBoard tags, layout, histograms, figures and read-back, with real event files.
+
+Everything is written with a real ``SummaryWriter`` (through Lightning's ``TensorBoardLogger``
+where the callback would use it), read back with TensorBoard's own ``EventAccumulator`` and
+with ``read_tensorboard``, and served by a real TensorBoard process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing import event_accumulator as ea
+from tensorboard.plugins.custom_scalar import layout_pb2
+from torch.utils.tensorboard import SummaryWriter
+
+from bnprobe import figures, store
+from bnprobe import tensorboard as tb
+
+LAYERS = ["stem.bn", "blocks.0.bn1", "_model_"]  # a module really named _model_ must survive
+
+
+def _table() -> pd.DataFrame:
+    """A table like the callback's: train, val and probe rows, plus rows never logged."""
+    rng = np.random.default_rng(0)
+    frames = []
+    train_metrics = ["mean_shift", "var_shift", "kl"]
+    for step, epoch in [(0, 0), (5, 0), (10, 1), (15, 1)]:
+        layers = [la for la in LAYERS for _ in train_metrics]
+        metrics = train_metrics * len(LAYERS)
+        values = rng.random(len(metrics)) * 3
+        if step == 5:
+            values[0] = math.nan
+            values[1] = math.inf
+        frames.append(
+            store.make_rows(
+                step=step,
+                epoch=epoch,
+                stage="train",
+                rank=0,
+                layers=layers,
+                metrics=metrics,
+                values=values,
+            )
+        )
+    # val ran at step 10 at the end of epoch 0, while train step 10 is epoch 1
+    frames.append(
+        store.make_rows(
+            step=10,
+            epoch=0,
+            stage="val",
+            rank=0,
+            layers=LAYERS,
+            metrics=["mean_shift"] * 3,
+            values=rng.random(3),
+        )
+    )
+    probe_layers = [*LAYERS, *LAYERS, store.MODEL, store.MODEL]
+    probe_metrics = ["local_gap"] * 3 + ["output_gap"] * 3 + ["logits_gap", "pred_agreement"]
+    for step, epoch in [(10, 0), (16, 1)]:
+        frames.append(
+            store.make_rows(
+                step=step,
+                epoch=epoch,
+                stage="probe",
+                rank=0,
+                layers=probe_layers,
+                metrics=probe_metrics,
+                values=rng.random(8),
+            )
+        )
+    # per-channel rows and another rank's rows: never scalars in TensorBoard
+    frames.append(
+        store.make_rows(
+            step=0,
+            epoch=0,
+            stage="train",
+            rank=0,
+            layers=["stem.bn"] * 2,
+            metrics=["mean_shift"] * 2,
+            values=[1.0, 2.0],
+            channels=[0, 1],
+        )
+    )
+    frames.append(
+        store.make_rows(
+            step=0,
+            epoch=0,
+            stage="train",
+            rank=1,
+            layers=["stem.bn"],
+            metrics=["mean_shift"],
+            values=[9.0],
+        )
+    )
+    return store.concat(frames)
+
+
+def _expected(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows TensorBoard should give back: rank-0 aggregates at float32 precision."""
+    agg = df[df["channel"].isna() & (df["rank"] == 0)].copy()
+    agg["value"] = agg["value"].astype(np.float32).astype(np.float64)
+    return _sorted(agg)
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    keys = ["step", "stage", "layer", "metric"]
+    return store.conform(df.sort_values(keys, kind="stable"))
+
+
+def _log(logger: TensorBoardLogger, df: pd.DataFrame) -> None:
+    """What the callback does: one log_metrics call per step, keys from scalar_metrics."""
+    for step, metrics in tb.scalar_metrics(df).items():
+        logger.log_metrics(metrics, step=step)
+
+
+def _accumulator(path: Path) -> ea.EventAccumulator:
+    acc = ea.EventAccumulator(
+        str(path), size_guidance={ea.SCALARS: 0, ea.HISTOGRAMS: 0, ea.IMAGES: 0, ea.TENSORS: 0}
+    )
+    acc.Reload()
+    return acc
+
+
+def _histograms() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "gamma": 1 + 0.05 * torch.randn(64, generator=g),
+        "beta": torch.zeros(64),  # all equal: a valid one-bucket histogram
+        "d": torch.cat([torch.randn(62, generator=g), torch.tensor([math.nan, math.inf])]),
+        "v": torch.full((8,), math.nan),  # nothing finite: skipped
+    }
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> tuple[Path, pd.DataFrame]:
+    """A run folder written the way the callback writes it."""
+    df = _table()
+    logger = TensorBoardLogger(tmp_path, name="lightning_logs", version=0)
+    writer = logger.experiment
+    assert tb.write_layout(writer) is True
+    _log(logger, df)
+    tb.add_histograms(writer, "train", "stem.bn", 5, _histograms())
+    tb.add_histograms(writer, "train", "_model_", 5, {"gamma": torch.ones(4)})
+    tb.add_figures(writer, df, step=16)
+    logger.finalize("success")
+    return Path(logger.log_dir), df
+
+
+# --------------------------------------------------------------------------- tags
+
+
+@pytest.mark.parametrize(
+    "layer",
+    ["stem.bn", "blocks.0.bn1", "features.12", store.MODEL, "_model_", "_model__", "a/b", "x y"],
+)
+@pytest.mark.parametrize("stage", ["train", "val", "probe", "recalibrate"])
+def test_tag_round_trip(stage: str, layer: str) -> None:
+    tag = tb.scalar_tag(stage, "mean_shift", layer)
+    assert tb.parse_tag(tag) == (stage, "mean_shift", layer)
+    assert tb.parse_tag(tag).layer == layer
+    assert tag.startswith(f"bnprobe/{stage}/mean_shift/")
+    assert "<" not in tag and ">" not in tag
+
+
+def test_tag_spelling() -> None:
+    assert tb.scalar_tag("probe", "logits_gap", store.MODEL) == "bnprobe/probe/logits_gap/_model_"
+    assert tb.scalar_tag("train", "kl", "_model_") == "bnprobe/train/kl/_model__"
+    assert tb.scalar_tag("train", "kl", "layer1.0.bn1") == "bnprobe/train/kl/layer1.0.bn1"
+    assert tb.hist_tag("train", "d", store.MODEL) == "bnprobe/train/hist/d/_model_"
+    assert tb.epoch_tag("val") == "bnprobe/val/epoch"
+    assert tb.figure_tag("probe", "gaps") == "bnprobe/probe/figure/gaps"
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("tr/ain", "kl", "bn"), "stage"),
+        (("", "kl", "bn"), "stage"),
+        (("train", "k/l", "bn"), "metric"),
+        (("train", "hist", "bn"), "reserved"),
+        (("train", "epoch", "bn"), "reserved"),
+        (("train", "kl", ""), "layer"),
+    ],
+)
+def test_scalar_tag_rejects(args: tuple[str, str, str], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        tb.scalar_tag(*args)
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "bnprobe/train/epoch",
+        "bnprobe/train/hist/d/stem.bn",
+        "bnprobe/train/figure/mean_shift",
+        "train_loss",
+        "other/train/kl/bn",
+        "bnprobe/train//bn",
+    ],
+)
+def test_parse_tag_rejects_other_tags(tag: str) -> None:
+    with pytest.raises(ValueError, match="not a bnprobe scalar tag"):
+        tb.parse_tag(tag)
+
+
+def test_scalar_metrics_keys() -> None:
+    df = _table()
+    by_step = tb.scalar_metrics(df)
+    assert sorted(by_step) == [0, 5, 10, 15, 16]
+    at10 = by_step[10]
+    assert at10["bnprobe/train/epoch"] == 1.0
+    assert at10["bnprobe/val/epoch"] == 0.0
+    assert at10["bnprobe/probe/epoch"] == 0.0
+    assert "bnprobe/probe/logits_gap/_model_" in at10
+    # per-channel and rank-1 rows are not logged: stem.bn mean_shift at step 0 is rank 0's
+    row = df[(df.step == 0) & (df.layer == "stem.bn") & (df.metric == "mean_shift")]
+    assert by_step[0]["bnprobe/train/mean_shift/stem.bn"] == row["value"].iloc[0]
+    n_agg = int((df["channel"].isna() & (df["rank"] == 0)).sum())
+    n_epoch = sum(1 for d in by_step.values() for k in d if k.endswith("/epoch"))
+    assert sum(len(d) for d in by_step.values()) == n_agg + n_epoch
+
+
+# --------------------------------------------------------------------------- event files
+
+
+def test_event_file_tags_are_exact(run: tuple[Path, pd.DataFrame]) -> None:
+    path, df = run
+    acc = _accumulator(path)
+    tags = acc.Tags()
+    agg = df[df["channel"].isna() & (df["rank"] == 0)]
+    expected_scalars = {
+        tb.scalar_tag(s, m, la)
+        for s, m, la in zip(agg["stage"], agg["metric"], agg["layer"], strict=True)
+    } | {"bnprobe/train/epoch", "bnprobe/val/epoch", "bnprobe/probe/epoch"}
+    assert set(tags["scalars"]) == expected_scalars  # written verbatim, nothing rewritten
+    assert set(tags["histograms"]) == {
+        "bnprobe/train/hist/gamma/stem.bn",
+        "bnprobe/train/hist/beta/stem.bn",
+        "bnprobe/train/hist/d/stem.bn",
+        "bnprobe/train/hist/gamma/_model__",
+    }
+    assert set(tags["images"]) == {
+        "bnprobe/train/figure/mean_shift",
+        "bnprobe/val/figure/mean_shift",
+        "bnprobe/probe/figure/gaps",
+    }
+    assert tags["tensors"] == ["custom_scalars__config__"]
+    # values as TensorBoard stores them (float32)
+    events = acc.Scalars("bnprobe/probe/logits_gap/_model_")
+    want = df[(df.metric == "logits_gap")]
+    assert [e.step for e in events] == want["step"].tolist()
+    assert [e.value for e in events] == [float(np.float32(v)) for v in want["value"]]
+
+
+def test_read_tensorboard_round_trip(run: tuple[Path, pd.DataFrame]) -> None:
+    path, df = run
+    back = tb.read_tensorboard(path)
+    assert list(back.columns) == list(store.COLUMNS)
+    assert back.dtypes.astype(str).to_dict() == {
+        "step": "int64",
+        "epoch": "int64",
+        "stage": "object",
+        "rank": "int64",
+        "layer": "object",
+        "channel": "Int64",
+        "metric": "object",
+        "value": "float64",
+    }
+    assert back["channel"].isna().all() and (back["rank"] == 0).all()
+    pd.testing.assert_frame_equal(_sorted(back), _expected(df), check_exact=True)
+    # rows come out by step, then stage (train, val, probe), then the order tags were logged
+    assert back["step"].is_monotonic_increasing
+    at10 = back[back.step == 10]["stage"].drop_duplicates().tolist()
+    assert at10 == ["train", "val", "probe"]
+    assert back[(back.step == 0)]["layer"].drop_duplicates().tolist() == LAYERS
+    # the whole-model layer comes back as <model>, the module named _model_ as itself
+    assert set(back[back.stage == "probe"]["layer"]) == {*LAYERS, store.MODEL}
+    # the parent folder holds one run: same table, no run column
+    pd.testing.assert_frame_equal(tb.read_tensorboard(path.parent), back)
+    # a single event file can be read too
+    (event_file,) = path.glob("events.out.tfevents.*")
+    pd.testing.assert_frame_equal(tb.read_tensorboard(event_file), back)
+
+
+def test_read_tensorboard_several_runs(tmp_path: Path) -> None:
+    df = _table()
+    first = df[df["step"] <= 5]
+    second = df[df["step"] > 5]
+    for sub, part in [("exp/a", first), ("exp/b/nested", second)]:
+        writer = SummaryWriter(str(tmp_path / sub))
+        for step, metrics in tb.scalar_metrics(part).items():
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step)
+        writer.close()
+    SummaryWriter(str(tmp_path / "exp" / "no_bnprobe")).close()  # a run without our tags
+    back = tb.read_tensorboard(tmp_path / "exp")
+    assert list(back.columns) == [*store.COLUMNS, "run"]
+    assert sorted(back["run"].unique()) == ["a", "b/nested"]
+    for run_name, part in [("a", first), ("b/nested", second)]:
+        mine = back[back["run"] == run_name].drop(columns="run")
+        pd.testing.assert_frame_equal(_sorted(mine), _expected(part), check_exact=True)
+
+
+def test_read_tensorboard_last_value_wins_and_missing_epoch(tmp_path: Path) -> None:
+    writer = SummaryWriter(str(tmp_path))
+    writer.add_scalar("bnprobe/train/kl/bn", 1.0, 3)
+    writer.add_scalar("bnprobe/train/kl/bn", 2.0, 3)
+    writer.add_scalar("bnprobe/train/kl/bn", 4.0, 4, new_style=True)
+    writer.add_scalar("train_loss", 0.5, 3)
+    writer.close()
+    back = tb.read_tensorboard(tmp_path)
+    assert back[["step", "epoch", "value"]].values.tolist() == [[3, -1, 2.0], [4, -1, 4.0]]
+
+
+def test_read_tensorboard_errors_name_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        tb.read_tensorboard(missing)
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("hi")
+    with pytest.raises(FileNotFoundError, match=r"no TensorBoard event files at .*empty"):
+        tb.read_tensorboard(empty)
+    foreign = tmp_path / "foreign"
+    writer = SummaryWriter(str(foreign))
+    writer.add_scalar("train_loss", 0.5, 0)
+    writer.add_histogram("bnprobe/train/hist/d/bn", np.arange(4.0), 0)
+    writer.close()
+    with pytest.raises(FileNotFoundError, match=r"no bnprobe scalars at .*foreign"):
+        tb.read_tensorboard(foreign)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_layout_charts_match_every_layer(run: tuple[Path, pd.DataFrame], tmp_path: Path) -> None:
+    path, _ = run
+    acc = _accumulator(path)
+    (event,) = acc.Tensors("custom_scalars__config__")  # written once
+    proto = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    assert [c.title for c in proto.category] == ["bnprobe/train", "bnprobe/val", "bnprobe/probe"]
+    scalar_tags = acc.Tags()["scalars"]
+    for category in proto.category:
+        stage = category.title.split("/")[1]
+        assert [c.title for c in category.chart] == list(tb.METRICS_BY_STAGE[stage])
+        for chart in category.chart:
+            (regex,) = chart.multiline.tag
+            hits = {t for t in scalar_tags if re.match(regex, t)}
+            want = {t for t in scalar_tags if t.startswith(f"bnprobe/{stage}/{chart.title}/")}
+            assert hits == want
+    kl = next(c for c in proto.category[0].chart if c.title == "kl")
+    assert {t for t in scalar_tags if re.match(kl.multiline.tag[0], t)} == {
+        "bnprobe/train/kl/stem.bn",
+        "bnprobe/train/kl/blocks.0.bn1",
+        "bnprobe/train/kl/_model__",
+    }
+
+
+def test_write_layout_once_per_writer(tmp_path: Path) -> None:
+    writer = SummaryWriter(str(tmp_path))
+    try:
+        assert tb.write_layout(writer, stages=("train",)) is True
+        assert tb.write_layout(writer, stages=("train",)) is False
+    finally:
+        writer.close()
+    assert len(_accumulator(tmp_path).Tensors("custom_scalars__config__")) == 1
+
+
+def test_layout_rejects_unknown_stage() -> None:
+    with pytest.raises(ValueError, match="no metrics for stage 'test'"):
+        tb.layout(stages=("train", "test"))
+    with pytest.raises(ValueError, match="sequence of stage names"):
+        tb.layout(stages="train")
+    custom = tb.layout(stages=("val",), metrics_by_stage={"val": ["mean_shift"]})
+    assert custom == {"bnprobe/val": {"mean_shift": ["Multiline", ["^bnprobe/val/mean_shift/"]]}}
+
+
+# --------------------------------------------------------------------------- histograms
+
+
+def test_histograms_are_compact_and_exact(run: tuple[Path, pd.DataFrame]) -> None:
+    path, _ = run
+    acc = _accumulator(path)
+    for name, values in _histograms().items():
+        tag = f"bnprobe/train/hist/{name}/stem.bn"
+        finite = values[torch.isfinite(values)].double()
+        if finite.numel() == 0:
+            assert tag not in acc.Tags()["histograms"]
+            continue
+        (event,) = acc.Histograms(tag)
+        h = event.histogram_value
+        assert event.step == 5
+        assert h.num == finite.numel()
+        assert sum(h.bucket) == finite.numel()
+        assert h.min == pytest.approx(finite.min().item())
+        assert h.max == pytest.approx(finite.max().item())
+        assert h.sum == pytest.approx(finite.sum().item(), abs=1e-9)
+        assert len(h.bucket) <= tb.HIST_BINS + 1
+
+
+def test_histogram_bytes(tmp_path: Path) -> None:
+    """30 bins keep a 64-channel histogram under 1 KB (torch's default binning: about 9 KB)."""
+    n = 40
+    for sub, bins in [("compact", None), ("default", "tensorflow")]:
+        writer = SummaryWriter(str(tmp_path / sub))
+        writer.flush()  # the file holds its header event now
+        (event_file,) = (tmp_path / sub).glob("events.out.tfevents.*")
+        start = event_file.stat().st_size
+        g = torch.Generator().manual_seed(0)
+        for step in range(n):
+            d = torch.randn(64, generator=g)
+            if bins is None:
+                tb.add_histograms(writer, "train", "layer1.0.bn1", step, {"d": d})
+            else:
+                writer.add_histogram("bnprobe/train/hist/d/layer1.0.bn1", d, step, bins=bins)
+        writer.close()
+        per = (event_file.stat().st_size - start) / n
+        if bins is None:
+            assert per < 1000
+        else:
+            assert per > 5000
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def test_shift_heatmap_shows_the_table() -> None:
+    df = _table()
+    fig = figures.shift_heatmap(df, "train", "var_shift")
+    (ax, _cbar) = fig.axes
+    grid = np.ma.getdata(ax.images[0].get_array())
+    mask = np.ma.getmaskarray(ax.images[0].get_array())
+    rows = df[(df.stage == "train") & (df.metric == "var_shift") & df.channel.isna()]
+    rows = rows[rows["rank"] == 0]
+    want = rows.pivot(index="layer", columns="step", values="value").reindex(LAYERS)
+    assert grid.shape == (3, 4)
+    np.testing.assert_array_equal(mask, ~np.isfinite(want.to_numpy()))
+    np.testing.assert_array_equal(grid[~mask], want.to_numpy()[~mask])
+    assert [t.get_text() for t in ax.get_yticklabels()] == LAYERS
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "5", "10", "15"]
+    # the inf of stem.bn at step 5 is masked (grey), not drawn as a colour
+    assert mask[0, 1] and mask.sum() == 1
+
+
+def test_gap_bars_show_the_latest_probe() -> None:
+    df = _table()
+    fig = figures.gap_bars(df)
+    ax = fig.axes[0]
+    latest = df[(df.stage == "probe") & (df.step == 16)]
+    for container, metric in zip(ax.containers, figures.GAP_METRICS, strict=True):
+        widths = [patch.get_width() for patch in container]
+        want = latest[latest.metric == metric].set_index("layer").loc[LAYERS, "value"]
+        assert widths == pytest.approx(want.tolist())
+    assert [t.get_text() for t in ax.get_yticklabels()] == LAYERS
+    title = ax.get_title()
+    assert "step 16" in title and "logits_gap" in title and "pred_agreement" in title
+
+
+def test_figures_reject_missing_data() -> None:
+    df = _table()
+    with pytest.raises(ValueError, match="no layer aggregates of stage 'val', metric 'kl'"):
+        figures.shift_heatmap(df, "val", "kl")
+    with pytest.raises(ValueError, match="no probe rows"):
+        figures.gap_bars(df[df.stage != "probe"])
+    two = pd.concat([df.assign(run="a"), df.assign(run="b")], ignore_index=True)
+    with pytest.raises(ValueError, match="2 runs"):
+        figures.shift_heatmap(two)
+
+
+def test_add_figures_logs_images(run: tuple[Path, pd.DataFrame], tmp_path: Path) -> None:
+    import matplotlib.image
+
+    path, _ = run
+    acc = _accumulator(path)
+    for tag in acc.Tags()["images"]:
+        (event,) = acc.Images(tag)
+        assert event.step == 16
+        pixels = matplotlib.image.imread(io.BytesIO(event.encoded_image_string), format="png")
+        assert pixels.shape[:2] == (event.height, event.width)
+        assert event.width == 900 and event.height > 200
+        assert pixels.std() > 0.05  # something is drawn
+    # only the figures with data; nothing at all for an empty table
+    writer = SummaryWriter(str(tmp_path / "partial"))
+    try:
+        only_probe = _table().query("stage == 'probe'")
+        assert tb.add_figures(writer, only_probe, 1) == ["bnprobe/probe/figure/gaps"]
+        assert tb.add_figures(writer, store.empty_frame(), 2) == []
+    finally:
+        writer.close()
+
+
+# --------------------------------------------------------------------------- server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _get(port: int, route: str, **query: str) -> Any:
+    url = f"http://127.0.0.1:{port}{route}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_tensorboard_server_serves_everything(
+    run: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    path, _ = run
+    logdir = path.parent
+    port = _free_port()
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--load_fast=false"]
+    log = tmp_path / "tensorboard.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        scalars: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-2000:]
+                pytest.fail(f"tensorboard exited with {proc.returncode}: {tail}")
+            try:
+                scalars = _get(port, "/data/plugin/scalars/tags")
+            except OSError:
+                scalars = {}
+            if scalars.get("version_0"):
+                break
+            time.sleep(0.5)
+        assert "version_0" in scalars, "TensorBoard did not serve the run within 90 s"
+        assert "bnprobe/probe/logits_gap/_model_" in scalars["version_0"]
+        assert "bnprobe/train/mean_shift/blocks.0.bn1" in scalars["version_0"]
+
+        hists = _get(port, "/data/plugin/histograms/tags")["version_0"]
+        assert set(hists) == {
+            "bnprobe/train/hist/gamma/stem.bn",
+            "bnprobe/train/hist/beta/stem.bn",
+            "bnprobe/train/hist/d/stem.bn",
+            "bnprobe/train/hist/gamma/_model__",
+        }
+        served = _get(
+            port,
+            "/data/plugin/histograms/histograms",
+            run="version_0",
+            tag="bnprobe/train/hist/gamma/stem.bn",
+        )
+        assert [point[1] for point in served] == [5]
+
+        images = _get(port, "/data/plugin/images/tags")["version_0"]
+        assert set(images) == {
+            "bnprobe/train/figure/mean_shift",
+            "bnprobe/val/figure/mean_shift",
+            "bnprobe/probe/figure/gaps",
+        }
+
+        layout = _get(port, "/data/plugin/custom_scalars/layout")
+        titles = [c["title"] for c in layout["category"]]
+        assert titles == ["bnprobe/train", "bnprobe/val", "bnprobe/probe"]
+        train = layout["category"][0]["chart"]
+        assert [c["title"] for c in train] == list(tb.METRICS_BY_STAGE["train"])
+        regex = train[0]["multiline"]["tag"][0]
+        assert regex == "^bnprobe/train/mean_shift/"
+        # the chart's regex makes the server send every layer's series
+        chart = _get(port, "/data/plugin/custom_scalars/scalars", run="version_0", tag=regex)
+        assert chart["regex_valid"] is True
+        assert set(chart["tag_to_events"]) == {
+            tb.scalar_tag("train", "mean_shift", x) for x in LAYERS
+        }
+        assert [p[1] for p in chart["tag_to_events"]["bnprobe/train/mean_shift/stem.bn"]] == [
+            0,
+            5,
+            10,
+            15,
+        ]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
