@@ -1,0 +1,559 @@
+"""The train/eval probe and PreciseBN recalibration, on any ``nn.Module`` (no Lightning).
+
+Two questions users bring to BatchNorm, answered directly:
+
+* :func:`check_mismatch`: "how differently does my model behave in eval mode, and which layer is
+  to blame?" One batch, two forwards (BN layers on batch statistics, then on running statistics),
+  gaps per layer (stage ``probe``).
+* :func:`recalibrate`: "repair the running statistics". Exact population moments of every BN
+  layer's input over a set of batches (PreciseBN), written into the running buffers
+  (stage ``recalibrate``).
+
+How a BN layer is made to use batch statistics without touching its buffers
+---------------------------------------------------------------------------
+Both functions put a BN layer in training mode *and* set ``track_running_stats = False`` for the
+duration. ``_BatchNorm.forward`` then passes ``None`` for the running buffers to
+``F.batch_norm``: the layer normalizes with the batch moments and nothing is written, not even
+``num_batches_tracked``. The usual alternative, ``momentum = 0``, still increments
+``num_batches_tracked`` and computes ``0 * batch_moment``, which is NaN when the batch moment is
+inf. As a second line of defence every buffer of the model is cloned first and restored, bit for
+bit and as the same tensor object, in ``finally``.
+
+The taps of :mod:`bnprobe.tap` record every forward of a BN layer; callers that have taps attached
+must set ``tap.active = False`` around these functions (the Lightning callback does).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
+from torch.utils.hooks import RemovableHandle
+from tqdm.auto import tqdm
+
+from bnprobe import store
+from bnprobe.tap import LayerSelection, find_layers
+
+__all__ = ["check_mismatch", "recalibrate"]
+
+PROBE_METRICS: tuple[str, ...] = ("output_gap", "local_gap")
+MODEL_METRICS: tuple[str, ...] = ("logits_gap", "pred_agreement")
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def check_mismatch(
+    model: nn.Module,
+    batch: Any,
+    *,
+    layers: LayerSelection = None,
+    step: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+) -> pd.DataFrame:
+    """Measure the train/eval mismatch of every BN layer on one batch (rows of stage ``probe``).
+
+    The model runs twice under ``torch.no_grad()``, with every non-BN module in eval mode (dropout
+    off, so the only difference between the passes is BatchNorm) and the same RNG state:
+
+    1. *train pass*: every BN layer with running statistics normalizes with the batch moments
+       (training behaviour) but updates nothing;
+    2. *eval pass*: every BN layer normalizes with its running moments (inference behaviour).
+
+    Per BN layer (``layers`` selects which get rows; all BN layers switch mode):
+
+    * ``output_gap`` = ||y_train − y_eval|| / ||y_train|| at the layer's output: the cumulative
+      mismatch of the model up to and including this layer.
+    * ``local_gap`` = ||BN_batch(x) − BN_running(x)|| / ||BN_batch(x)||, both computed with
+      ``F.batch_norm`` (same weight, bias, eps) on the same input x: the input the layer sees in the
+      *train pass*. That input is what the running statistics are meant to summarise, and it does
+      not depend on the running statistics of earlier layers, so a layer with bad running stats
+      shows a large ``local_gap`` while the layers before *and after* it stay near 0.
+
+    For layer ``"<model>"``: ``logits_gap`` (the same relative gap of the model outputs; for a
+    tuple, list or dict output the first tensor) and ``pred_agreement`` (fraction of rows whose
+    argmax over the last dimension agrees; only when the output has at least 2 dimensions).
+
+    ``batch``: a tuple or list is taken as ``(input, target, ...)`` and only its first element is
+    passed to the model; anything else is passed as is, ``model(batch)``. If neither is what your
+    model takes, pass the input itself. Tensors are moved to the model's device.
+
+    BN layers without running statistics (``track_running_stats=False``) behave the same in both
+    modes and get no rows. A BN layer that never runs in the forward gets no rows. A layer called
+    several times pools its calls (sums of squares over all calls).
+
+    Afterwards every buffer (bit for bit, ``num_batches_tracked`` included), every module's own
+    ``training`` flag, every BN layer's ``track_running_stats`` and the torch CPU (and, if
+    initialized, CUDA) RNG state are exactly as before, whatever happens.
+    """
+    all_bn = _all_batchnorm(model, "check_mismatch")
+    selected = {n: m for n, m in _select(model, layers).items() if _has_running_stats(m)}
+    inp = _to_device(_model_input(batch, "check_mismatch"), _model_device(model))
+
+    train_out: dict[str, list[Tensor]] = {n: [] for n in selected}
+    local_sq: dict[str, list[float]] = {n: [0.0, 0.0] for n in selected}  # ||diff||², ||y_b||²
+    output_sq: dict[str, list[float]] = {n: [0.0, 0.0] for n in selected}
+    eval_calls: dict[str, int] = dict.fromkeys(selected, 0)
+
+    def train_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
+                return
+            bn = selected[name]
+            x = args[0]
+            y_batch = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+            y_run = F.batch_norm(
+                x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+            )
+            local_sq[name][0] += _sq_norm(y_batch - y_run)
+            local_sq[name][1] += _sq_norm(y_batch)
+            train_out[name].append(output.detach().clone())  # clone: in-place ops may follow
+
+        return hook
+
+    def eval_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            i = eval_calls[name]
+            eval_calls[name] += 1
+            if not isinstance(output, Tensor) or i >= len(train_out[name]):
+                return
+            y_train = train_out[name][i]
+            if y_train.shape != output.shape:
+                return
+            output_sq[name][0] += _sq_norm(y_train - output)
+            output_sq[name][1] += _sq_norm(y_train)
+
+        return hook
+
+    state = _ModelState.capture(model)
+    handles: list[RemovableHandle] = []
+    try:
+        with torch.no_grad():
+            _set_modes(state, all_bn, bn_batch_stats=True)
+            handles = [m.register_forward_hook(train_hook(n)) for n, m in selected.items()]
+            y_train = _first_tensor(_run(model, inp, batch, "check_mismatch"))
+            if y_train is not None:
+                y_train = y_train.detach().clone()
+            _remove(handles)
+
+            state.restore_rng()  # same random draws in both passes
+            _set_modes(state, all_bn, bn_batch_stats=False)
+            handles = [m.register_forward_hook(eval_hook(n)) for n, m in selected.items()]
+            y_eval = _first_tensor(_run(model, inp, batch, "check_mismatch"))
+    finally:
+        _remove(handles)
+        state.restore()
+
+    names: list[str] = []
+    metrics: list[str] = []
+    values: list[float] = []
+    for name in selected:
+        if not train_out[name]:
+            continue  # the layer did not run
+        names += [name, name]
+        metrics += list(PROBE_METRICS)
+        values += [_ratio(*output_sq[name]), _ratio(*local_sq[name])]
+    if y_train is not None and y_eval is not None and y_train.shape == y_eval.shape:
+        names.append(store.MODEL)
+        metrics.append("logits_gap")
+        values.append(_ratio(_sq_norm(y_train - y_eval), _sq_norm(y_train)))
+        if y_train.dim() >= 2:
+            agree = y_train.argmax(dim=-1) == y_eval.argmax(dim=-1)
+            names.append(store.MODEL)
+            metrics.append("pred_agreement")
+            values.append(float(agree.double().mean().item()))
+    return store.make_rows(
+        step=step,
+        epoch=epoch,
+        stage="probe",
+        rank=rank,
+        layers=names,
+        metrics=metrics,
+        values=values,
+    )
+
+
+def recalibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int | None = None,
+    apply: bool = True,
+    *,
+    layers: LayerSelection = None,
+    progress: bool = True,
+    step: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+) -> pd.DataFrame:
+    """PreciseBN: population moments of every BN layer's input, into its running buffers.
+
+    The model runs over ``batches`` (the first ``num_batches`` of them; all when ``None``) under
+    ``torch.no_grad()`` with every non-BN module in eval mode (dropout off) and every BN layer
+    normalizing with the *batch* moments, as in training, without updating any buffer. A deeper
+    layer therefore sees its input as it sees it in training: this is the distribution the
+    running statistics are meant to summarise, and the same convention as fvcore's PreciseBN and
+    ``torch.optim.swa_utils.update_bn``. (Eval-mode inputs would depend on the old, possibly bad,
+    running statistics of earlier layers.) Each batch is unpacked like in :func:`check_mismatch`.
+
+    A forward pre-hook reduces each BN input to per-channel ``(n, mean, M2)`` in float64 (every
+    dimension but dim 1 counts as samples: N·H·W for 2d layers) and pools the batches exactly with
+    Chan's parallel formula, so each batch weighs by its sample count::
+
+        n = n_a + n_b,  δ = m_b − m_a,  m = m_a + δ·n_b/n,  M2 = M2_a + M2_b + δ²·n_a·n_b/n
+
+    Population variance var_pop = M2 / n (biased, what BN normalizes with). With ``apply=True``
+    ``running_mean`` ← m and ``running_var`` ← M2 / (n − 1): PyTorch's ``running_var`` stores the
+    *unbiased* variance (BN normalizes with the biased batch variance but its running update uses
+    the Bessel-corrected one). ``num_batches_tracked`` is left as it is: it counts training
+    updates. With ``apply=False`` the model is left bit for bit as it was. Layers that never ran,
+    or saw a single sample per channel, are not written.
+
+    Rows (stage ``recalibrate``, one per layer and metric), with
+    d = (m − μ_R)/sqrt(var_R + eps) and v = log((var_pop + eps)/(var_R + eps)) per channel:
+    ``samples`` (n), ``mean_shift_before``/``mean_shift_max_before`` (mean/max over channels of
+    |d|), ``var_shift_before``/``var_shift_max_before`` (of |v|) against the old running moments,
+    and, when applied, the same four ``*_after`` against the moments written (≈ 0; the variance
+    part is ≈ 1/n because of the unbiased correction).
+
+    Training flags, ``track_running_stats``, hooks and the torch RNG state are restored in
+    ``finally``; momentum is never touched. ``progress`` shows a tqdm bar (hidden when the
+    output is not a terminal).
+    """
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    ):
+        raise ValueError(
+            f"recalibrate: num_batches must be a positive int or None (all batches), "
+            f"got {num_batches!r}"
+        )
+    all_bn = _all_batchnorm(model, "recalibrate")
+    selected = {n: m for n, m in _select(model, layers).items() if _has_running_stats(m)}
+    if not selected:
+        raise ValueError(
+            "recalibrate: no selected BatchNorm layer has running statistics "
+            "(track_running_stats=False everywhere, or `layers` picked only such layers); "
+            "there is nothing to recalibrate"
+        )
+    try:
+        iterator: Iterator[Any] = iter(batches)
+    except TypeError as exc:
+        raise ValueError(
+            f"recalibrate: batches must be an iterable of batches (e.g. the train DataLoader), "
+            f"got {type(batches).__name__}"
+        ) from exc
+    if num_batches is not None:
+        iterator = itertools.islice(iterator, num_batches)
+    total = num_batches
+    try:
+        length = len(batches)  # type: ignore[arg-type]
+        total = length if total is None else min(total, length)
+    except TypeError:
+        pass
+
+    device = _model_device(model)
+    moments = {n: _Moments() for n in selected}
+
+    def pre_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], Tensor):
+                moments[name].update(args[0])
+
+        return hook
+
+    state = _ModelState.capture(model)
+    handles: list[RemovableHandle] = []
+    bar = tqdm(
+        iterator,
+        total=total,
+        disable=None if progress else True,
+        desc="recalibrate",
+        unit="batch",
+        leave=False,
+    )
+    seen = 0
+    try:
+        with torch.no_grad():
+            _set_modes(state, all_bn, bn_batch_stats=True)
+            handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in selected.items()]
+            for batch in bar:
+                inp = _to_device(_model_input(batch, "recalibrate"), device)
+                _run(model, inp, batch, "recalibrate", index=seen)
+                seen += 1
+    finally:
+        bar.close()
+        _remove(handles)
+        state.restore()
+    if seen == 0:
+        raise ValueError(
+            "recalibrate got no batches: pass an iterable that yields at least one batch, "
+            "e.g. the train DataLoader (an iterator that was already consumed yields nothing)"
+        )
+
+    frames = []
+    with torch.no_grad():
+        for name, bn in selected.items():
+            mom = moments[name]
+            rows: dict[str, float] = {"samples": float(mom.n)}
+            if mom.n > 0:
+                assert bn.running_mean is not None and bn.running_var is not None
+                mean, var_pop = mom.mean, mom.m2 / mom.n
+                rows.update(
+                    _shifts(mean, var_pop, bn.running_mean, bn.running_var, bn.eps, "before")
+                )
+                if apply and mom.n > 1:
+                    bn.running_mean.copy_(mean.to(bn.running_mean))
+                    bn.running_var.copy_((mom.m2 / (mom.n - 1)).to(bn.running_var))
+                    rows.update(
+                        _shifts(mean, var_pop, bn.running_mean, bn.running_var, bn.eps, "after")
+                    )
+            frames.append(
+                store.make_rows(
+                    step=step,
+                    epoch=epoch,
+                    stage="recalibrate",
+                    rank=rank,
+                    layers=[name] * len(rows),
+                    metrics=list(rows),
+                    values=list(rows.values()),
+                )
+            )
+    return store.concat(frames)
+
+
+# --------------------------------------------------------------------------- maths
+
+
+@dataclass
+class _Moments:
+    """Per-channel count, mean and sum of squared deviations (M2), pooled exactly (float64)."""
+
+    n: int = 0
+    mean: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    m2: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+
+    def update(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            return
+        dims = [0, *range(2, x.dim())]
+        nb = x.numel() // x.shape[1]
+        if nb == 0:
+            return
+        xd = x.detach().to(torch.float64)
+        mb = xd.mean(dim=dims)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        m2b = (xd - mb.view(shape)).square().sum(dim=dims)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + delta.square() * (self.n * nb / n)
+        self.n = n
+
+
+def _shifts(
+    mean: Tensor, var_pop: Tensor, run_mean: Tensor, run_var: Tensor, eps: float, when: str
+) -> dict[str, float]:
+    """Mean and max over channels of |d| and |v| (SPEC formulas) between population and running."""
+    rm = run_mean.to(torch.float64)
+    rv = run_var.to(torch.float64)
+    d = ((mean - rm) / torch.sqrt(rv + eps)).abs()
+    v = torch.log((var_pop + eps) / (rv + eps)).abs()
+    return {
+        f"mean_shift_{when}": float(d.mean().item()),
+        f"mean_shift_max_{when}": float(d.max().item()),
+        f"var_shift_{when}": float(v.mean().item()),
+        f"var_shift_max_{when}": float(v.max().item()),
+    }
+
+
+def _sq_norm(t: Tensor) -> float:
+    return float(t.detach().to(torch.float64).square().sum().item())
+
+
+def _ratio(diff_sq: float, ref_sq: float) -> float:
+    """sqrt(diff_sq / ref_sq); 0 when both are 0, inf when only the reference is 0."""
+    if ref_sq > 0:
+        return math.sqrt(diff_sq / ref_sq)
+    return 0.0 if diff_sq == 0 else math.inf
+
+
+# --------------------------------------------------------------------------- model state
+
+
+@dataclass
+class _ModelState:
+    """Everything the probe may change, captured so that ``restore`` puts it back exactly."""
+
+    training: list[tuple[nn.Module, bool]]
+    track: list[tuple[_BatchNorm, bool]]
+    buffers: list[tuple[nn.Module, str, Tensor, Tensor]]  # owner, name, original object, copy
+    cpu_rng: Tensor
+    cuda_rng: list[Tensor] | None
+
+    @classmethod
+    def capture(cls, model: nn.Module) -> _ModelState:
+        modules = list(model.modules())
+        buffers = []
+        for mod in modules:
+            for bname, buf in mod._buffers.items():
+                if buf is not None:
+                    buffers.append((mod, bname, buf, buf.detach().clone()))
+        cuda_on = bool(torch.cuda.is_initialized())  # type: ignore[no-untyped-call]
+        cuda_rng = torch.cuda.get_rng_state_all() if cuda_on else None
+        return cls(
+            training=[(m, m.training) for m in modules],
+            track=[(m, m.track_running_stats) for m in modules if isinstance(m, _BatchNorm)],
+            buffers=buffers,
+            cpu_rng=torch.get_rng_state(),
+            cuda_rng=cuda_rng,
+        )
+
+    def restore_rng(self) -> None:
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for mod, bname, original, copy in self.buffers:
+                mod._buffers[bname] = original
+                original.copy_(copy)
+        for mod, flag in self.training:
+            mod.training = flag
+        for bn, track in self.track:
+            bn.track_running_stats = track
+        self.restore_rng()
+
+
+def _set_modes(state: _ModelState, bns: dict[str, _BatchNorm], *, bn_batch_stats: bool) -> None:
+    """Non-BN modules to eval; BN layers to batch stats without updates, or to running stats."""
+    for mod, _ in state.training:
+        mod.training = False
+    for bn, track in state.track:
+        if bn_batch_stats:
+            bn.training = True
+            bn.track_running_stats = False  # forward then passes no buffers: nothing is updated
+        else:
+            bn.training = False
+            bn.track_running_stats = track
+
+
+def _remove(handles: list[RemovableHandle]) -> None:
+    for h in handles:
+        h.remove()  # idempotent
+    handles.clear()
+
+
+# --------------------------------------------------------------------------- layers and batches
+
+
+def _all_batchnorm(model: nn.Module, who: str) -> dict[str, _BatchNorm]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    if not bns:
+        raise ValueError(
+            f"no BatchNorm layer in the model; {who} needs at least one instance of "
+            "torch.nn.modules.batchnorm._BatchNorm (BatchNorm1d/2d/3d, SyncBatchNorm, "
+            "lazy variants)"
+        )
+    for name, bn in bns.items():
+        if any(is_lazy(t) for t in (*bn.parameters(recurse=False), *bn.buffers(recurse=False))):
+            raise ValueError(
+                f"{who}: BatchNorm layer {name!r} is lazy and not initialized yet; "
+                "run one forward pass on real data first"
+            )
+    return bns
+
+
+def _select(model: nn.Module, layers: LayerSelection) -> dict[str, _BatchNorm]:
+    """The BN layers ``layers`` selects: names, glob patterns or a predicate (``find_layers``)."""
+    return find_layers(model, layers)
+
+
+def _has_running_stats(bn: _BatchNorm) -> bool:
+    return bool(bn.track_running_stats) and (
+        bn.running_mean is not None and bn.running_var is not None
+    )
+
+
+def _model_input(batch: Any, who: str) -> Any:
+    """A tuple/list batch is ``(input, target, ...)``: its first element; anything else as is."""
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise ValueError(f"{who}: got an empty {type(batch).__name__} as batch")
+        return batch[0]
+    return batch
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return None
+
+
+def _to_device(obj: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return obj
+    if isinstance(obj, Tensor):
+        return obj if obj.device == device else obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)) and not hasattr(obj, "_fields"):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _describe(obj: Any, depth: int = 0) -> str:
+    if isinstance(obj, Tensor):
+        return f"Tensor(shape={tuple(obj.shape)}, dtype={obj.dtype}, device={obj.device})"
+    if depth < 2 and isinstance(obj, (tuple, list)):
+        inner = ", ".join(_describe(v, depth + 1) for v in list(obj)[:4])
+        more = ", ..." if len(obj) > 4 else ""
+        return f"{type(obj).__name__} of {len(obj)} [{inner}{more}]"
+    if depth < 2 and isinstance(obj, dict):
+        return f"dict with keys {list(obj)[:8]}"
+    return type(obj).__name__
+
+
+def _run(model: nn.Module, inp: Any, batch: Any, who: str, index: int | None = None) -> Any:
+    try:
+        return model(inp)
+    except Exception as exc:
+        which = "the batch" if index is None else f"batch {index}"
+        unpack = (
+            f" (a {type(batch).__name__} batch is taken as (input, target, ...), so the model "
+            f"got its first element: {_describe(inp)})"
+            if isinstance(batch, (tuple, list))
+            else ""
+        )
+        raise ValueError(
+            f"{who} could not run the model on {which}: {type(exc).__name__}: {exc}. "
+            f"It got {_describe(batch)}{unpack}. Pass what the model's forward takes: the input "
+            "tensor itself, or a tuple/list whose first element is the input."
+        ) from exc
+
+
+def _first_tensor(out: Any) -> Tensor | None:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for v in out:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    return None
