@@ -257,6 +257,8 @@ class BNTap:
         snapshot_channels: dict[str, dict[str, np.ndarray]] = {}
         it = iter(host)
         for layer in self.layers:
+            if layer.failed:
+                continue
             names: list[str] = []
             vals: list[float] = []
             if layer.values is not None:

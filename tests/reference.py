@@ -1,0 +1,220 @@
+"""An independent float64 reference for the stage-train metrics, and small models to test on.
+
+The reference captures each BN layer's input and its running buffers before the forward with its
+own pre-hooks, and computes every metric from the SPEC formulas directly (no bnprobe code).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def reference_metrics(
+    x: Tensor,
+    mu_r: Tensor | None,
+    var_r: Tensor | None,
+    eps: float,
+    gamma: Tensor | None = None,
+    beta: Tensor | None = None,
+    gamma0: Tensor | None = None,
+    beta0: Tensor | None = None,
+) -> dict[str, float]:
+    x = x.double()
+    dims = [0, *range(2, x.dim())]
+    mu = x.mean(dims)
+    var = x.var(dims, unbiased=False)
+    out = {
+        "batch_mean": mu.mean().item(),
+        "batch_var": var.mean().item(),
+        "samples_per_channel": float(x.numel() // x.shape[1]),
+        "nonfinite": float((~(mu.isfinite() & var.isfinite())).sum()),
+    }
+    if mu_r is not None and var_r is not None:
+        mu_r, var_r = mu_r.double(), var_r.double()
+        d = (mu - mu_r) / (var_r + eps).sqrt()
+        v = ((var + eps) / (var_r + eps)).log()
+        s_b, s_r = (var + eps).sqrt(), (var_r + eps).sqrt()
+        kl = (s_r / s_b).log() + (s_b**2 + (mu - mu_r) ** 2) / (2 * s_r**2) - 0.5
+        out.update(
+            running_mean=mu_r.mean().item(),
+            running_var=var_r.mean().item(),
+            mean_shift=d.abs().mean().item(),
+            mean_shift_max=d.abs().max().item(),
+            var_shift=v.abs().mean().item(),
+            var_shift_max=v.abs().max().item(),
+            kl=kl.mean().item(),
+            kl_max=kl.max().item(),
+            outlier_frac=((d.abs() > 5) | (v.abs() > 2 * math.log(3))).double().mean().item(),
+        )
+    if gamma is not None and beta is not None and gamma0 is not None and beta0 is not None:
+        g, b, g0, b0 = (t.double() for t in (gamma, beta, gamma0, beta0))
+        out.update(
+            gamma_mean=g.mean().item(),
+            gamma_std=g.std().item(),
+            beta_mean=b.mean().item(),
+            beta_std=b.std().item(),
+            gamma_drift=((g - g0).norm() / g0.norm()).item(),
+            beta_drift=((b - b0).norm() / math.sqrt(b.numel())).item(),
+            gamma_small_frac=(g.abs() < 0.01 * g.abs().max()).double().mean().item(),
+        )
+    return out
+
+
+class Reference:
+    """Records reference metrics of each BN layer's first forward while ``active``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.bns = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+        self.g0 = {
+            n: (m.weight.detach().clone(), m.bias.detach().clone())
+            for n, m in self.bns.items()
+            if m.affine
+        }
+        self.active = False
+        self.seen: set[str] = set()
+        self.metrics: dict[str, dict[str, float]] = {}
+        self.handles = [m.register_forward_pre_hook(self._make(n)) for n, m in self.bns.items()]
+
+    def _make(self, name: str) -> Any:
+        def hook(module: _BatchNorm, args: tuple[Tensor, ...]) -> None:
+            if not self.active or name in self.seen:
+                return
+            self.seen.add(name)
+            has = module.running_mean is not None and module.running_var is not None
+            g0b0 = self.g0.get(name, (None, None))
+            self.metrics[name] = reference_metrics(
+                args[0].detach(),
+                module.running_mean.clone() if has else None,  # type: ignore[union-attr]
+                module.running_var.clone() if has else None,  # type: ignore[union-attr]
+                module.eps,
+                module.weight.detach() if module.affine else None,
+                module.bias.detach() if module.affine else None,
+                *g0b0,
+            )
+
+        return hook
+
+    def start(self) -> None:
+        self.active, self.seen, self.metrics = True, set(), {}
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class Residual2d(nn.Module):
+    """Conv-BN blocks with in-place ReLU and an in-place residual add after the BN."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(c)
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn0(self.stem(x)), inplace=True)
+        out = self.bn1(self.conv(x))
+        out += x  # in place, after the BN forward hook ran
+        out = F.relu(out, inplace=True)
+        return self.head(out.mean(dim=(2, 3)))  # type: ignore[no-any-return]
+
+
+def mlp1d(affine: bool = True, track: bool = True, momentum: float | None = 0.1) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(6, 16),
+        nn.BatchNorm1d(16, affine=affine, track_running_stats=track, momentum=momentum),
+        nn.ReLU(),
+        nn.Linear(16, 4),
+    )
+
+
+class Seq1d(nn.Module):
+    """BatchNorm1d over (N, C, L) inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.bn(self.conv(x))).mean(dim=2))  # type: ignore[no-any-return]
+
+
+class Vol3d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(2, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm3d(6, affine=False)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.bn(self.conv(x))).mean(dim=(2, 3, 4)))  # type: ignore[no-any-return]
+
+
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {
+    "mlp1d": (6,),
+    "seq1d": (3, 10),
+    "res2d": (3, 8, 8),
+    "vol3d": (2, 4, 4, 4),
+}
+
+
+def make_model(kind: str) -> nn.Module:
+    return {"mlp1d": mlp1d, "seq1d": Seq1d, "res2d": Residual2d, "vol3d": Vol3d}[kind]()
+
+
+class Lit(pl.LightningModule):
+    """Wraps a 4-class classifier with SGD; data is random with a learnable offset."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.1) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)  # type: ignore[no-any-return]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def loader(shape: tuple[int, ...], n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(4, (n,), generator=gen)
+    x = torch.randn(n, *shape, generator=gen) * 2.0 + 0.5
+    x = x + y.view(-1, *([1] * len(shape))).float()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def trainer(tmp_path: Any, **kwargs: Any) -> pl.Trainer:
+    opts: dict[str, Any] = dict(
+        max_epochs=2,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        log_every_n_steps=1,
+    )
+    opts.update(kwargs)
+    return pl.Trainer(**opts)

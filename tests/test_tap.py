@@ -1,0 +1,256 @@
+"""The framework-free core: layer discovery, hooks, and metric values against float64 maths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bnprobe import stats
+from bnprobe.tap import BNTap, find_layers
+from tests.reference import INPUT_SHAPES, Reference, make_model, mlp1d
+
+RTOL = 2e-4
+
+
+def _train_steps(model: nn.Module, tap: BNTap, ref: Reference, shape, steps: int = 6, **kw):
+    """Plain SGD loop; every step measured by both the tap and the reference."""
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    for step in range(steps):
+        x = torch.randn(kw.get("n", 16), *shape) * (1 + step) + 0.3 * step
+        ref.start()
+        tap.start()
+        loss = model(x).pow(2).mean()
+        rows = tap.collect(step=step).rows
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        yield step, rows, ref.metrics
+
+
+def _check(rows, expected: dict[str, dict[str, float]]) -> int:
+    got = {(r.layer, r.metric): r.value for r in rows.itertuples()}
+    checked = 0
+    for layer, metrics in expected.items():
+        for metric, value in metrics.items():
+            assert (layer, metric) in got, f"missing {metric} for {layer}"
+            assert got[layer, metric] == pytest.approx(value, rel=RTOL, abs=1e-7), (
+                layer,
+                metric,
+            )
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("kind", ["mlp1d", "seq1d", "res2d", "vol3d"])
+def test_train_metrics_match_float64_reference(kind: str) -> None:
+    model = make_model(kind).train()
+    ref = Reference(model)
+    with BNTap(model) as tap:
+        checked = 0
+        for _, rows, expected in _train_steps(model, tap, ref, INPUT_SHAPES[kind]):
+            checked += _check(rows, expected)
+    ref.remove()
+    assert checked >= 6 * 13  # every step, every metric of every layer
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: mlp1d(affine=False),
+        lambda: mlp1d(track=False),
+        lambda: mlp1d(momentum=None),  # cumulative average: moments computed directly
+        lambda: mlp1d(momentum=0.01),  # small factor: computed directly
+        lambda: mlp1d(momentum=1.0),
+    ],
+    ids=["affine-false", "no-running-stats", "momentum-none", "momentum-0.01", "momentum-1"],
+)
+def test_layer_variants_match_reference(make) -> None:
+    model = make().train()
+    ref = Reference(model)
+    with BNTap(model) as tap:
+        for _, rows, expected in _train_steps(model, tap, ref, (6,)):
+            _check(rows, expected)
+            metrics = set(rows["metric"])
+            bn = model[1]
+            assert ("gamma_mean" in metrics) == bn.affine
+            assert ("mean_shift" in metrics) == bn.track_running_stats
+    ref.remove()
+
+
+def test_eval_mode_layer_is_measured_against_its_running_stats() -> None:
+    model = mlp1d().train()
+    model[1].eval()  # a frozen BN inside a training model
+    model[1].running_mean.fill_(0.5)
+    ref = Reference(model)
+    with BNTap(model) as tap:
+        for _, rows, expected in _train_steps(model, tap, ref, (6,), steps=2):
+            _check(rows, expected)
+            got = rows.set_index("metric")["value"]
+            assert got["train_mode"] == 0.0 and got["model_train_mode"] == 1.0
+    ref.remove()
+
+
+def test_recovered_moments_are_exact_enough() -> None:
+    torch.manual_seed(1)
+    bn = nn.BatchNorm2d(32, momentum=0.1)
+    bn.running_mean.uniform_(-3, 3)
+    bn.running_var.uniform_(0.5, 4)
+    x = torch.randn(8, 32, 5, 5) * 2 + 1
+    old_m, old_v = bn.running_mean.clone(), bn.running_var.clone()
+    bn(x)
+    got = stats.recover_moments(old_m, old_v, bn.running_mean, bn.running_var, 0.1, 8 * 25)
+    want = stats.batch_moments(x)
+    torch.testing.assert_close(got.mean, want.mean, rtol=0, atol=2e-5)
+    torch.testing.assert_close(got.var, want.var, rtol=2e-5, atol=0)
+
+
+def test_pooled_moments_equal_moments_of_the_concatenation() -> None:
+    a, b = torch.randn(7, 4, 3) + 2, torch.randn(5, 4, 3) * 3
+    pooled = stats.combine(stats.batch_moments(a), stats.batch_moments(b))
+    whole = torch.cat([a, b]).double()
+    torch.testing.assert_close(pooled.mean, whole.mean(dim=(0, 2)))
+    torch.testing.assert_close(pooled.var, whole.var(dim=(0, 2), unbiased=False))
+    assert pooled.n == 36
+
+
+def test_half_precision_input_is_measured_in_float32() -> None:
+    x = (torch.randn(64, 8) * 100 + 1000).bfloat16()
+    m = stats.batch_moments(x)
+    assert m.mean.dtype == torch.float64 and torch.isfinite(m.var).all()
+    torch.testing.assert_close(m.mean, x.double().mean(0), rtol=1e-6, atol=1e-6)
+
+
+def test_off_steps_record_nothing_and_hooks_are_removed() -> None:
+    model = mlp1d().train()
+    tap = BNTap(model).attach()
+    tap.attach()  # idempotent
+    assert len(model[1]._forward_hooks) == 1 and len(model[1]._forward_pre_hooks) == 1
+    model(torch.randn(8, 6))  # not a measured step
+    assert tap.layers[0].values is None
+    tap.detach()
+    tap.detach()  # idempotent
+    assert not model[1]._forward_hooks and not model[1]._forward_pre_hooks
+
+
+def test_shared_layer_is_measured_once_and_calls_are_counted() -> None:
+    bn = nn.BatchNorm1d(4)
+    model = nn.Sequential(bn, nn.ReLU(), bn)
+    ref = Reference(model)
+    with BNTap(model) as tap:
+        ref.start()
+        tap.start()
+        model(torch.randn(10, 4) + 2)
+        rows = tap.collect(step=0).rows
+    got = rows.set_index("metric")["value"]
+    assert got["forward_calls"] == 2
+    assert got["mean_shift"] == pytest.approx(ref.metrics["0"]["mean_shift"], rel=RTOL)
+
+
+def test_unused_layer_reports_zero_calls() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+            self.spare = nn.BatchNorm1d(4)  # defined, never called
+
+        def forward(self, x):
+            return self.bn(x)
+
+    model = Net()
+    with BNTap(model) as tap:
+        tap.start()
+        model(torch.randn(5, 4))
+        rows = tap.collect(step=0).rows
+    spare = rows[rows["layer"] == "spare"]
+    assert list(spare["metric"]) == ["forward_calls"] and spare["value"].iloc[0] == 0
+
+
+def test_trace_finds_bias_and_dropout_before_bn() -> None:
+    model = nn.Sequential(
+        nn.Linear(3, 4),  # bias=True, straight into BN
+        nn.BatchNorm1d(4),
+        nn.Dropout(0.3),
+        nn.BatchNorm1d(4),
+        nn.Linear(4, 4, bias=False),
+        nn.BatchNorm1d(4),
+    )
+    with BNTap(model) as tap:
+        tap.start(trace=True)
+        model(torch.randn(6, 3))
+        rows = tap.collect(step=0).rows.set_index(["layer", "metric"])["value"]
+    assert rows["1", "input_bias"] == 1 and rows["1", "input_dropout"] == 0
+    assert rows["3", "input_bias"] == 0 and rows["3", "input_dropout"] == pytest.approx(0.3)
+    assert rows["5", "input_bias"] == 0 and rows["5", "input_dropout"] == 0
+
+
+def test_per_channel_rows_average_to_the_layer_rows() -> None:
+    model = make_model("res2d").train()
+    with BNTap(model, per_channel=True) as tap:
+        tap.start()
+        model(torch.randn(4, 3, 8, 8) * 3)
+        snap = tap.collect(step=0)
+    rows = snap.rows
+    chan = rows[rows["channel"].notna()]
+    layer_rows = rows[rows["channel"].isna()].set_index(["layer", "metric"])["value"]
+    assert set(chan["metric"]) == {
+        "batch_mean", "batch_var", "running_mean", "running_var",
+        "mean_shift", "var_shift", "kl", "gamma", "beta",
+    }  # fmt: skip
+    means = chan.groupby(["layer", "metric"])["value"].mean()
+    for (layer, metric), value in means.items():
+        if metric in layer_rows.index.get_level_values(1):
+            assert value == pytest.approx(layer_rows[layer, metric], rel=1e-9)
+    assert snap.channels["bn1"]["d"].shape == (8,)
+
+
+def test_lazy_layer_is_measured_once_initialized() -> None:
+    model = nn.Sequential(nn.Linear(3, 5), nn.LazyBatchNorm1d())
+    with BNTap(model) as tap:
+        tap.start()
+        model(torch.randn(6, 3))
+        rows = tap.collect(step=0).rows.set_index("metric")["value"]
+    assert rows["samples_per_channel"] == 6 and rows["gamma_drift"] == 0
+    assert math.isfinite(rows["mean_shift"])
+
+
+def test_find_layers_selection() -> None:
+    model = make_model("res2d")
+    assert list(find_layers(model)) == ["bn0", "bn1"]
+    assert list(find_layers(model, "bn1")) == ["bn1"]
+    assert list(find_layers(model, ["bn*"])) == ["bn0", "bn1"]
+    assert list(find_layers(model, lambda name, m: name.endswith("0"))) == ["bn0"]
+    sync = nn.Sequential(nn.SyncBatchNorm(3), nn.LazyBatchNorm2d())
+    assert list(find_layers(sync)) == ["0", "1"]
+    with pytest.raises(ValueError, match=r"layers='conv\*' matches no BatchNorm layer.*bn0, bn1"):
+        find_layers(model, "conv*")
+
+
+def test_a_failing_layer_warns_once_and_training_goes_on() -> None:
+    class OddBN(nn.BatchNorm1d):
+        def forward(self, x):  # an unusual subclass: returns a tuple and takes a dict input
+            return super().forward(x["x"]), None
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.odd = OddBN(4)
+            self.ok = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.ok(self.odd({"x": x})[0])
+
+    model = Net()
+    with BNTap(model) as tap:
+        tap.start()
+        with pytest.warns(RuntimeWarning, match="measuring layer 'odd' .*OddBN.* failed"):
+            model(torch.randn(5, 4))
+        rows = tap.collect(step=0).rows
+        tap.start()
+        model(torch.randn(5, 4))  # no second warning: the layer is off
+        again = tap.collect(step=1).rows
+    assert set(rows["layer"]) == {"ok"} and set(again["layer"]) == {"ok"}
+    assert len(tap.failures) == 1
