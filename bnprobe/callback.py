@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from bnprobe import tensorboard as tb
 from bnprobe.store import Store
 from bnprobe.tap import BNTap, LayerSelection, Snapshot, find_layers
 
@@ -109,6 +110,8 @@ class BNProbeBase:
         self._broken: set[str] = set()
         self._last_flush = time.monotonic()
         self._writes = False
+        self._validating = False
+        self._first_val_batch: Any = None
 
     # -- public ----------------------------------------------------------------------------------
     def to_dataframe(self) -> pd.DataFrame:
@@ -160,6 +163,9 @@ class BNProbeBase:
             return
         self.tap.load_references(self._references)
         self.tap.attach()
+        if self._writes:
+            for writer in _tensorboard_writers(trainer):
+                self._guard("writing the TensorBoard layout", partial(tb.write_layout, writer))
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -189,11 +195,46 @@ class BNProbeBase:
             snap = tap.collect(
                 step=step, epoch=int(trainer.current_epoch), rank=int(trainer.global_rank)
             )
-            self._record(trainer, snap, step)
+            self._record(trainer, snap, step, "train")
 
         self._guard("collecting measurements", measure)
 
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.tap is None or trainer.sanity_checking:
+            return
+        self._validating = True
+        self.tap.start(pool=True)
+
+    def on_validation_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._validating and self._first_val_batch is None and batch_idx == dataloader_idx == 0:
+            self._first_val_batch = batch  # kept as is: the default probe batch
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.tap is None or not self._validating:
+            return
+        self._validating = False
+        step, tap = int(trainer.global_step), self.tap
+
+        def pooled() -> None:
+            epoch, rank = int(trainer.current_epoch), int(trainer.global_rank)
+            self._record(
+                trainer, tap.collect(step=step, epoch=epoch, rank=rank, stage="val"), step, "val"
+            )
+
+        self._guard("measuring validation", pooled)
+        batch = self.probe_batch if self.probe_batch is not None else self._first_val_batch
+        if batch is not None:
+            self._guard("the train/eval probe", partial(self._probe, trainer, pl_module, batch))
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._guard("drawing figures", partial(self._figures, trainer))
         self._flush()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -220,39 +261,57 @@ class BNProbeBase:
             self.tap.load_references(self._references)
 
     # -- internals -------------------------------------------------------------------------------
-    def _record(self, trainer: pl.Trainer, snap: Snapshot, step: int) -> None:
+    def _record(self, trainer: pl.Trainer, snap: Snapshot, step: int, stage: str) -> None:
         if not self._writes:
             return
         self.store.append(snap.rows)
-        aggregate = snap.rows[snap.rows["channel"].isna()]
-        metrics = {
-            f"bnprobe/{stage}/{metric}/{layer}": float(value)
-            for stage, metric, layer, value in zip(
-                aggregate["stage"],
-                aggregate["metric"],
-                aggregate["layer"],
-                aggregate["value"],
-                strict=True,
-            )
-        }
-        for logger in trainer.loggers:
-            self._guard(
-                f"logging to {type(logger).__name__}", partial(logger.log_metrics, metrics, step)
-            )
+        for logged_step, metrics in tb.scalar_metrics(snap.rows).items():
+            for logger in trainer.loggers:
+                name = f"logging to {type(logger).__name__}"
+                self._guard(name, partial(logger.log_metrics, metrics, logged_step))
         if self.histograms and snap.channels:
             for writer in _tensorboard_writers(trainer):
-                self._guard(
-                    "writing TensorBoard histograms", partial(_histograms, writer, snap, step)
-                )
+                for layer, per in snap.channels.items():
+                    hists: dict[str, Any] = {
+                        k: per[k] for k in ("gamma", "beta", "d", "v") if k in per
+                    }
+                    write = partial(tb.add_histograms, writer, stage, layer, step, hists)
+                    self._guard("writing TensorBoard histograms", write)
         if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
             self._flush()
+
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        from bnprobe.mismatch import check_mismatch
+
+        assert self.tap is not None
+        step = int(trainer.global_step)
+        paused, self.tap.active = self.tap.active, False  # the probe's forwards are not data
+        try:
+            rows = check_mismatch(
+                pl_module,
+                batch,
+                layers=self.layers,
+                step=step,
+                epoch=int(trainer.current_epoch),
+                rank=int(trainer.global_rank),
+            )
+        finally:
+            self.tap.active = paused
+        self._record(trainer, Snapshot(rows), step, "probe")
+
+    def _figures(self, trainer: pl.Trainer) -> None:
+        writers = _tensorboard_writers(trainer) if self._writes else []
+        if writers:
+            df = self.to_dataframe()
+            for writer in writers:
+                tb.add_figures(writer, df, int(trainer.global_step))
 
     def _flush(self) -> None:
         self._last_flush = time.monotonic()
         self._guard("saving the store", self.store.flush)
 
     def _close(self) -> None:
-        self._measuring = None
+        self._measuring, self._validating, self._first_val_batch = None, False, None
         self._flush()
         if self.tap is not None:
             self.tap.detach()
@@ -300,13 +359,6 @@ def _check_layers(layers: object) -> None:
 def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     writers = (getattr(lg, "experiment", None) for lg in trainer.loggers)
     return [w for w in writers if hasattr(w, "add_histogram")]
-
-
-def _histograms(writer: Any, snap: Snapshot, step: int) -> None:
-    for layer, per in snap.channels.items():
-        for name in ("gamma", "beta", "d", "v"):
-            if name in per:
-                writer.add_histogram(f"bnprobe/train/hist/{name}/{layer}", per[name], step)
 
 
 def _sync_world_size(module: nn.Module) -> int:

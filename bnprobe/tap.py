@@ -133,6 +133,7 @@ class _Layer:
     old: tuple[Tensor, Tensor] | None = None
     recover: bool = False
     structure: dict[str, float] = field(default_factory=dict)
+    pooled: stats.Moments | None = None
     names: tuple[str, ...] = ()
     values: Tensor | None = None
     channel_names: tuple[str, ...] = ()
@@ -170,6 +171,7 @@ class BNTap:
         self._trace: dict[int, tuple[weakref.ReferenceType[Tensor], nn.Module]] | None = None
         self._model_modules: set[int] = set()
         self._failures: list[str] = []
+        self._pool = False
 
     # -- lifecycle ----------------------------------------------------------------------------
     def attach(self) -> BNTap:
@@ -228,13 +230,19 @@ class BNTap:
             layer.beta0 = saved["beta0"].to(device)
 
     # -- one logging step ---------------------------------------------------------------------
-    def start(self, *, trace: bool = False) -> None:
-        """Measure the next forward of each layer. ``trace=True`` also learns which module
-        produced each BN input (for ``input_bias``/``input_dropout``), at the cost of a global
-        forward hook for this step only."""
+    def start(self, *, trace: bool = False, pool: bool = False) -> None:
+        """Measure the next forward of each layer.
+
+        ``trace=True`` also learns which module produced each BN input (``input_bias``,
+        ``input_dropout``), at the cost of a global forward hook for this step only.
+        ``pool=True`` instead pools the input moments of every forward until :meth:`collect`
+        (stage ``val``: all validation batches of an epoch against the running stats in use).
+        """
         for layer in self.layers:
             layer.calls, layer.values, layer.channels, layer.old = 0, None, None, None
-            layer.structure = {"forward_calls": 0.0}
+            layer.structure = {} if pool else {"forward_calls": 0.0}
+            layer.pooled = None
+        self._pool = pool
         if trace:
             self._start_trace()
         self.active = True
@@ -245,6 +253,10 @@ class BNTap:
         """Stop measuring and return what this step measured (one host transfer per device)."""
         self.active = False
         self._stop_trace()
+        if self._pool:
+            for layer in self.layers:
+                if layer.pooled is not None and not layer.failed:
+                    self._guarded(layer, self._finish_pool, layer)
         measured = [layer for layer in self.layers if layer.values is not None]
         host = _to_host([t for layer in measured for t in _tensors(layer)])
         layers: list[str] = []
@@ -312,7 +324,7 @@ class BNTap:
 
     # -- hooks ----------------------------------------------------------------------------------
     def _pre_hook(self, layer: _Layer, module: _BatchNorm, args: tuple[Any, ...]) -> None:
-        if not self.active or layer.failed:
+        if not self.active or layer.failed or self._pool:
             return
         layer.calls += 1
         layer.structure["forward_calls"] = float(layer.calls)
@@ -326,13 +338,32 @@ class BNTap:
     def _post_hook(
         self, layer: _Layer, module: _BatchNorm, args: tuple[Any, ...], output: Any
     ) -> None:
-        if not self.active or layer.failed or layer.calls != 1 or layer.values is not None:
+        if not self.active or layer.failed:
             return
+        if self._pool:
+            self._guarded(layer, self._accumulate, layer, args[0])
+        elif layer.calls == 1 and layer.values is None:
+            self._guarded(layer, self._measure, layer, module, args[0])
+
+    def _guarded(self, layer: _Layer, fn: Callable[..., None], *args: Any) -> None:
         try:
             with torch.no_grad():
-                self._measure(layer, module, args[0])
-        except Exception as err:
+                fn(*args)
+        except Exception as err:  # the probe must never stop training
             self._fail(layer, err)
+
+    def _accumulate(self, layer: _Layer, x: Any) -> None:
+        batch = stats.batch_moments(_tensor_input(x))
+        layer.pooled = batch if layer.pooled is None else stats.combine(layer.pooled, batch)
+
+    def _finish_pool(self, layer: _Layer) -> None:
+        m, pooled = layer.module, layer.pooled
+        assert pooled is not None
+        running = None
+        if m.running_mean is not None and m.running_var is not None:
+            running = (m.running_mean, m.running_var)
+        layer.structure["samples_per_channel"] = pooled.n
+        self._metrics(layer, m, pooled, running, affine=False)
 
     def _before(self, layer: _Layer, m: _BatchNorm, args: tuple[Any, ...]) -> None:
         has_running = m.running_mean is not None and m.running_var is not None
@@ -354,38 +385,45 @@ class BNTap:
             layer.old, layer.recover = None, False
 
     def _measure(self, layer: _Layer, m: _BatchNorm, x: Any) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"expected a tensor input, got {type(x).__name__}")
+        x = _tensor_input(x)
         self.reference(layer)  # lazy layers are initialized by now
         count = x.numel() / x.shape[1] if x.dim() > 1 and x.shape[1] else 0.0
         if self._world_size is not None and isinstance(m, nn.SyncBatchNorm) and m.training:
             count *= self._world_size(m)  # SyncBN normalizes with moments over every rank
-        mu_r: Tensor | None = None
-        var_r: Tensor | None = None
+        running: tuple[Tensor, Tensor] | None = None
         if layer.old is not None:  # this forward updated the running stats: use the old ones
-            mu_r, var_r = layer.old
+            running = layer.old
         elif m.running_mean is not None and m.running_var is not None:
-            mu_r, var_r = m.running_mean, m.running_var
+            running = (m.running_mean, m.running_var)
         if layer.old is not None and layer.recover:
             assert m.running_mean is not None and m.running_var is not None
+            momentum = float(m.momentum or 0.0)
+            mean_old, var_old = layer.old
             batch = stats.recover_moments(
-                layer.old[0],
-                layer.old[1],
-                m.running_mean,
-                m.running_var,
-                float(m.momentum or 0),
-                count,
+                mean_old, var_old, m.running_mean, m.running_var, momentum, count
             )
         else:
             batch = stats.batch_moments(x)._replace(n=count)
         layer.old = None
         layer.structure["samples_per_channel"] = count
+        self._metrics(layer, m, batch, running, affine=True)
 
+    def _metrics(
+        self,
+        layer: _Layer,
+        m: _BatchNorm,
+        batch: stats.Moments,
+        running: tuple[Tensor, Tensor] | None,
+        *,
+        affine: bool,
+    ) -> None:
+        """Turn batch moments (and running moments, affine parameters) into this layer's values."""
         names = ["batch_mean", "batch_var"]
         chan_names = ["batch_mean", "batch_var"]
         chan_rows = [batch.mean, batch.var]  # per-channel quantities, float64
         parts: list[Tensor]
-        if mu_r is not None and var_r is not None:
+        if running is not None:
+            mu_r, var_r = running
             d, v = stats.shifts(batch, mu_r, var_r, m.eps)
             kl = stats.gaussian_kl(d, v)
             ad, av = d.abs(), v.abs()
@@ -400,7 +438,7 @@ class BNTap:
             parts = [torch.stack(chan_rows).mean(dim=1)]
         parts.append(stats.nonfinite_channels(batch).reshape(1))
         names.append("nonfinite")
-        if m.affine and layer.gamma0 is not None and layer.beta0 is not None:
+        if affine and m.affine and layer.gamma0 is not None and layer.beta0 is not None:
             g, b = m.weight.detach().double(), m.bias.detach().double()
             g0, b0 = layer.gamma0.double(), layer.beta0.double()
             ag = g.abs()
@@ -465,6 +503,12 @@ class BNTap:
         )
         p = producer.p if isinstance(producer, nn.modules.dropout._DropoutNd) else 0.0
         layer.structure.update(input_bias=float(bias), input_dropout=float(p))
+
+
+def _tensor_input(x: Any) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected the BN input to be a tensor, got {type(x).__name__}")
+    return x
 
 
 def _tensors(layer: _Layer) -> Iterator[Tensor]:

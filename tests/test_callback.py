@@ -66,6 +66,7 @@ def test_tensorboard_tags_and_values_read_back(tmp_path) -> None:
     expected = {
         f"bnprobe/train/{m}/{layer}" for layer, m in zip(df["layer"], df["metric"], strict=True)
     }
+    expected.add("bnprobe/train/epoch")  # lets read_tensorboard recover the epoch column
     assert scalar_tags == expected
     assert "bnprobe/train/mean_shift/net.bn1" in scalar_tags
     assert "bnprobe/train/gamma_drift/net.bn0" in scalar_tags
