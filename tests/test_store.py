@@ -1,0 +1,108 @@
+"""The parquet store: schema, atomic part files, dedupe on resume, and rows surviving SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bnprobe.store import COLUMNS, Store, dedupe, load, make_rows
+
+
+def _rows(step: int, value: float) -> pd.DataFrame:
+    return make_rows(
+        step=step, epoch=0, stage="train", rank=0,
+        layers=["bn", "bn"], metrics=["mean_shift", "kl"], values=[value, value / 2],
+    )  # fmt: skip
+
+
+def test_flush_writes_complete_parts_and_load_reads_them(tmp_path) -> None:
+    store = Store(tmp_path)
+    store.append(_rows(0, 1.0))
+    first = store.flush()
+    store.append(_rows(1, 2.0))
+    store.flush()
+    assert store.flush() is None  # nothing pending
+    assert first is not None and first.name.startswith("part-r0000-")
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+    df = load(tmp_path)
+    assert list(df.columns) == list(COLUMNS)
+    assert df["value"].tolist() == [1.0, 0.5, 2.0, 1.0]
+    pd.testing.assert_frame_equal(df, store.to_dataframe())
+
+
+def test_load_finds_the_store_below_a_run_folder(tmp_path) -> None:
+    store = Store(tmp_path / "version_0" / "bnprobe")
+    store.append(_rows(0, 1.0))
+    store.flush()
+    assert len(load(tmp_path)) == 2
+
+
+def test_a_half_written_file_is_invisible(tmp_path) -> None:
+    store = Store(tmp_path)
+    store.append(_rows(0, 1.0))
+    store.flush()
+    (tmp_path / ".part-r0000-x-000001.parquet.tmp").write_bytes(b"PAR1 truncated")
+    assert len(load(tmp_path)) == 2
+
+
+def test_resumed_run_rewriting_steps_does_not_duplicate_rows(tmp_path) -> None:
+    old = Store(tmp_path)
+    old.append(_rows(0, 1.0))
+    old.append(_rows(1, 2.0))
+    old.flush()
+    new = Store(tmp_path)  # a resumed run measures step 1 again
+    new.append(_rows(1, 3.0))
+    new.flush()
+    df = load(tmp_path)
+    assert len(df) == 4
+    assert df[df["step"] == 1]["value"].tolist() == [3.0, 1.5]
+
+
+def test_dedupe_keeps_channels_apart() -> None:
+    df = make_rows(
+        step=0, epoch=0, stage="train", rank=0, layers=["bn"] * 3,
+        metrics=["gamma"] * 3, values=[1.0, 2.0, 3.0], channels=[0, 1, None],
+    )  # fmt: skip
+    assert len(dedupe(df)) == 3
+
+
+def test_missing_store_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"no part-\*\.parquet files"):
+        load(tmp_path)
+
+
+def test_every_flushed_row_survives_sigkill(tmp_path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.crash_run", str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    store = tmp_path / "store"
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(store.glob("part-*.parquet"))) < 5:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "training never flushed 5 parts"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    parts = sorted(store.glob("part-*.parquet"))
+    per_part = [len(pd.read_parquet(p)) for p in parts]  # every part file is complete
+    df = load(store)
+    assert len(df) == sum(per_part) and len(parts) >= 5
+    steps = sorted(df["step"].unique())
+    assert steps == list(range(len(steps)))  # a gapless prefix of the steps
