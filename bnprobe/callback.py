@@ -46,6 +46,7 @@ class BNProbeBase:
         probe_batch: the batch for the train/eval probe (default: the first validation batch).
         save_dir: where the parquet store goes; default ``<trainer.log_dir>/bnprobe``;
             False: no store.
+        summary: at the end of fit, print the findings of severity warning or error (rank 0).
 
     Logged keys (scalars, through every logger of the trainer, rank zero only), one per BN layer:
 
@@ -70,6 +71,7 @@ class BNProbeBase:
         per_channel: bool = False,
         probe_batch: Any = None,
         save_dir: str | os.PathLike[str] | bool | None = None,
+        summary: bool = True,
     ) -> None:
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool)
@@ -81,7 +83,8 @@ class BNProbeBase:
                 f"log_every_n_steps; got {every_n_steps!r}"
             )
         _check_layers(layers)
-        for option, value in (("histograms", histograms), ("per_channel", per_channel)):
+        flags = (("histograms", histograms), ("per_channel", per_channel), ("summary", summary))
+        for option, value in flags:
             if not isinstance(value, bool):
                 raise ValueError(
                     f"BNProbe({option}=...) must be True or False; got {value!r} "
@@ -100,6 +103,7 @@ class BNProbeBase:
         self.per_channel = per_channel
         self.probe_batch = probe_batch
         self.save_dir = save_dir
+        self.summary = summary
         self.tap: BNTap | None = None
         self.store = Store(None)
         self._every = every_n_steps or 1
@@ -239,6 +243,18 @@ class BNProbeBase:
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush()
+        if self.summary and self._writes and self.tap is not None:
+            self._guard("summarizing findings", self._print_summary)
+
+    def _print_summary(self) -> None:
+        serious = [f for f in self.findings() if f.severity in ("warning", "error")]
+        if not serious:
+            print("bnprobe: no BatchNorm problem of severity warning or error found.")
+            return
+        print(f"bnprobe: {len(serious)} BatchNorm problem(s) found:")
+        for finding in serious:
+            print(f"  - {finding}")
+        print("  Call BNProbe.report() or run `bnprobe report <run folder>` for advice.")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close()
