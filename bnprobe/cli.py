@@ -45,7 +45,8 @@ def _demo(args: argparse.Namespace) -> int:
     from bnprobe.demo import DemoDataModule, DemoModule
 
     pl.seed_everything(args.seed, verbose=False)
-    module, data = DemoModule(), DemoDataModule(seed=args.seed)
+    module = DemoModule()
+    data = DemoDataModule(seed=args.seed, num_train=args.train_size, num_val=args.val_size)
     if args.pathology:
         from bnprobe.pathologies import apply_pathology
 
@@ -109,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train the demo net on synthetic data with the probe")
     demo.add_argument("--pathology", metavar="NAME", help="induce a named BatchNorm problem")
-    demo.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    demo.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
+    demo.add_argument("--train-size", type=int, default=3072, help="training images")
+    demo.add_argument("--val-size", type=int, default=512, help="validation images")
     demo.add_argument("--every-n-steps", type=int, default=5, help="measure every n steps")
     demo.add_argument("--out", default="bnprobe_demo", help="log folder (default bnprobe_demo)")
     demo.add_argument("--seed", type=int, default=0)
