@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from bnprobe import tensorboard as tb
+from bnprobe.distributed import RankGather
 from bnprobe.store import Store
 from bnprobe.tap import BNTap, LayerSelection, Snapshot, find_layers
 
@@ -116,6 +117,8 @@ class BNProbeBase:
         self._writes = False
         self._validating = False
         self._first_val_batch: Any = None
+        self._ranks: RankGather | None = None
+        self._checked_hooks = False
 
     # -- public ----------------------------------------------------------------------------------
     def to_dataframe(self) -> pd.DataFrame:
@@ -151,13 +154,16 @@ class BNProbeBase:
                 "(no torch.nn.modules.batchnorm._BatchNorm); the probe does nothing."
             )
             return
+        distributed = int(getattr(trainer, "world_size", 1)) > 1
         self.tap = BNTap(
             pl_module,
             self.layers,
-            keep_channels=self.histograms,
+            keep_channels=self.histograms or distributed,  # rank_divergence needs mu_R, var_R
             per_channel=self.per_channel,
             world_size=_sync_world_size,
         )
+        if distributed:
+            self._ranks = RankGather({layer.name: layer.module.eps for layer in self.tap.layers})
         self._writes = bool(trainer.is_global_zero)
         save_dir = self._resolve_save_dir(trainer)
         self.store = Store(save_dir if self._writes else None, rank=int(trainer.global_rank))
@@ -193,15 +199,24 @@ class BNProbeBase:
             return
         step, self._measuring = self._measuring, None
         self._last_step = step
-        tap = self.tap
+        tap, epoch = self.tap, int(trainer.current_epoch)
+        taken: list[Snapshot] = []
 
         def measure() -> None:
-            snap = tap.collect(
-                step=step, epoch=int(trainer.current_epoch), rank=int(trainer.global_rank)
-            )
-            self._record(trainer, snap, step, "train")
+            taken.append(tap.collect(step=step, epoch=epoch, rank=int(trainer.global_rank)))
 
         self._guard("collecting measurements", measure)
+        snap = taken[0] if taken else None
+        if snap is not None and not self._checked_hooks:
+            self._checked_hooks = True
+            self._guard("checking that the hooks run", partial(_check_hooks_fired, tap, pl_module))
+        if self._ranks is not None:  # every rank, every measured step: never skip a collective
+            others = self._gather(snap, step, epoch)
+            if snap is not None and others is not None:
+                snap = Snapshot(pd.concat([snap.rows, others], ignore_index=True), snap.channels)
+        if snap is not None:
+            record = partial(self._record, trainer, snap, step, "train")
+            self._guard("recording measurements", record)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.tap is None or trainer.sanity_checking:
@@ -277,6 +292,21 @@ class BNProbeBase:
             self.tap.load_references(self._references)
 
     # -- internals -------------------------------------------------------------------------------
+    def _gather(self, snap: Snapshot | None, step: int, epoch: int) -> pd.DataFrame | None:
+        """Rows of the other ranks and rank_divergence (rank 0), through a collective that every
+        rank calls. If the collective itself fails, gathering stops on this rank with a warning."""
+        ranks = self._ranks
+        assert ranks is not None
+        try:
+            return ranks.gather(snap, step=step, epoch=epoch)
+        except Exception as err:
+            self._ranks = None
+            _warn(
+                f"BNProbe: gathering the rows of every rank failed with {type(err).__name__}: "
+                f"{err}. Rank 0's table now holds its own rows only; training goes on."
+            )
+            return None
+
     def _record(self, trainer: pl.Trainer, snap: Snapshot, step: int, stage: str) -> None:
         if not self._writes:
             return
@@ -375,6 +405,32 @@ def _check_layers(layers: object) -> None:
 def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     writers = (getattr(lg, "experiment", None) for lg in trainer.loggers)
     return [w for w in writers if hasattr(w, "add_histogram")]
+
+
+def _check_hooks_fired(tap: BNTap, pl_module: nn.Module) -> None:
+    """Warn when no BN hook ran in a measured training step although the model has BN layers:
+    the usual cause is a module compiled (and run once) before the probe registered its hooks,
+    whose compiled code dynamo keeps reusing without them."""
+    live = [layer for layer in tap.layers if not layer.failed]
+    if not live or any(layer.calls for layer in live):
+        return
+    compiled = [
+        name or type(pl_module).__name__
+        for name, m in pl_module.named_modules()
+        if type(m).__name__ == "OptimizedModule" or getattr(m, "_compiler_ctx", None)
+    ]
+    where = f" ({', '.join(compiled)} is torch.compile'd)" if compiled else ""
+    _warn(
+        "BNProbe: no BatchNorm layer ran its forward in the first measured training step, so "
+        f"nothing is measured{where}. If part of the model was compiled with torch.compile and "
+        "called before BNProbe registered its hooks (at fit start), dynamo reuses the compiled "
+        "code without them. Compile after the probe attached: pass the compiled module to "
+        "trainer.fit, compile inside LightningModule.configure_model, or call "
+        "torch._dynamo.reset() before trainer.fit; or set "
+        "torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling so that dynamo "
+        "recompiles when hooks are added. If the BN layers are simply not used in "
+        "training_step, this warning is expected."
+    )
 
 
 def _sync_world_size(module: nn.Module) -> int:

@@ -1,0 +1,196 @@
+"""BNProbe under DDP: two CPU processes (gloo) run tests/ddp_run.py, as torchrun would start them.
+
+One launch runs three short fits in the same process group (default broadcast_buffers, buffers
+not broadcast with different data per rank, a layer that fails on rank 1 only); the tests below
+compare rank 0's table with what each rank recorded itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bnprobe import load
+from bnprobe.distributed import RankGather, rank_divergence
+from bnprobe.store import make_rows
+from bnprobe.tap import Snapshot
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path_factory.mktemp("ddp")
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            WORLD_SIZE="2",
+            NODE_RANK="0",
+            LOCAL_RANK=str(rank),
+            OMP_NUM_THREADS="1",
+            PYTHONWARNINGS="ignore",
+        )
+        log = open(out / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
+        procs.append((subprocess.Popen(
+            [sys.executable, "-m", "tests.ddp_run", str(out)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        ), log))  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        hung = [p for p, _ in procs if p.poll() is None]
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    logs = "\n".join((out / f"log{r}.txt").read_text()[-3000:] for r in (0, 1))
+    assert not hung, f"a DDP rank hung (killed after {TIMEOUT_S} s):\n{logs}"
+    assert all(p.returncode == 0 for p, _ in procs), logs
+    return out
+
+
+def _reference(out: Path, run: str, rank: int) -> dict[str, Any]:
+    return json.loads((out / run / f"rank{rank}" / "reference.json").read_text())  # type: ignore[no-any-return]
+
+
+def _table(out: Path, run: str) -> pd.DataFrame:
+    return pd.read_parquet(out / run / "rank0" / "table.parquet")
+
+
+def test_rank0_table_holds_every_ranks_rows_with_its_values(ddp_out: Path) -> None:
+    df = _table(ddp_out, "broadcast")
+    train = df[df["stage"] == "train"]
+    assert set(train["rank"]) == {0, 1}
+    assert sorted(train["step"].unique()) == [0, 1, 2]  # 48 samples / 16 per batch, one epoch
+    got = train.set_index(["rank", "step", "layer", "metric"])["value"]
+    checked = 0
+    for rank in (0, 1):
+        ref = _reference(ddp_out, "broadcast", rank)["metrics"]
+        for step, layers in ref.items():
+            for layer, metrics in layers.items():
+                for metric, value in metrics.items():
+                    assert got[rank, int(step), layer, metric] == pytest.approx(
+                        value, rel=2e-4, abs=1e-7
+                    ), (rank, step, layer, metric)
+                    checked += 1
+    assert checked >= 2 * 3 * 2 * 13
+    # the two ranks saw different data: their batch moments differ
+    bm = train[(train["metric"] == "batch_mean") & (train["layer"] == "net.bn")]
+    by_rank = bm.set_index(["step", "rank"])["value"].unstack()
+    assert (by_rank[0] != by_rank[1]).all()
+
+
+def test_broadcast_buffers_keeps_ranks_identical(ddp_out: Path) -> None:
+    df = _table(ddp_out, "broadcast")
+    div = df[df["metric"] == "rank_divergence"]
+    assert set(div["rank"]) == {0} and set(div["layer"]) == {"net.bn", "net.odd"}
+    assert len(div) == 2 * 3
+    assert (div["value"] == 0.0).all()  # rank 0's buffers are copied to rank 1 before each forward
+    # running moments in rank 1's rows are rank 0's
+    rm = df[(df["metric"] == "running_mean") & (df["stage"] == "train")]
+    by_rank = rm.set_index(["step", "layer", "rank"])["value"].unstack()
+    np.testing.assert_array_equal(by_rank[0].to_numpy(), by_rank[1].to_numpy())
+
+
+def test_rank_divergence_without_broadcast_matches_the_ranks_own_buffers(ddp_out: Path) -> None:
+    df = _table(ddp_out, "diverge")
+    div = df[df["metric"] == "rank_divergence"].set_index(["step", "layer"])["value"]
+    r0 = _reference(ddp_out, "diverge", 0)["running"]
+    r1 = _reference(ddp_out, "diverge", 1)["running"]
+    assert sorted(int(s) for s in r0) == [0, 1, 2]
+    for step in r0:
+        for layer in r0[step]:
+            mu = np.array([r0[step][layer][0], r1[step][layer][0]])
+            var = np.array([r0[step][layer][1], r1[step][layer][1]])
+            s2 = var.mean(axis=0) + 1e-5
+            want = max(
+                (np.abs(mu - mu.mean(axis=0)) / np.sqrt(s2)).max(),
+                np.abs(np.log((var + 1e-5) / s2)).max(),
+            )
+            assert div[int(step), layer] == pytest.approx(want, rel=1e-9, abs=1e-12)
+    # step 0: both ranks start from the same buffers; later rank 1's shifted data pulls it away
+    assert div[0, "net.bn"] == 0.0
+    assert div[2, "net.bn"] > 0.1
+    from bnprobe import diagnose
+
+    kinds = {(f.kind, f.layer) for f in diagnose(df)}
+    assert ("rank_divergence", "net.bn") in kinds
+
+
+def test_only_rank0_writes_the_store_and_tensorboard(ddp_out: Path) -> None:
+    store = ddp_out / "broadcast" / "store"
+    parts = sorted(p.name for p in store.glob("part-*.parquet"))
+    assert parts and all(p.startswith("part-r0000-") for p in parts)
+    saved = load(store)
+    table = _table(ddp_out, "broadcast")
+    assert len(saved) == len(table)
+    assert set(saved["rank"]) == {0, 1}
+    events = list((ddp_out / "broadcast" / "tb").rglob("events.out.tfevents.*"))
+    assert len(events) == 1
+
+
+def test_a_layer_failing_on_one_rank_does_not_hang_the_others(ddp_out: Path) -> None:
+    df = _table(ddp_out, "odd")
+    train = df[df["stage"] == "train"]
+    assert set(train[train["rank"] == 0]["layer"]) == {"net.bn", "net.odd"}
+    assert set(train[train["rank"] == 1]["layer"]) == {"net.bn"}  # failed there, turned off
+    failures = json.loads((ddp_out / "odd" / "rank1" / "failures.json").read_text())
+    assert len(failures) == 1 and "'net.odd'" in failures[0] and "TypeError" in failures[0]
+    assert json.loads((ddp_out / "odd" / "rank0" / "failures.json").read_text()) == []
+    # training itself is unaffected: DDP kept both ranks' weights equal
+    w0 = json.loads((ddp_out / "odd" / "rank0" / "weights.json").read_text())
+    w1 = json.loads((ddp_out / "odd" / "rank1" / "weights.json").read_text())
+    for key in w0:
+        if "running" not in key:
+            np.testing.assert_array_equal(np.array(w0[key]), np.array(w1[key]))
+
+
+def test_rank_divergence_formula() -> None:
+    mu = [np.array([0.0, 1.0]), np.array([0.5, 1.0]), np.array([1.0, 1.0])]
+    var = [np.array([1.0, 1.0]), np.array([1.0, 4.0]), np.array([1.0, 1.0])]
+    got = rank_divergence([{"a": (m, v)} for m, v in zip(mu, var, strict=True)], {"a": 0.0})
+    # channel 0: means 0, .5, 1 around .5 in std 1 -> .5; channel 1: var 4 vs mean 2 -> log 2
+    assert got["a"] == pytest.approx(max(0.5, math.log(2.0)))
+    same = rank_divergence([{"a": (mu[0], var[0])}] * 2, {"a": 1e-5})
+    assert same == {"a": 0.0}
+    assert rank_divergence([{"a": (mu[0], var[0])}], {"a": 1e-5}) == {}
+    nan = rank_divergence([{"a": (mu[0], var[0])}, {"a": (mu[0] * np.nan, var[0])}], {"a": 0.0})
+    assert math.isnan(nan["a"])
+
+
+def test_gather_without_a_process_group_is_a_no_op() -> None:
+    rows = make_rows(
+        step=3, epoch=0, stage="train", rank=0, layers=["bn"], metrics=["kl"], values=[0.5]
+    )
+    snap = Snapshot(rows, {"bn": {"running_mean": np.zeros(2), "running_var": np.ones(2)}})
+    assert RankGather({"bn": 1e-5}).gather(snap, step=3, epoch=0) is None
