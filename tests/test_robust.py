@@ -427,7 +427,10 @@ def test_lightning_pytorch_users_get_an_equivalent_callback(tmp_path) -> None:
 
 
 def test_lightning_cli_config_adds_the_probe(tmp_path, monkeypatch) -> None:
-    pytest.importorskip("jsonargparse")
+    from lightning_utilities.core.imports import RequirementCache
+
+    if not RequirementCache("jsonargparse[signatures]>=4.27.7"):
+        pytest.skip("LightningCLI needs `pip install 'jsonargparse[signatures]>=4.27.7'`")
     monkeypatch.setattr(sys, "argv", ["lightning_cli"])  # only `args` below, not pytest's
     from pytorch_lightning.cli import LightningCLI
 
