@@ -54,7 +54,7 @@ def _layer_order(layers: pd.Series) -> list[str]:
 def _label_layers(ax: Axes, layers: list[str]) -> None:
     every = max(1, -(-len(layers) // _MAX_LAYER_LABELS))
     ticks = list(range(0, len(layers), every))
-    ax.set_yticks(ticks, [layers[i] for i in ticks], fontsize=8)
+    ax.set_yticks(ticks, [layers[i] for i in ticks], fontsize=9)
 
 
 def shift_heatmap(df: pd.DataFrame, stage: str = "train", metric: str = "mean_shift") -> Figure:
@@ -95,7 +95,7 @@ def shift_heatmap(df: pd.DataFrame, stage: str = "train", metric: str = "mean_sh
     )
     every = max(1, -(-len(steps) // _MAX_STEP_LABELS))
     ticks = list(range(0, len(steps), every))
-    ax.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize=8)
+    ax.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize=9)
     _label_layers(ax, layers)
     ax.set_xlabel("step")
     ax.set_title(f"{stage} {metric} per layer and step ({len(layers)} layers)")
@@ -145,7 +145,7 @@ def gap_bars(df: pd.DataFrame) -> Figure:
     ax.set_ylim(len(layers) - 0.5, -0.5)  # first layer on top
     _label_layers(ax, layers)
     ax.set_xlabel("relative gap ‖y_train − y_eval‖ / ‖y_train‖")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
     ax.grid(axis="x", alpha=0.3)
     title = f"train/eval gap per layer, probe at step {step}"
     model = rows[(rows["layer"] == store.MODEL) & (rows["step"] == step)]

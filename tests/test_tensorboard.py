@@ -23,14 +23,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing import event_accumulator as ea
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
+import bnprobe
 from bnprobe import figures, store
 from bnprobe import tensorboard as tb
+from bnprobe.demo import DemoDataModule, DemoModule
 
 LAYERS = ["stem.bn", "blocks.0.bn1", "_model_"]  # a module really named _model_ must survive
 
@@ -505,6 +508,95 @@ def test_add_figures_logs_images(run: tuple[Path, pd.DataFrame], tmp_path: Path)
         writer.close()
 
 
+# --------------------------------------------------------------------------- a real fit
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bnprobe.BNProbe]:
+    """The demo net fitted for 2 epochs of 4 steps with BNProbe and a TensorBoardLogger."""
+    root = tmp_path_factory.mktemp("fit")
+    pl.seed_everything(0)
+    probe = bnprobe.BNProbe(every_n_steps=1)
+    logger = TensorBoardLogger(root, name="demo", version=0)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        default_root_dir=root,
+        logger=logger,
+        callbacks=[probe],
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(DemoModule(), DemoDataModule(num_train=128, num_val=64, batch_size=32))
+    return Path(logger.log_dir), probe
+
+
+def _aggregates(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["channel"].isna() & (df["rank"] == 0)]
+
+
+def _fit_histogram_tags(layers: list[str]) -> set[str]:
+    """Train: gamma, beta, d, v per layer; val (no affine metrics there): d and v."""
+    train = {tb.hist_tag("train", name, layer) for name in tb.HIST_NAMES for layer in layers}
+    return train | {tb.hist_tag("val", name, layer) for name in ("d", "v") for layer in layers}
+
+
+def test_fit_round_trip_memory_tensorboard_parquet(
+    fitted: tuple[Path, bnprobe.BNProbe],
+) -> None:
+    """to_dataframe() == read_tensorboard() == load() for every aggregate row."""
+    log_dir, probe = fitted
+    memory = _aggregates(probe.to_dataframe())
+    assert set(memory["stage"]) == {"train", "val", "probe"}
+    assert sorted(memory.loc[memory.stage == "train", "step"].unique()) == list(range(8))
+    assert memory.loc[
+        memory.stage == "val", ["step", "epoch"]
+    ].drop_duplicates().values.tolist() == [
+        [4, 0],
+        [8, 1],
+    ]
+    from_tb = bnprobe.read_tensorboard(log_dir)
+    from_parquet = _aggregates(bnprobe.load(log_dir))
+    assert len(from_tb) == len(memory) == len(from_parquet)
+    pd.testing.assert_frame_equal(_sorted(from_tb), _expected(memory), check_exact=True)
+    pd.testing.assert_frame_equal(_sorted(from_parquet), _sorted(memory), check_exact=True)
+    # the folder above the run reads the same (one run: no run column)
+    pd.testing.assert_frame_equal(bnprobe.read_tensorboard(log_dir.parent), from_tb)
+
+
+def test_fit_event_files_hold_layout_histograms_and_figures(
+    fitted: tuple[Path, bnprobe.BNProbe],
+) -> None:
+    log_dir, probe = fitted
+    acc = _accumulator(log_dir)
+    tags = acc.Tags()
+    memory = _aggregates(probe.to_dataframe())
+    layers = probe.layer_names
+    assert layers == ["net.features.1", "net.features.5"]
+    want = {
+        tb.scalar_tag(s, m, la)
+        for s, m, la in zip(memory["stage"], memory["metric"], memory["layer"], strict=True)
+    } | {tb.epoch_tag(s) for s in ("train", "val", "probe")}
+    assert {t for t in tags["scalars"] if t.startswith("bnprobe/")} == want
+    assert "bnprobe/probe/logits_gap/_model_" in want
+    assert set(tags["histograms"]) == _fit_histogram_tags(layers)
+    for event in acc.Histograms(tb.hist_tag("train", "d", layers[1])):
+        assert event.histogram_value.num == 128  # one value per channel
+        assert len(event.histogram_value.bucket) <= tb.HIST_BINS + 1
+    assert set(tags["images"]) == {
+        "bnprobe/train/figure/mean_shift",
+        "bnprobe/val/figure/mean_shift",
+        "bnprobe/probe/figure/gaps",
+    }
+    for tag in tags["images"]:  # at the end of each epoch, after validation and the probe
+        assert [e.step for e in acc.Images(tag)] == [4, 8]
+    (layout,) = acc.Tensors("custom_scalars__config__")
+    proto = layout_pb2.Layout.FromString(layout.tensor_proto.string_val[0])
+    assert [c.title for c in proto.category] == ["bnprobe/train", "bnprobe/val", "bnprobe/probe"]
+
+
 # --------------------------------------------------------------------------- server
 
 
@@ -523,13 +615,14 @@ def _get(port: int, route: str, **query: str) -> Any:
         return json.loads(response.read())
 
 
-def test_tensorboard_server_serves_everything(
-    run: tuple[Path, pd.DataFrame], tmp_path: Path
+def test_tensorboard_server_serves_the_run(
+    fitted: tuple[Path, bnprobe.BNProbe], tmp_path: Path
 ) -> None:
-    path, _ = run
-    logdir = path.parent
+    """A real TensorBoard process serves the scalars, histograms, images and layout."""
+    log_dir, probe = fitted
+    layers = probe.layer_names
     port = _free_port()
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(log_dir.parent)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--load_fast=false"]
     log = tmp_path / "tensorboard.log"
     with open(log, "wb") as sink:
@@ -548,24 +641,33 @@ def test_tensorboard_server_serves_everything(
             if scalars.get("version_0"):
                 break
             time.sleep(0.5)
-        assert "version_0" in scalars, "TensorBoard did not serve the run within 90 s"
-        assert "bnprobe/probe/logits_gap/_model_" in scalars["version_0"]
-        assert "bnprobe/train/mean_shift/blocks.0.bn1" in scalars["version_0"]
+        assert "version_0" in scalars, f"TensorBoard did not serve the run within 90 s: {log}"
+        memory = _aggregates(probe.to_dataframe())
+        want = {
+            tb.scalar_tag(s, m, la)
+            for s, m, la in zip(memory["stage"], memory["metric"], memory["layer"], strict=True)
+        }
+        served = {t for t in scalars["version_0"] if t.startswith("bnprobe/")}
+        assert served == want | {tb.epoch_tag(s) for s in ("train", "val", "probe")}
+        points = _get(
+            port,
+            "/data/plugin/scalars/scalars",
+            run="version_0",
+            tag="bnprobe/probe/logits_gap/_model_",
+        )
+        gap = memory[memory.metric == "logits_gap"]
+        assert [p[1] for p in points] == gap["step"].tolist()
+        assert [p[2] for p in points] == [float(np.float32(v)) for v in gap["value"]]
 
         hists = _get(port, "/data/plugin/histograms/tags")["version_0"]
-        assert set(hists) == {
-            "bnprobe/train/hist/gamma/stem.bn",
-            "bnprobe/train/hist/beta/stem.bn",
-            "bnprobe/train/hist/d/stem.bn",
-            "bnprobe/train/hist/gamma/_model__",
-        }
-        served = _get(
+        assert set(hists) == _fit_histogram_tags(layers)
+        series = _get(
             port,
             "/data/plugin/histograms/histograms",
             run="version_0",
-            tag="bnprobe/train/hist/gamma/stem.bn",
+            tag=tb.hist_tag("train", "gamma", layers[0]),
         )
-        assert [point[1] for point in served] == [5]
+        assert [point[1] for point in series] == list(range(8))
 
         images = _get(port, "/data/plugin/images/tags")["version_0"]
         assert set(images) == {
@@ -581,18 +683,16 @@ def test_tensorboard_server_serves_everything(
         assert [c["title"] for c in train] == list(tb.METRICS_BY_STAGE["train"])
         regex = train[0]["multiline"]["tag"][0]
         assert regex == "^bnprobe/train/mean_shift/"
-        # the chart's regex makes the server send every layer's series
+        # the chart's regex makes the server send the series of every layer
         chart = _get(port, "/data/plugin/custom_scalars/scalars", run="version_0", tag=regex)
         assert chart["regex_valid"] is True
         assert set(chart["tag_to_events"]) == {
-            tb.scalar_tag("train", "mean_shift", x) for x in LAYERS
+            tb.scalar_tag("train", "mean_shift", layer) for layer in layers
         }
-        assert [p[1] for p in chart["tag_to_events"]["bnprobe/train/mean_shift/stem.bn"]] == [
-            0,
-            5,
-            10,
-            15,
+        steps = [
+            p[1] for p in chart["tag_to_events"][tb.scalar_tag("train", "mean_shift", layers[0])]
         ]
+        assert steps == list(range(8))
     finally:
         proc.terminate()
         try:
