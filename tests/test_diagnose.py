@@ -1,0 +1,843 @@
+"""The diagnosis rules on tables built row by row: each rule, its threshold edge, de-duplication,
+ordering, the report and exit codes. (Real training runs: tests/test_pathologies.py.)"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bnprobe import store
+from bnprobe.diagnose import Finding, diagnose, exit_code, format_report
+
+dg = importlib.import_module("bnprobe.diagnose")  # the module; bnprobe.diagnose is the function
+
+L1, L2 = "features.1", "features.5"
+LAYERS = (L1, L2)
+TRAIN_STEPS = tuple(range(0, 101, 5))
+VAL_STEPS = (0, 50, 100)  # step 0: Lightning's sanity check, before any training step
+EPS = 1e-5
+
+Metrics = dict[str, float]
+Tweak = Callable[[str, str, int, int, Metrics], None]
+
+
+def healthy_metrics(stage: str, layer: str, step: int) -> Metrics:
+    """What a healthy layer shows: running stats warming up from (0, 1) towards the data."""
+    mu, var = (0.3, 0.5) if layer == L1 else (-0.2, 2.0)
+    left = 0.9**step  # (1 - momentum) ** updates
+    rm, rv = mu * (1 - left), 1.0 + (var - 1.0) * (1 - left)
+    d = abs(mu - rm) / math.sqrt(rv + EPS) + 0.04
+    v = abs(math.log((var + EPS) / (rv + EPS))) + 0.05
+    m: Metrics = {
+        "batch_mean": mu,
+        "batch_var": var,
+        "running_mean": rm,
+        "running_var": rv,
+        "mean_shift": d,
+        "mean_shift_max": 3 * d,
+        "var_shift": v,
+        "var_shift_max": 3 * v,
+        "kl": 0.5 * (math.exp(v) + d * d - 1 - v),
+        "kl_max": 2.0 * (math.exp(v) + d * d - 1 - v),
+        "outlier_frac": 0.0,
+        "samples_per_channel": 2048.0,
+        "nonfinite": 0.0,
+    }
+    if stage == "train":
+        m |= {
+            "gamma_mean": 1.0 - 0.001 * step,
+            "gamma_std": 0.0005 * step,
+            "beta_mean": 0.0,
+            "beta_std": 0.0002 * step,
+            "gamma_drift": 0.0005 * step,
+            "beta_drift": 0.0002 * step,
+            "gamma_small_frac": 0.0,
+            "forward_calls": 1.0,
+            "batch_size": 64.0,
+            "train_mode": 1.0,
+            "model_train_mode": 1.0,
+            "momentum": 0.1,
+            "has_running_stats": 1.0,
+        }
+        if step == 0:
+            m |= {"input_bias": 0.0, "input_dropout": 0.0}
+    return m
+
+
+def table(
+    tweak: Tweak | None = None,
+    *,
+    train_steps: tuple[int, ...] = TRAIN_STEPS,
+    val_steps: tuple[int, ...] = VAL_STEPS,
+    probe_steps: tuple[int, ...] = (50, 100),
+    ranks: tuple[int, ...] = (0,),
+    layers: tuple[str, ...] = LAYERS,
+) -> pd.DataFrame:
+    """A healthy run as a bnprobe table; ``tweak(stage, layer, step, rank, metrics)`` edits the
+    metrics of a row group in place before it is written (delete a key to drop a metric)."""
+    frames = []
+    plan = [("train", s) for s in train_steps] + [("val", s) for s in val_steps]
+    plan += [("probe", s) for s in probe_steps]
+    for stage, step in sorted(plan, key=lambda p: (p[1], p[0] != "train")):
+        for rank in ranks:
+            names: list[str] = []
+            metrics: list[str] = []
+            values: list[float] = []
+            units = [*layers, store.MODEL] if stage == "probe" else list(layers)
+            for layer in units:
+                if stage == "probe":
+                    m = (
+                        {"logits_gap": 0.03, "pred_agreement": 0.98}
+                        if layer == store.MODEL
+                        else {"local_gap": 0.05, "output_gap": 0.08}
+                    )
+                else:
+                    m = healthy_metrics(stage, layer, step)
+                if tweak is not None:
+                    tweak(stage, layer, step, rank, m)
+                names += [layer] * len(m)
+                metrics += list(m)
+                values += list(m.values())
+            frames.append(
+                store.make_rows(
+                    step=step,
+                    epoch=step // 50,
+                    stage=stage,
+                    rank=rank,
+                    layers=names,
+                    metrics=metrics,
+                    values=values,
+                )
+            )
+    return store.concat(frames)
+
+
+def only(findings: list[Finding], kind: str) -> list[Finding]:
+    return [f for f in findings if f.kind == kind]
+
+
+def serious(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.severity in ("warning", "error")]
+
+
+def one(findings: list[Finding], kind: str) -> Finding:
+    hits = only(findings, kind)
+    assert len(hits) == 1, [str(f) for f in findings]
+    return hits[0]
+
+
+def test_healthy_run_has_no_finding_at_all() -> None:
+    df = table()
+    # the table really does show the warm-up: large early shifts at train step 0 and at the
+    # sanity-check validation before any training step
+    early = df[(df["step"] == 0) & (df["metric"] == "var_shift") & (df["layer"] == L2)]
+    assert (early["value"] > dg.VAL_VAR_SHIFT_MAX).all()
+    assert diagnose(df) == []
+
+
+def test_healthy_run_that_ends_while_still_warming_up_has_no_warning() -> None:
+    """At step 3, 73% of the initial running statistics are left: a big validation shift is
+    expected, and reported as info."""
+
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "val" and layer == L1:
+            m["mean_shift"] = 2.0
+
+    df = table(tweak, train_steps=(0, 1, 2), val_steps=(3,), probe_steps=(3,))
+    found = diagnose(df)
+    assert serious(found) == []
+    f = one(found, "stale_running_stats")
+    assert (f.layer, f.severity, f.step) == (L1, "info", 3)
+    assert "still warming up: 73% of their initial values" in f.message
+
+
+# -- stale_running_stats -------------------------------------------------------------------------
+
+
+def val_shift(metric: str, value: float, steps: tuple[int, ...] = (50, 100)) -> Tweak:
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "val" and layer == L2 and step in steps:
+            m[metric] = value
+
+    return tweak
+
+
+@pytest.mark.parametrize(
+    ("metric", "limit"),
+    [
+        ("mean_shift", dg.VAL_MEAN_SHIFT_MAX),
+        ("var_shift", dg.VAL_VAR_SHIFT_MAX),
+        ("kl", dg.VAL_KL_MAX),
+    ],
+)
+def test_stale_running_stats_threshold_edge(metric: str, limit: float) -> None:
+    assert only(diagnose(table(val_shift(metric, 0.99 * limit))), "stale_running_stats") == []
+    f = one(diagnose(table(val_shift(metric, 1.01 * limit))), "stale_running_stats")
+    assert (f.layer, f.severity, f.step) == (L2, "warning", 50)
+    assert f.evidence[metric] == pytest.approx(1.01 * limit)
+    assert f.evidence["stage"] == "val"
+
+
+def test_stale_running_stats_message_first_step_and_worst_evidence() -> None:
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "val" and layer == L1 and step > 0:
+            m["mean_shift"] = {50: 1.5, 100: 3.2}[step]
+            m["mean_shift_max"] = {50: 5.0, 100: 11.0}[step]
+
+    f = one(diagnose(table(tweak)), "stale_running_stats")
+    assert (f.layer, f.step) == (L1, 50)
+    assert f.evidence["mean_shift"] == 3.2 and f.evidence["step_worst"] == 100
+    assert "Layer features.1: running statistics do not match the validation data" in f.message
+    assert "mean shift 3.20 std, worst channel 11.0" in f.message
+    assert "since step 50" in f.message
+    assert f.advice.endswith("See docs/diagnosis.md#stale_running_stats.")
+
+
+def test_stale_running_stats_that_recovered_is_not_reported() -> None:
+    df = table(val_shift("mean_shift", 2.0, steps=(50,)))
+    assert only(diagnose(df), "stale_running_stats") == []
+
+
+def test_stale_running_stats_of_a_frozen_layer_is_not_excused_as_warm_up() -> None:
+    """A layer in eval mode never warms up: a shift at step 12 is a warning, not info."""
+
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if layer == L1 and stage == "train":
+            m["train_mode"] = 0.0
+        if layer == L1 and stage == "val":
+            m["mean_shift"] = 2.0
+
+    df = table(tweak, train_steps=(0, 4, 8), val_steps=(12,), probe_steps=())
+    f = next(f for f in only(diagnose(df), "stale_running_stats") if f.layer == L1)
+    assert f.severity == "warning"
+
+
+def train_shift(value: float, from_step: int, layer: str = L2) -> Tweak:
+    def tweak(stage: str, name: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "train" and name == layer and step >= from_step:
+            m["mean_shift"] = value
+
+    return tweak
+
+
+def test_stale_running_stats_from_training_steps_without_validation() -> None:
+    just_below = table(train_shift(0.99 * dg.TRAIN_MEAN_SHIFT_MAX, 60), val_steps=())
+    assert only(diagnose(just_below), "stale_running_stats") == []
+    df = table(train_shift(1.01 * dg.TRAIN_MEAN_SHIFT_MAX, 60), val_steps=())
+    f = one(diagnose(df), "stale_running_stats")
+    assert (f.layer, f.severity, f.evidence["stage"]) == (L2, "warning", "train")
+    # the rolling median over 5 logged steps crosses the limit at the third bad step
+    assert f.step == 70
+    assert "lag the training batches" in f.message
+
+
+def test_large_early_training_shifts_are_warm_up_not_stale() -> None:
+    """Shifts of 3 std during the first 25 steps (residual > 5%) are not reported."""
+
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "train" and step <= 25:
+            m["mean_shift"] = 3.0
+            m["var_shift"] = 3.0
+
+    assert diagnose(table(tweak, val_steps=())) == []
+
+
+# -- train_eval_gap ------------------------------------------------------------------------------
+
+
+def probe(layer: str, metric: str, value: float) -> Tweak:
+    def tweak(stage: str, name: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "probe" and name == layer and step == 100:
+            m[metric] = value
+
+    return tweak
+
+
+def test_train_eval_gap_local_gap_edge() -> None:
+    assert (
+        only(diagnose(table(probe(L1, "local_gap", 0.99 * dg.LOCAL_GAP_MAX))), "train_eval_gap")
+        == []
+    )
+    f = one(diagnose(table(probe(L1, "local_gap", 1.2 * dg.LOCAL_GAP_MAX))), "train_eval_gap")
+    assert (f.layer, f.severity, f.step) == (L1, "warning", 100)
+    assert f.evidence["local_gap"] == pytest.approx(1.2 * dg.LOCAL_GAP_MAX)
+
+
+def test_train_eval_gap_logits_gap_edge_names_the_worst_layer() -> None:
+    assert (
+        only(
+            diagnose(table(probe(store.MODEL, "logits_gap", 0.99 * dg.LOGITS_GAP_MAX))),
+            "train_eval_gap",
+        )
+        == []
+    )
+
+    def tweak(stage: str, name: str, step: int, rank: int, m: Metrics) -> None:
+        probe(store.MODEL, "logits_gap", 1.01 * dg.LOGITS_GAP_MAX)(stage, name, step, rank, m)
+        probe(L2, "local_gap", 0.4)(stage, name, step, rank, m)
+
+    f = one(diagnose(table(tweak)), "train_eval_gap")
+    assert (f.layer, f.severity) == (store.MODEL, "warning")
+    assert "features.5 (local gap 0.40)" in f.message
+
+
+def test_train_eval_gap_pred_agreement_edge() -> None:
+    at_limit = table(probe(store.MODEL, "pred_agreement", dg.PRED_AGREEMENT_MIN))
+    assert only(diagnose(at_limit), "train_eval_gap") == []
+    f = one(
+        diagnose(table(probe(store.MODEL, "pred_agreement", dg.PRED_AGREEMENT_MIN - 0.02))),
+        "train_eval_gap",
+    )
+    assert f.layer == store.MODEL
+    assert f.evidence["pred_agreement"] == pytest.approx(dg.PRED_AGREEMENT_MIN - 0.02)
+
+
+# -- small_batch ---------------------------------------------------------------------------------
+
+
+def samples(
+    value: float,
+    *,
+    metric: str = "batch_size",
+    layer: str = L2,
+    rank: int | None = None,
+    steps: int = 0,
+) -> Tweak:
+    def tweak(stage: str, name: str, step: int, r: int, m: Metrics) -> None:
+        if stage == "train" and name == layer and step >= steps and rank in (None, r):
+            m[metric] = value
+
+    return tweak
+
+
+def test_small_batch_edge_on_batch_size() -> None:
+    assert only(diagnose(table(samples(dg.SMALL_BATCH_MIN_BATCH))), "small_batch") == []
+    f = one(diagnose(table(samples(dg.SMALL_BATCH_MIN_BATCH - 1))), "small_batch")
+    assert (f.layer, f.severity, f.step) == (L2, "warning", 0)
+    assert f.evidence["batch_size_median"] == dg.SMALL_BATCH_MIN_BATCH - 1
+    assert f.evidence["samples_per_channel_median"] == 2048  # many values, but from 7 samples
+    assert "batches of only 7 samples" in f.message
+
+
+def test_small_batch_edge_on_samples_per_channel_without_batch_size() -> None:
+    """Tables without the batch_size metric (older stores) are judged on N·H·W."""
+
+    def tweak(value: float) -> Tweak:
+        def edit(stage: str, name: str, step: int, rank: int, m: Metrics) -> None:
+            m.pop("batch_size", None)
+            samples(value, metric="samples_per_channel")(stage, name, step, rank, m)
+
+        return edit
+
+    limit = dg.SMALL_BATCH_MIN_SAMPLES
+    assert only(diagnose(table(tweak(limit))), "small_batch") == []
+    f = one(diagnose(table(tweak(limit - 1))), "small_batch")
+    assert (f.layer, f.evidence["samples_per_channel_median"]) == (L2, limit - 1)
+    assert "batch_size_median" not in f.evidence
+    assert "only 7 values per channel" in f.message
+
+
+def test_small_batch_is_judged_on_the_median_not_one_short_last_batch() -> None:
+    assert only(diagnose(table(samples(4.0, steps=95))), "small_batch") == []
+
+
+def test_small_batch_per_rank_under_ddp() -> None:
+    df = table(samples(4.0, rank=1), ranks=(0, 1))
+    f = one(diagnose(df), "small_batch")
+    assert (f.layer, f.evidence["rank"]) == (L2, 1)
+    assert "on rank 1" in f.message
+
+
+# -- dead_channels -------------------------------------------------------------------------------
+
+
+def test_dead_channels_edge_first_step_worst_evidence() -> None:
+    edge = dg.DEAD_CHANNEL_FRAC_MAX
+
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "train" and layer == L1 and step >= 30:
+            m["gamma_small_frac"] = {30: 0.2, 35: 0.5}.get(step, 0.25)
+
+    assert only(diagnose(table(lambda *a: tweak_frac(edge, *a))), "dead_channels") == []
+    f = one(diagnose(table(tweak)), "dead_channels")
+    assert (f.layer, f.step, f.severity) == (L1, 30, "warning")
+    assert f.evidence["gamma_small_frac"] == 0.5
+    assert f.evidence["gamma_small_frac_latest"] == 0.25
+    assert "50% of its channels" in f.message
+
+
+def tweak_frac(value: float, stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+    if stage == "train" and layer == L1:
+        m["gamma_small_frac"] = value
+
+
+def test_dead_channels_all_gammas_zero() -> None:
+    """abs(gamma) < 1% of max abs(gamma) counts nothing when every gamma is 0."""
+
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "train" and layer == L2:
+            m |= {"gamma_mean": 0.0, "gamma_std": 0.0, "gamma_small_frac": 0.0}
+
+    f = one(diagnose(table(tweak)), "dead_channels")
+    assert (f.layer, f.evidence["gamma_small_frac"]) == (L2, 1.0)
+
+
+# -- variance_collapse ---------------------------------------------------------------------------
+
+
+def variance(value: float, layer: str = L2, from_step: int = 0) -> Tweak:
+    def tweak(stage: str, name: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "train" and name == layer and step >= from_step:
+            m["batch_var"] = value
+
+    return tweak
+
+
+def test_variance_collapse_edge_against_eps() -> None:
+    floor = dg.VAR_COLLAPSE_EPS_FACTOR * dg.DEFAULT_EPS
+    assert only(diagnose(table(variance(1.01 * floor))), "variance_collapse") == []
+    f = one(diagnose(table(variance(0.99 * floor))), "variance_collapse")
+    assert (f.layer, f.step, f.severity) == (L2, 0, "warning")
+    assert f.evidence["batch_var"] == pytest.approx(0.99 * floor)
+
+
+def test_variance_collapse_over_time() -> None:
+    """A drop to below VAR_COLLAPSE_DROP of the warmed-up peak, still far above eps."""
+
+    def tweak(stage: str, name: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "train" and name == L1:
+            m["batch_var"] = 10.0 if step < 80 else 10.0 * factor
+
+    factor = 1.01 * dg.VAR_COLLAPSE_DROP
+    assert only(diagnose(table(tweak)), "variance_collapse") == []
+    factor = 0.99 * dg.VAR_COLLAPSE_DROP
+    f = one(diagnose(table(tweak)), "variance_collapse")
+    assert (f.layer, f.step) == (L1, 80)
+    assert "fold drop" in f.message
+
+
+def test_variance_collapse_of_some_channels_with_per_channel_rows() -> None:
+    floor = dg.VAR_COLLAPSE_EPS_FACTOR * EPS
+
+    def with_channels(collapsed: int) -> pd.DataFrame:
+        values = [floor / 2] * collapsed + [0.5] * (10 - collapsed)
+        per_channel = [
+            store.make_rows(
+                step=s,
+                epoch=0,
+                stage="train",
+                rank=0,
+                layers=[L1] * 10,
+                metrics=["batch_var"] * 10,
+                values=values,
+                channels=list(range(10)),
+            )
+            for s in TRAIN_STEPS
+        ]
+        return store.concat([table(), *per_channel])
+
+    # 1 of 10 channels is not more than VAR_COLLAPSE_CHANNEL_FRAC = 10%
+    assert only(diagnose(with_channels(1)), "variance_collapse") == []
+    f = one(diagnose(with_channels(3)), "variance_collapse")
+    assert (f.layer, f.evidence["collapsed_frac"]) == (L1, 0.3)
+    assert "30% of its channels" in f.message
+
+
+# -- nonfinite -----------------------------------------------------------------------------------
+
+
+def poisoned(from_step: int = 25) -> Tweak:
+    """A NaN batch at ``from_step`` in L1 that poisons L1's and then L2's running stats."""
+
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage != "train" or step < from_step:
+            return
+        if layer == L1:
+            if step == from_step:
+                m |= {"batch_mean": math.nan, "batch_var": math.nan, "nonfinite": 64.0}
+            else:
+                m |= {"running_mean": math.nan, "running_var": math.nan, "mean_shift": math.nan}
+        elif step > from_step:
+            m |= {"batch_mean": math.nan, "running_mean": math.nan, "running_var": math.inf}
+
+    return tweak
+
+
+def test_nonfinite_is_an_error_from_the_first_step_with_its_origin() -> None:
+    found = diagnose(table(poisoned()))
+    errors = only(found, "nonfinite")
+    assert [(f.layer, f.step, f.severity) for f in errors] == [
+        (L1, 25, "error"),
+        (L2, 30, "error"),
+    ]
+    first, second = errors
+    assert first.evidence["nonfinite_channels"] == 64
+    assert "first layer where it appears" in first.message
+    assert "non-finite from then on" in first.message
+    assert "appeared first in layer features.1 at step 25" in second.message
+    assert found[:2] == errors  # errors come first
+    json.dumps([f.to_dict() for f in errors], allow_nan=False)  # evidence is JSON-safe
+
+
+def test_nonfinite_edge_zero_count_and_finite_values_is_fine() -> None:
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        m["nonfinite"] = 0.0
+
+    assert only(diagnose(table(tweak)), "nonfinite") == []
+
+    def one_channel(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "val" and layer == L2 and step == 100:
+            m["nonfinite"] = 1.0
+
+    f = one(diagnose(table(one_channel)), "nonfinite")
+    assert (f.layer, f.step, f.evidence["stage"]) == (L2, 100, "val")
+
+
+# -- frozen_bn -----------------------------------------------------------------------------------
+
+
+def test_frozen_bn_eval_mode_while_model_trains() -> None:
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "train" and layer == L2 and step >= 40:
+            m["train_mode"] = 0.0
+
+    f = one(diagnose(table(tweak)), "frozen_bn")
+    assert (f.layer, f.step, f.severity) == (L2, 40, "warning")
+    assert f.evidence["steps_in_eval_mode"] == 13
+
+    def whole_model_eval(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "train":
+            m["train_mode"] = m["model_train_mode"] = 0.0
+
+    assert only(diagnose(table(whole_model_eval)), "frozen_bn") == []
+
+
+def running_stats_moving_by(delta: float, layer: str = L1) -> Tweak:
+    def tweak(stage: str, name: str, step: int, rank: int, m: Metrics) -> None:
+        if name == layer and stage == "train":
+            m["running_mean"] = 0.25 + delta * step
+            m["running_var"] = 0.5
+            m["momentum"] = 0.0
+
+    return tweak
+
+
+def test_frozen_bn_running_stats_never_change() -> None:
+    assert only(diagnose(table(running_stats_moving_by(1e-6))), "frozen_bn") == []
+    f = one(diagnose(table(running_stats_moving_by(0.0))), "frozen_bn")
+    assert (f.layer, f.step, f.severity) == (L1, 0, "warning")
+    assert "never changed over 21 logged training steps" in f.message
+    assert "momentum is 0" in f.message
+
+
+def test_frozen_bn_with_too_few_steps_is_not_judged() -> None:
+    df = table(running_stats_moving_by(0.0), train_steps=(0, 5), val_steps=(), probe_steps=())
+    assert only(diagnose(df), "frozen_bn") == []
+
+
+def test_frozen_affine_parameters_are_info() -> None:
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "train" and layer == L2:
+            m["gamma_drift"] = m["beta_drift"] = 0.0
+
+    f = one(diagnose(table(tweak)), "frozen_bn")
+    assert (f.layer, f.severity) == (L2, "info")
+
+
+# -- unused_layer, no_running_stats --------------------------------------------------------------
+
+
+def test_unused_layer() -> None:
+    spare = "spare_bn"
+
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if layer == spare:
+            m.clear()
+            if stage == "train":
+                m["forward_calls"] = 0.0
+
+    found = diagnose(table(tweak, layers=(L1, spare, L2)))
+    f = one(found, "unused_layer")
+    assert (f.layer, f.step, f.severity) == (spare, 0, "warning")
+    assert serious(found) == [f]
+
+    def sometimes(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "train" and layer == L2 and step != 50:
+            m["forward_calls"] = 0.0
+
+    assert only(diagnose(table(sometimes)), "unused_layer") == []
+
+
+def test_no_running_stats_is_info_and_buffers_kept_is_frozen() -> None:
+    running = ("running_mean", "running_var", "mean_shift", "mean_shift_max", "var_shift")
+    running += ("var_shift_max", "kl", "kl_max", "outlier_frac")
+
+    def no_stats(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if layer == L1 and stage in ("train", "val"):
+            for key in running:
+                m.pop(key)
+            if stage == "train":
+                m["has_running_stats"] = 0.0
+
+    found = diagnose(table(no_stats))
+    f = one(found, "no_running_stats")
+    assert (f.layer, f.severity) == (L1, "info")
+    assert serious(found) == []
+
+    def buffers_kept(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if layer == L1 and stage == "train":
+            m |= {"has_running_stats": 0.0, "running_mean": 0.0, "running_var": 1.0}
+
+    found = diagnose(table(buffers_kept))
+    assert only(found, "no_running_stats") == []
+    f = one(found, "frozen_bn")
+    assert "track_running_stats=False" in f.message
+
+
+# -- structure: momentum, bias, dropout ----------------------------------------------------------
+
+
+def structural(metric: str, value: float, layer: str = L2) -> Tweak:
+    def tweak(stage: str, name: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "train" and name == layer and metric in m:
+            m[metric] = value
+
+    return tweak
+
+
+def test_suspicious_momentum_edge() -> None:
+    below = dg.TF_MOMENTUM_MIN - 0.01
+    assert only(diagnose(table(structural("momentum", below))), "suspicious_momentum") == []
+    f = one(diagnose(table(structural("momentum", 0.9))), "suspicious_momentum")
+    assert (f.layer, f.severity, f.evidence["momentum"]) == (L2, "warning", 0.9)
+    assert "momentum=0.1" in f.advice
+    at_edge = one(
+        diagnose(table(structural("momentum", dg.TF_MOMENTUM_MIN))), "suspicious_momentum"
+    )
+    assert at_edge.severity == "warning"
+
+
+def test_momentum_none_is_info() -> None:
+    f = one(diagnose(table(structural("momentum", math.nan))), "suspicious_momentum")
+    assert (f.layer, f.severity, f.evidence["momentum"]) == (L2, "info", "None")
+
+
+def test_bias_before_bn_is_info() -> None:
+    found = diagnose(table(structural("input_bias", 1.0, layer=L1)))
+    f = one(found, "bias_before_bn")
+    assert (f.layer, f.severity, f.step) == (L1, "info", 0)
+    assert "bias=False" in f.advice
+    assert serious(found) == []
+
+
+def test_dropout_before_bn_edge() -> None:
+    edge = dg.DROPOUT_BEFORE_BN_MIN_P
+    assert only(diagnose(table(structural("input_dropout", edge))), "dropout_before_bn") == []
+    f = one(diagnose(table(structural("input_dropout", 0.3))), "dropout_before_bn")
+    assert (f.layer, f.severity, f.evidence["input_dropout"]) == (L2, "warning", 0.3)
+    assert "Li et al., 2019" in f.message
+
+
+# -- rank_divergence -----------------------------------------------------------------------------
+
+
+def test_rank_divergence_metric_edge() -> None:
+    def divergence(value: float) -> Tweak:
+        def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+            if stage == "train" and rank == 0:
+                m["rank_divergence"] = value if (layer == L1 and step >= 60) else 0.0
+
+        return tweak
+
+    edge = dg.RANK_DIVERGENCE_MAX
+    assert only(diagnose(table(divergence(edge))), "rank_divergence") == []
+    f = one(diagnose(table(divergence(2 * edge))), "rank_divergence")
+    assert (f.layer, f.step, f.evidence["rank_divergence"]) == (L1, 60, 2 * edge)
+
+
+def test_rank_divergence_from_per_rank_rows() -> None:
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "train" and layer == L2 and rank == 1 and step >= 20:
+            m["running_mean"] += offset * math.sqrt(m["running_var"] + EPS)
+
+    offset = 0.99 * dg.RANK_DIVERGENCE_MAX
+    assert only(diagnose(table(tweak, ranks=(0, 1))), "rank_divergence") == []
+    offset = 3 * dg.RANK_DIVERGENCE_MAX
+    f = one(diagnose(table(tweak, ranks=(0, 1))), "rank_divergence")
+    assert (f.layer, f.step, f.evidence["rank"]) == (L2, 20, 1)
+    assert f.evidence["rank_divergence"] == pytest.approx(offset, rel=1e-4)
+
+
+# -- de-duplication, ordering, runs --------------------------------------------------------------
+
+
+def test_one_finding_per_kind_and_layer_sorted_by_severity_then_step() -> None:
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        structural("input_bias", 1.0, layer=L1)(stage, layer, step, rank, m)
+        structural("input_dropout", 0.2, layer=L2)(stage, layer, step, rank, m)
+        poisoned(from_step=90)(stage, layer, step, rank, m)
+        if stage == "train" and layer == L2 and step >= 50:
+            m["gamma_small_frac"] = 0.5  # at 11 logged steps: one finding
+
+    found = diagnose(table(tweak))
+    keys = [(f.kind, f.layer) for f in found]
+    assert len(keys) == len(set(keys))
+    severities = [dg.SEVERITIES.index(f.severity) for f in found]
+    assert severities == sorted(severities)
+    assert [(f.severity, f.kind, f.layer, f.step) for f in found] == [
+        ("error", "nonfinite", L1, 90),
+        ("error", "nonfinite", L2, 95),
+        ("warning", "dropout_before_bn", L2, 0),
+        ("warning", "dead_channels", L2, 50),
+        ("info", "bias_before_bn", L1, 0),
+    ]
+
+
+def test_several_runs_are_diagnosed_separately() -> None:
+    healthy = table().assign(run="healthy")
+    bad = table(structural("momentum", 0.99)).assign(run="tf_momentum")
+    found = diagnose(pd.concat([healthy, bad], ignore_index=True))
+    f = one(found, "suspicious_momentum")
+    assert f.evidence["run"] == "tf_momentum"
+    assert f.message.startswith("[run tf_momentum] Layer features.5")
+    assert diagnose(healthy) == []  # a single-valued run column is just ignored
+
+
+def test_empty_table_has_no_findings_and_bad_input_is_explained() -> None:
+    assert diagnose(store.empty_frame()) == []
+    with pytest.raises(ValueError, match=r"missing columns \['metric', 'value'\]"):
+        diagnose(table().drop(columns=["metric", "value"]))
+    with pytest.raises(TypeError, match="DataFrame"):
+        diagnose([1, 2, 3])  # type: ignore[arg-type]
+
+
+def test_finding_validates_severity_and_kind() -> None:
+    with pytest.raises(ValueError, match="severity must be one of error, warning, info"):
+        Finding("nonfinite", "fatal", L1, "m", "a", 1, {})
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Finding("bad_vibes", "info", L1, "m", "a", 1, {})
+
+
+# -- report, JSON, exit codes --------------------------------------------------------------------
+
+
+def sick_table() -> pd.DataFrame:
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        structural("momentum", 0.9)(stage, layer, step, rank, m)
+        structural("input_bias", 1.0, layer=L1)(stage, layer, step, rank, m)
+        poisoned(from_step=95)(stage, layer, step, rank, m)
+
+    return table(tweak)
+
+
+def test_text_report_has_a_layer_table_and_findings_by_severity() -> None:
+    df = sick_table()
+    text = format_report(df)
+    lines = text.splitlines()
+    assert lines[0] == "bnprobe report"
+    stages = next(line for line in lines if "- train -" in line)
+    assert "- val -" in stages and "- probe -" in stages
+    header = next(line for line in lines if line.strip().startswith("layer"))
+    train_cols = ["mean_shift", "var_shift", "gamma_drift", "samples"]
+    assert header.split() == ["layer", *train_cols, "mean_shift", "var_shift", "local_gap"]
+    row = next(line for line in lines if line.strip().startswith(L2))
+    latest_probe = "0.05"
+    assert row.split()[-1] == latest_probe
+    assert "model (probe at step 100): logits_gap 0.03, pred_agreement 0.98" in text
+    assert "Findings: 2 errors, 1 warning, 1 info" in text
+    assert text.index("ERROR nonfinite") < text.index("WARNING suspicious_momentum")
+    assert text.index("WARNING suspicious_momentum") < text.index("INFO bias_before_bn")
+    assert "Fix: " in text and "docs/diagnosis.md#nonfinite" in text
+    assert max(len(line) for line in lines) <= 100
+
+
+def test_text_report_of_a_healthy_run() -> None:
+    text = format_report(table())
+    assert text.endswith("No findings: every watched BatchNorm layer looks healthy.")
+
+
+def test_json_report_round_trip() -> None:
+    df = sick_table()
+    findings = diagnose(df)
+    doc = json.loads(format_report(df, findings, fmt="json"))
+    assert list(doc) == ["version", "counts", "runs", "findings"]
+    assert doc["version"] == dg.REPORT_VERSION
+    assert doc["counts"] == {"error": 2, "warning": 1, "info": 1}
+    assert [Finding.from_dict(d) for d in doc["findings"]] == findings
+    run = doc["runs"][0]
+    assert run["run"] is None
+    assert [entry["layer"] for entry in run["layers"]] == [L1, L2]
+    l1 = run["layers"][0]
+    assert l1["train"]["step"] == 100 and l1["train"]["mean_shift"] is None  # NaN -> null
+    assert l1["val"]["mean_shift"] == pytest.approx(healthy_metrics("val", L1, 100)["mean_shift"])
+    assert run["model"] == {"step": 100, "logits_gap": 0.03, "pred_agreement": 0.98}
+    assert run["steps"]["val"] == {"count": 3, "first": 0, "last": 100}
+
+
+def test_format_report_rejects_unknown_format() -> None:
+    with pytest.raises(ValueError, match="fmt must be 'text' or 'json'; got 'yaml'"):
+        format_report(table(), [], fmt="yaml")
+
+
+def test_exit_codes() -> None:
+    info = Finding("bias_before_bn", "info", L1, "m", "a", 0, {})
+    warn = Finding("small_batch", "warning", L1, "m", "a", 0, {})
+    err = Finding("nonfinite", "error", L1, "m", "a", 0, {})
+    assert exit_code([err, warn], None) == 0
+    assert exit_code([info], "warning") == 0
+    assert exit_code([info, warn], "warning") == 1
+    assert exit_code([err], "warning") == 1
+    assert exit_code([info, warn], "error") == 0
+    assert exit_code([err], "error") == 1
+    assert exit_code([], "warning") == 0
+    with pytest.raises(ValueError, match="fail_on must be 'warning', 'error' or None; got 'warn'"):
+        exit_code([], "warn")
+
+
+def test_str_of_a_finding_reads_in_a_terminal() -> None:
+    f = one(diagnose(table(structural("momentum", 0.99))), "suspicious_momentum")
+    text = str(f)
+    assert text.startswith("WARNING suspicious_momentum (features.5, step 0)\n  Layer features.5")
+    assert "\n  Fix: Use `momentum=0.01`" in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_every_kind_has_a_rule_and_a_docs_section_the_advice_links_to() -> None:
+    assert tuple(dg.RULES) == dg.KINDS
+    docs = Path(__file__).resolve().parents[1] / "docs" / "diagnosis.md"
+    headings = set(re.findall(r"^## (\w+)\s*$", docs.read_text(), flags=re.M))
+    assert set(dg.KINDS) <= headings
+    for name in re.findall(r"^([A-Z][A-Z_]+) = ", Path(dg.__file__).read_text(), flags=re.M):
+        if name not in ("SEVERITIES", "KINDS", "DOCS", "REPORT_VERSION"):
+            assert f"`{name}`" in docs.read_text(), f"{name} is not documented"
+
+
+def test_values_are_float64_and_evidence_is_plain_python() -> None:
+    f = one(diagnose(table(samples(4.0))), "small_batch")
+    assert all(type(v) in (int, float, str) for v in f.evidence.values())
+    assert np.isfinite(f.evidence["batch_size_median"])
+
+
+def test_worst_values_measure_what_the_rules_compare_after_warm_up() -> None:
+    worst = dg.worst_values(table())
+    assert set(worst) == set(dg.CALIBRATION)
+    for constant, direction in dg.CALIBRATION.values():
+        assert isinstance(getattr(dg, constant), float | int) and direction in ("max", "min")
+    warm = [healthy_metrics("val", la, s)["mean_shift"] for la in LAYERS for s in (50, 100)]
+    assert worst["val_mean_shift"] == pytest.approx(max(warm))
+    assert worst["val_mean_shift"] < healthy_metrics("val", L1, 0)["mean_shift"]  # step 0 left out
+    assert worst["local_gap"] == pytest.approx(0.05)
+    assert worst["logits_gap"] == pytest.approx(0.03)
+    assert worst["pred_agreement"] == pytest.approx(0.98)
+    assert worst["batch_size"] == 64.0 and worst["samples_per_channel"] == 2048.0
+    assert worst["momentum"] == pytest.approx(0.1)
+    assert worst["var_over_eps"] == pytest.approx(0.5 / dg.DEFAULT_EPS)
+    assert math.isnan(worst["rank_divergence"])
