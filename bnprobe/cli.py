@@ -66,9 +66,11 @@ def _demo(args: argparse.Namespace) -> int:
     trainer.fit(module, data)
     df = probe.to_dataframe()
     print()
+    train = df[df["stage"] == "train"]
     print(
-        f"bnprobe measured {df['layer'].nunique()} BatchNorm layers at {df['step'].nunique()} "
-        f"steps: {len(df)} rows."
+        f"bnprobe measured {len(probe.layer_names)} BatchNorm layers at "
+        f"{train['step'].nunique()} training steps and {df['step'].nunique()} steps in all: "
+        f"{len(df)} rows."
     )
     print(f"  run folder:   {logger.log_dir}")
     print(f"  parquet:      {Path(logger.log_dir) / 'bnprobe'}")
