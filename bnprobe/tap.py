@@ -3,21 +3,24 @@
 :class:`BNTap` registers one forward pre-hook and one forward hook per BN layer, once, and
 removes them on :meth:`BNTap.detach` (idempotent; also a context manager). Between logging steps
 the hooks only check a flag. On a logging step (:meth:`BNTap.start` ... :meth:`BNTap.collect`)
-they measure each layer's first forward call of the step with O(channels) tensor work on the
-layer's device, and :meth:`BNTap.collect` moves everything to the host in one transfer per
-device. No activation is kept and nothing synchronizes with the host inside a hook.
+they take a copy of each layer's O(channels) raw vectors on the layer's device: the running
+buffers before and after its first forward call of the step (from which the batch moments follow
+exactly, :func:`bnprobe.stats.recover_moments`), gamma and beta; one ``torch.cat`` kernel in each
+hook, plus one ``var_mean`` where the moments cannot be recovered. :meth:`BNTap.collect` moves
+every layer's vector to the host in one transfer per device and derives all metrics there in
+float64 numpy (:func:`bnprobe.stats.segment_metrics`). No activation is kept and nothing
+synchronizes with the host inside a hook.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, TypeAlias
+from functools import cache, partial
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 import pandas as pd
@@ -49,15 +52,7 @@ RUNNING_METRICS = (
     "kl_max",
     "outlier_frac",
 )
-AFFINE_METRICS = (
-    "gamma_mean",
-    "gamma_std",
-    "beta_mean",
-    "beta_std",
-    "gamma_drift",
-    "beta_drift",
-    "gamma_small_frac",
-)
+AFFINE_METRICS = stats.AFFINE_METRICS
 STRUCTURE_METRICS = (
     "forward_calls",
     "train_mode",
@@ -122,6 +117,30 @@ class Snapshot:
     """layer -> {"gamma", "beta", "d", "v", ...} per-channel values (signed d and v)."""
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What a layer's raw vector holds: blocks of ``channels`` values each, in this order.
+
+    ``recovered``: mu_R_old, var_R_old, mu_R_new, var_R_new (the batch moments follow from the
+    update); else mu_B, var_B and, with ``running``, mu_R, var_R. With ``affine``: then gamma,
+    beta, gamma_0, beta_0.
+    """
+
+    channels: int
+    recovered: bool
+    running: bool
+    affine: bool
+    factor: float
+    count: float
+    eps: float
+
+    @property
+    def size(self) -> int:
+        return self.channels * (4 if self.recovered or self.running else 2) + (
+            4 * self.channels if self.affine else 0
+        )
+
+
 @dataclass(eq=False)
 class _Layer:
     name: str
@@ -130,14 +149,14 @@ class _Layer:
     beta0: Tensor | None = None
     calls: int = 0
     failed: bool = False
-    old: tuple[Tensor, Tensor] | None = None
+    old: Tensor | None = None
+    """cat(running_mean, running_var) before this step's forward updated them."""
     recover: bool = False
     structure: dict[str, float] = field(default_factory=dict)
     pooled: stats.Moments | None = None
-    names: tuple[str, ...] = ()
     values: Tensor | None = None
-    channel_names: tuple[str, ...] = ()
-    channels: Tensor | None = None
+    """The raw vector measured this step, on the layer's device (see :class:`_Layout`)."""
+    layout: _Layout | None = None
 
 
 class BNTap:
@@ -172,6 +191,8 @@ class BNTap:
         self._model_modules: set[int] = set()
         self._failures: list[str] = []
         self._pool = False
+        self._channels: dict[str, dict[str, np.ndarray]] = {}
+        self._chan_rows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def attach(self) -> BNTap:
@@ -239,7 +260,7 @@ class BNTap:
         (stage ``val``: all validation batches of an epoch against the running stats in use).
         """
         for layer in self.layers:
-            layer.calls, layer.values, layer.channels, layer.old = 0, None, None, None
+            layer.calls, layer.values, layer.layout, layer.old = 0, None, None, None
             layer.structure = {} if pool else {"forward_calls": 0.0}
             layer.pooled = None
         self._pool = pool
@@ -258,42 +279,20 @@ class BNTap:
                 if layer.pooled is not None and not layer.failed:
                     self._guarded(layer, self._finish_pool, layer)
         measured = [layer for layer in self.layers if layer.values is not None]
-        host = _to_host([t for layer in measured for t in _tensors(layer)])
+        raws = _to_host([layer.values for layer in measured if layer.values is not None])
+        results = self._host_metrics(list(zip(measured, raws, strict=True)))
         layers: list[str] = []
         metrics: list[str] = []
         values: list[float] = []
-        chan_layers: list[str] = []
-        chan_metrics: list[str] = []
-        chan_index: list[np.ndarray] = []
-        chan_values: list[np.ndarray] = []
-        snapshot_channels: dict[str, dict[str, np.ndarray]] = {}
-        it = iter(host)
         for layer in self.layers:
             if layer.failed:
                 continue
-            names: list[str] = []
-            vals: list[float] = []
-            if layer.values is not None:
-                names += layer.names
-                vals += next(it).tolist()
-            names += layer.structure
-            vals += layer.structure.values()
-            layers += [layer.name] * len(names)
+            names, vals = results.get(layer, ((), []))
+            layers += [layer.name] * (len(names) + len(layer.structure))
             metrics += names
+            metrics += layer.structure
             values += vals
-            if layer.channels is not None:
-                chan = next(it)
-                per = dict(zip(layer.channel_names, chan, strict=True))
-                snapshot_channels[layer.name] = per
-                for name in CHANNEL_METRICS if self.per_channel else ():
-                    source = {"mean_shift": "d", "var_shift": "v"}.get(name, name)
-                    if source not in per:
-                        continue
-                    col = np.abs(per[source]) if source != name else per[name]
-                    chan_layers += [layer.name] * col.size
-                    chan_metrics += [name] * col.size
-                    chan_index.append(np.arange(col.size))
-                    chan_values.append(col)
+            values += layer.structure.values()
         rows = make_rows(
             step=step,
             epoch=epoch,
@@ -303,19 +302,99 @@ class BNTap:
             metrics=metrics,
             values=values,
         )
-        if chan_values:
+        if self._chan_rows is not None:
+            chan_layers, chan_metrics, chan_index, chan_values = self._chan_rows
             per_channel = make_rows(
                 step=step,
                 epoch=epoch,
                 stage=stage,
                 rank=rank,
-                layers=chan_layers,
-                metrics=chan_metrics,
-                values=np.concatenate(chan_values),
-                channels=np.concatenate(chan_index),
+                layers=cast(Sequence[str], chan_layers),  # object arrays of str
+                metrics=cast(Sequence[str], chan_metrics),
+                values=chan_values,
+                channels=chan_index,
             )
             rows = pd.concat([rows, per_channel], ignore_index=True)
-        return Snapshot(rows, snapshot_channels)
+        snapshot = Snapshot(rows, self._channels)
+        self._chan_rows, self._channels = None, {}
+        return snapshot
+
+    def _host_metrics(
+        self, measured: list[tuple[_Layer, np.ndarray]]
+    ) -> dict[_Layer, tuple[tuple[str, ...], list[float]]]:
+        """Metric names and values of each measured layer, computed for all layers at once
+        (:func:`bnprobe.stats.segment_metrics`); per-channel vectors and rows when kept."""
+        ok: list[tuple[_Layer, _Layout, np.ndarray]] = []
+        for layer, raw in measured:
+            lay = layer.layout
+            if lay is None or lay.channels < 1 or raw.size != lay.size:
+                err = RuntimeError(f"measured {raw.size} values, the layout is {lay}")
+                self._fail(layer, err)
+            else:
+                ok.append((layer, lay, raw))
+        if not ok:
+            return {}
+        try:
+            seg = _segments(ok)
+            table, per = stats.segment_metrics(seg)
+        except Exception as err:  # the probe must never stop training
+            for layer, _, _ in ok:
+                self._fail(layer, err)
+            return {}
+        columns = np.stack([table[name] for name in _ALL_METRICS], axis=1).tolist()
+        out: dict[_Layer, tuple[tuple[str, ...], list[float]]] = {}
+        for (layer, lay, _), row in zip(ok, columns, strict=True):
+            names, index = _metric_index(lay.running or lay.recovered, lay.affine)
+            out[layer] = (names, [row[i] for i in index])
+        if self.keep_channels:
+            chan = {"batch_mean": seg.mean, "batch_var": seg.var, "running_mean": seg.mu_r}
+            chan |= {"running_var": seg.var_r, "gamma": seg.gamma, "beta": seg.beta, **per}
+            self._keep_channels(ok, seg, chan)
+        return out
+
+    def _keep_channels(
+        self,
+        ok: list[tuple[_Layer, _Layout, np.ndarray]],
+        seg: stats.Segments,
+        chan: dict[str, np.ndarray],
+    ) -> None:
+        """Per-layer channel vectors for the snapshot, and per-channel rows if asked for."""
+        ends = np.cumsum(seg.channels).tolist()
+        starts = [0, *ends[:-1]]
+        running_keys = ("running_mean", "running_var", "d", "v", "kl")
+        for (layer, lay, _), a, b in zip(ok, starts, ends, strict=True):
+            keys = ["batch_mean", "batch_var"]
+            keys += running_keys if lay.running or lay.recovered else ()
+            keys += ("gamma", "beta") if lay.affine else ()
+            self._channels[layer.name] = {k: chan[k][a:b] for k in keys}
+        if not self.per_channel:
+            return
+        running = np.repeat([lay.running or lay.recovered for _, lay, _ in ok], seg.channels)
+        affine = np.repeat([lay.affine for _, lay, _ in ok], seg.channels)
+        names = np.repeat(np.array([layer.name for layer, _, _ in ok], dtype=object), seg.channels)
+        index = np.arange(len(names)) - np.repeat(starts, seg.channels)
+        sources = {"mean_shift": np.abs(chan["d"]), "var_shift": np.abs(chan["v"])}
+        parts: list[tuple[str, np.ndarray, np.ndarray | None]] = [
+            ("batch_mean", chan["batch_mean"], None),
+            ("batch_var", chan["batch_var"], None),
+        ]
+        for name in ("running_mean", "running_var", "mean_shift", "var_shift", "kl"):
+            parts.append((name, sources[name] if name in sources else chan[name], running))
+        parts += [("gamma", chan["gamma"], affine), ("beta", chan["beta"], affine)]
+        col_layers, col_metrics, col_index, col_values = [], [], [], []
+        for name, vec, mask in parts:
+            sel = slice(None) if mask is None else mask
+            n = int(mask.sum()) if mask is not None else len(vec)
+            col_layers.append(names[sel])
+            col_metrics.append(np.full(n, name, dtype=object))
+            col_index.append(index[sel])
+            col_values.append(vec[sel])
+        self._chan_rows = (
+            np.concatenate(col_layers),
+            np.concatenate(col_metrics),
+            np.concatenate(col_index),
+            np.concatenate(col_values),
+        )
 
     @property
     def failures(self) -> list[str]:
@@ -359,11 +438,20 @@ class BNTap:
     def _finish_pool(self, layer: _Layer) -> None:
         m, pooled = layer.module, layer.pooled
         assert pooled is not None
-        running = None
+        blocks = [pooled.mean, pooled.var]
         if m.running_mean is not None and m.running_var is not None:
-            running = (m.running_mean, m.running_var)
+            blocks += [m.running_mean, m.running_var]
         layer.structure["samples_per_channel"] = pooled.n
-        self._metrics(layer, m, pooled, running, affine=False)
+        layer.layout = _Layout(
+            channels=pooled.mean.numel(),
+            recovered=False,
+            running=len(blocks) == 4,
+            affine=False,
+            factor=0.0,
+            count=pooled.n,
+            eps=float(m.eps),
+        )
+        layer.values = torch.cat([t.detach().reshape(-1) for t in blocks])
 
     def _before(self, layer: _Layer, m: _BatchNorm, args: tuple[Any, ...]) -> None:
         has_running = m.running_mean is not None and m.running_var is not None
@@ -378,95 +466,53 @@ class BNTap:
             self._note_producer(layer, args[0] if args else None)
         if updates:
             assert m.running_mean is not None and m.running_var is not None
-            layer.old = (m.running_mean.detach().clone(), m.running_var.detach().clone())
+            layer.old = torch.cat([m.running_mean.detach(), m.running_var.detach()])  # a copy
             momentum = m.momentum
             layer.recover = momentum is not None and momentum >= stats.MIN_RECOVERY_FACTOR
         else:
             layer.old, layer.recover = None, False
 
     def _measure(self, layer: _Layer, m: _BatchNorm, x: Any) -> None:
+        """Keep one O(channels) copy of what this forward tells (one ``torch.cat`` kernel)."""
         x = _tensor_input(x)
         self.reference(layer)  # lazy layers are initialized by now
-        count = x.numel() / x.shape[1] if x.dim() > 1 and x.shape[1] else 0.0
+        channels = int(x.shape[1]) if x.dim() > 1 else 0
+        count = x.numel() / channels if channels else 0.0
         if self._world_size is not None and isinstance(m, nn.SyncBatchNorm) and m.training:
             count *= self._world_size(m)  # SyncBN normalizes with moments over every rank
-        running: tuple[Tensor, Tensor] | None = None
-        if layer.old is not None:  # this forward updated the running stats: use the old ones
-            running = layer.old
-        elif m.running_mean is not None and m.running_var is not None:
-            running = (m.running_mean, m.running_var)
+        blocks: list[Tensor]
+        running = True
         if layer.old is not None and layer.recover:
             assert m.running_mean is not None and m.running_var is not None
-            momentum = float(m.momentum or 0.0)
-            mean_old, var_old = layer.old
-            batch = stats.recover_moments(
-                mean_old, var_old, m.running_mean, m.running_var, momentum, count
-            )
+            blocks = [layer.old, m.running_mean, m.running_var]
         else:
-            batch = stats.batch_moments(x)._replace(n=count)
+            blocks = list(stats.raw_moments(x))
+            if layer.old is not None:  # this forward updated the running stats: the old ones
+                blocks.append(layer.old)
+            elif m.running_mean is not None and m.running_var is not None:
+                blocks += [m.running_mean, m.running_var]
+            else:
+                running = False
+        affine = bool(m.affine) and layer.gamma0 is not None and layer.beta0 is not None
+        if affine:
+            assert layer.gamma0 is not None and layer.beta0 is not None
+            blocks += [m.weight, m.bias, layer.gamma0, layer.beta0]
+        layer.layout = _Layout(
+            channels=channels,
+            recovered=layer.old is not None and layer.recover,
+            running=running,
+            affine=affine,
+            factor=float(m.momentum or 0.0),
+            count=count,
+            eps=float(m.eps),
+        )
         layer.old = None
         layer.structure["samples_per_channel"] = count
-        self._metrics(layer, m, batch, running, affine=True)
-
-    def _metrics(
-        self,
-        layer: _Layer,
-        m: _BatchNorm,
-        batch: stats.Moments,
-        running: tuple[Tensor, Tensor] | None,
-        *,
-        affine: bool,
-    ) -> None:
-        """Turn batch moments (and running moments, affine parameters) into this layer's values."""
-        names = ["batch_mean", "batch_var"]
-        chan_names = ["batch_mean", "batch_var"]
-        chan_rows = [batch.mean, batch.var]  # per-channel quantities, float64
-        parts: list[Tensor]
-        if running is not None:
-            mu_r, var_r = running
-            d, v = stats.shifts(batch, mu_r, var_r, m.eps)
-            kl = stats.gaussian_kl(d, v)
-            ad, av = d.abs(), v.abs()
-            outlier = (ad > stats.OUTLIER_MEAN_SHIFT) | (av > stats.OUTLIER_LOG_VAR_RATIO)
-            table = torch.stack([batch.mean, batch.var, mu_r.double(), var_r.double(), ad, av, kl])
-            parts = [table.mean(dim=1), table[4:].amax(dim=1), outlier.double().mean().reshape(1)]
-            names += ["running_mean", "running_var", "mean_shift", "var_shift", "kl"]
-            names += ["mean_shift_max", "var_shift_max", "kl_max", "outlier_frac"]
-            chan_rows += [table[2], table[3], d, v, kl]
-            chan_names += ["running_mean", "running_var", "d", "v", "kl"]
-        else:
-            parts = [torch.stack(chan_rows).mean(dim=1)]
-        parts.append(stats.nonfinite_channels(batch).reshape(1))
-        names.append("nonfinite")
-        if affine and m.affine and layer.gamma0 is not None and layer.beta0 is not None:
-            g, b = m.weight.detach().double(), m.bias.detach().double()
-            g0, b0 = layer.gamma0.double(), layer.beta0.double()
-            ag = g.abs()
-            parts.append(
-                torch.stack(
-                    [
-                        g.mean(),
-                        stats.std(g),
-                        b.mean(),
-                        stats.std(b),
-                        (g - g0).norm() / g0.norm(),
-                        (b - b0).norm() / math.sqrt(b.numel()),
-                        (ag < stats.SMALL_GAMMA * ag.max()).double().mean(),
-                    ]
-                )
-            )
-            names += list(AFFINE_METRICS)
-            chan_rows += [g, b]
-            chan_names += ["gamma", "beta"]
-        layer.names = tuple(names)
-        layer.values = torch.cat(parts)
-        if self.keep_channels:
-            layer.channel_names = tuple(chan_names)
-            layer.channels = torch.stack(chan_rows)
+        layer.values = torch.cat([t.detach().reshape(-1) for t in blocks])
 
     def _fail(self, layer: _Layer, err: Exception) -> None:
         layer.failed = True
-        layer.values = layer.channels = None
+        layer.values, layer.layout = None, None
         line = (
             f"bnprobe: measuring layer {layer.name!r} ({type(layer.module).__name__}) failed with "
             f"{type(err).__name__}: {err}. This layer is no longer measured; training goes on."
@@ -511,24 +557,81 @@ def _tensor_input(x: Any) -> Tensor:
     return x
 
 
-def _tensors(layer: _Layer) -> Iterator[Tensor]:
-    assert layer.values is not None
-    yield layer.values
-    if layer.channels is not None:
-        yield layer.channels
+_ALL_METRICS = ("batch_mean", "batch_var", *stats.SHIFT_METRICS, "nonfinite", *AFFINE_METRICS)
+
+
+@cache
+def _metric_index(running: bool, affine: bool) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The metrics a layer has (names, in row order) and their positions in ``_ALL_METRICS``."""
+    names = ["batch_mean", "batch_var"]
+    names += stats.SHIFT_METRICS if running else ()
+    names.append("nonfinite")
+    names += AFFINE_METRICS if affine else ()
+    return tuple(names), tuple(_ALL_METRICS.index(n) for n in names)
+
+
+def _segments(measured: list[tuple[_Layer, _Layout, np.ndarray]]) -> stats.Segments:
+    """Concatenate the layers' raw host vectors into :class:`bnprobe.stats.Segments`.
+
+    Recovered layers get mu_B = m_o + (m_n - m_o)/f and var_B = (v_n - (1-f) v_o)/f · (n-1)/n
+    (:func:`bnprobe.stats.recover_moments`); directly measured ones go through the same formula
+    with m_o = v_o = 0 and f = 1, which returns them unchanged, bit for bit.
+    """
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("mo", "vo", "mn", "vn", "mr", "vr")}
+    cols |= {k: [] for k in ("g", "b", "g0", "b0")}
+    factor: list[float] = []
+    bessel: list[float] = []
+    for _, lay, raw in measured:
+        c = lay.channels
+        blocks = list(raw.reshape(-1, c))
+        nan = np.full(c, np.nan)
+        if lay.recovered:
+            mo, vo, mn, vn = blocks[:4]
+            parts = [mo, vo, mn, vn, mo, vo]
+            rest = blocks[4:]
+            factor.append(lay.factor)
+            bessel.append((lay.count - 1.0) / lay.count if lay.count > 1 else 1.0)
+        else:
+            zero = np.zeros(c)
+            running = blocks[2:4] if lay.running else [nan, nan]
+            parts = [zero, zero, blocks[0], blocks[1], *running]
+            rest = blocks[4:] if lay.running else blocks[2:]
+            factor.append(1.0)
+            bessel.append(1.0)
+        parts += rest[:4] if lay.affine else [nan] * 4
+        for key, part in zip(cols, parts, strict=True):
+            cols[key].append(part)
+    channels = np.array([lay.channels for _, lay, _ in measured], dtype=np.int64)
+    cat = {k: np.concatenate(v) for k, v in cols.items()}
+    f = np.repeat(np.array(factor), channels)
+    with np.errstate(all="ignore"):
+        mean = cat["mo"] + (cat["mn"] - cat["mo"]) / f
+        var = (cat["vn"] - (1.0 - f) * cat["vo"]) / f * np.repeat(np.array(bessel), channels)
+    return stats.Segments(
+        channels=channels,
+        mean=mean,
+        var=var,
+        mu_r=cat["mr"],
+        var_r=cat["vr"],
+        eps=np.repeat(np.array([lay.eps for _, lay, _ in measured]), channels),
+        gamma=cat["g"],
+        beta=cat["b"],
+        gamma0=cat["g0"],
+        beta0=cat["b0"],
+    )
 
 
 def _to_host(tensors: list[Tensor]) -> list[np.ndarray]:
-    """Copy tensors to the host with one transfer per device; return them as float64 arrays."""
+    """Copy 1-d tensors to the host with one transfer per device, as float64 arrays."""
     out: list[np.ndarray | None] = [None] * len(tensors)
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
     for idx in by_device.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).cpu().numpy()
+        flat = torch.cat([tensors[i] for i in idx]).to("cpu", torch.float64).numpy()
         offset = 0
         for i in idx:
             n = tensors[i].numel()
-            out[i] = flat[offset : offset + n].reshape(tensors[i].shape)
+            out[i] = flat[offset : offset + n]
             offset += n
     return [a for a in out if a is not None]

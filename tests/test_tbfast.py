@@ -1,0 +1,88 @@
+"""One-event TensorBoard writes: the same points as add_scalar/add_histogram, read back."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
+
+from bnprobe import tbfast
+from bnprobe import tensorboard as tb
+
+
+def _read(path: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def test_scalars_in_one_event_read_back_as_separate_points(tmp_path: Path) -> None:
+    writer = SummaryWriter(str(tmp_path))
+    for step in (0, 50):
+        tbfast.write_scalars(writer, {"a/x": 1.5 + step, "a/y": -2.0, "b": step / 3}, step)
+    writer.close()
+    acc = _read(tmp_path)
+    assert set(acc.Tags()["scalars"]) == {"a/x", "a/y", "b"}
+    assert [(e.step, e.value) for e in acc.Scalars("a/x")] == [(0, 1.5), (50, 51.5)]
+    assert [e.value for e in acc.Scalars("b")] == pytest.approx([0.0, 50 / 3])
+
+
+def test_histogram_counts_equal_numpy_histogram() -> None:
+    rng = np.random.default_rng(0)
+    vectors = {f"v{i}": rng.standard_normal(int(rng.integers(1, 130))) for i in range(40)}
+    vectors["constant"] = np.zeros(64)
+    vectors["mixed"] = np.array([1.0, np.inf, np.nan, 3.0, -2.0])
+    vectors["nothing_finite"] = np.full(5, np.nan)
+    protos = tbfast.histogram_protos(vectors)
+    assert "nothing_finite" not in protos
+    for tag, vec in vectors.items():
+        finite = vec[np.isfinite(vec)]
+        if finite.size == 0:
+            continue
+        counts, edges = np.histogram(finite, bins=tb.HIST_BINS)
+        h = protos[tag]
+        assert list(h.bucket) == [0, *counts.tolist()]
+        np.testing.assert_allclose(h.bucket_limit, edges, rtol=1e-12)
+        assert h.num == finite.size and h.min == finite.min() and h.max == finite.max()
+        assert math.isclose(h.sum, finite.sum(), abs_tol=1e-12)
+        assert math.isclose(h.sum_squares, finite @ finite, rel_tol=1e-12)
+
+
+def test_add_histograms_writes_the_callback_tags_in_one_event(tmp_path: Path) -> None:
+    channels = {
+        "stem.bn": {"gamma": np.ones(8), "beta": np.arange(8.0), "d": np.linspace(-1, 1, 8)},
+        "<model>": {"v": np.array([0.5, np.nan])},
+    }
+    writer = SummaryWriter(str(tmp_path))
+    tags = tbfast.add_histograms(writer, "train", 7, channels)
+    writer.close()
+    acc = _read(tmp_path)
+    expected = {
+        tb.hist_tag("train", "gamma", "stem.bn"),
+        tb.hist_tag("train", "beta", "stem.bn"),
+        tb.hist_tag("train", "d", "stem.bn"),
+        tb.hist_tag("train", "v", "<model>"),
+    }
+    assert set(tags) == expected == set(acc.Tags()["histograms"])
+    (event,) = acc.Histograms(tb.hist_tag("train", "beta", "stem.bn"))
+    assert event.step == 7 and event.histogram_value.num == 8
+    assert event.histogram_value.sum == pytest.approx(28.0)
+
+
+def test_scalar_metrics_equal_the_uncached_version() -> None:
+    from bnprobe.store import make_rows
+
+    rows = make_rows(
+        step=3,
+        epoch=1,
+        stage="train",
+        rank=0,
+        layers=["a.bn", "a.bn", "<model>"],
+        metrics=["kl", "mean_shift", "logits_gap"],
+        values=[0.1, 0.2, 0.3],
+    )
+    assert tbfast.scalar_metrics(rows) == tb.scalar_metrics(rows)
