@@ -51,7 +51,7 @@ def _demo(args: argparse.Namespace) -> int:
         from bnprobe.pathologies import apply_pathology
 
         apply_pathology(args.pathology, module, data)
-    probe = BNProbe(every_n_steps=args.every_n_steps)
+    probe = BNProbe(every_n_steps=args.every_n_steps, summary=False)  # the report follows
     logger = TensorBoardLogger(args.out, name="demo" if not args.pathology else args.pathology)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
@@ -72,10 +72,11 @@ def _demo(args: argparse.Namespace) -> int:
         f"{train['step'].nunique()} training steps and {df['step'].nunique()} steps in all: "
         f"{len(df)} rows."
     )
-    print(f"  run folder:   {logger.log_dir}")
-    print(f"  parquet:      {Path(logger.log_dir) / 'bnprobe'}")
+    run = Path(logger.log_dir).resolve()
+    print(f"  run folder:   {run}")
+    print(f"  parquet:      {run / 'bnprobe'}")
     print(f"  TensorBoard:  tensorboard --logdir {Path(args.out).resolve()}")
-    print(f"  report:       bnprobe report {logger.log_dir}")
+    print(f"  report:       bnprobe report {run}")
     print()
     print(probe.report())
     return 0
