@@ -17,8 +17,8 @@ demo: setup
 	$(BIN)/bnprobe demo
 
 lint: setup
-	$(BIN)/ruff check bnprobe tests examples benchmarks docs
-	$(BIN)/ruff format --check bnprobe tests examples benchmarks docs
+	$(BIN)/ruff check bnprobe tests examples benchmarks docs/*.py
+	$(BIN)/ruff format --check bnprobe tests examples benchmarks docs/*.py
 	$(BIN)/mypy
 
 test: lint
