@@ -765,8 +765,9 @@ def rule_dead_channels(run: _Run) -> list[Finding]:
 def rule_variance_collapse(run: _Run) -> list[Finding]:
     """Inputs whose variance is (nearly) gone.
 
-    Channel-mean ``batch_var`` or ``running_var`` below ``VAR_COLLAPSE_EPS_FACTOR * eps``; with
-    per-channel rows, more than ``VAR_COLLAPSE_CHANNEL_FRAC`` of the channels below it; or the
+    Channel-mean ``batch_var`` or ``running_var`` below ``VAR_COLLAPSE_EPS_FACTOR * eps``; more
+    than ``VAR_COLLAPSE_CHANNEL_FRAC`` of the channels below it (the ``var_small_frac`` metric,
+    or per-channel rows); or the
     batch variance fallen below ``VAR_COLLAPSE_DROP`` times its earlier peak.
     """
     train = _active(run, run.wide("train"))
@@ -837,7 +838,15 @@ def rule_variance_collapse(run: _Run) -> list[Finding]:
 
 
 def _with_channel_collapse(run: _Run, cols: pd.DataFrame) -> pd.DataFrame:
-    """Add ``collapsed_frac`` and ``score_channels`` from per-channel ``batch_var`` rows."""
+    """Add ``collapsed_frac`` and ``score_channels``: the fraction of channels whose batch
+    variance is below ``VAR_COLLAPSE_EPS_FACTOR * eps``, from the ``var_small_frac`` metric when
+    the table has it, else from per-channel ``batch_var`` rows."""
+    if "var_small_frac" in cols:
+        frac_given = cols["var_small_frac"].to_numpy(dtype=float)
+        score = np.nan_to_num(frac_given) / VAR_COLLAPSE_CHANNEL_FRAC
+        return cols.assign(
+            collapsed_frac=frac_given, score_channels=score, score=np.fmax(cols["score"], score)
+        )
     chan = run.channels("train", "batch_var")
     if not len(chan):
         return cols.assign(collapsed_frac=np.nan, score_channels=0.0)

@@ -468,6 +468,21 @@ def test_variance_collapse_of_some_channels_with_per_channel_rows() -> None:
     assert "30% of its channels" in f.message
 
 
+def test_variance_collapse_of_some_channels_from_the_var_small_frac_metric() -> None:
+    def frac(value: float) -> Tweak:
+        def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+            if stage == "train":
+                m["var_small_frac"] = value if (layer == L2 and step >= 40) else 0.0
+
+        return tweak
+
+    limit = dg.VAR_COLLAPSE_CHANNEL_FRAC
+    assert only(diagnose(table(frac(limit))), "variance_collapse") == []
+    f = one(diagnose(table(frac(0.25))), "variance_collapse")
+    assert (f.layer, f.step, f.evidence["collapsed_frac"]) == (L2, 40, 0.25)
+    assert "25% of its channels have a batch variance below" in f.message
+
+
 # -- nonfinite -----------------------------------------------------------------------------------
 
 
