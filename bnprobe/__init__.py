@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# ``diagnose`` is both a submodule and a function: import the function eagerly so that the
+# package attribute stays the function even after ``import bnprobe.diagnose`` (cheap: pandas).
+from bnprobe.diagnose import Finding, diagnose
+
 _EXPORTS = {
     "BNProbe": "bnprobe.callback",
     "BNTap": "bnprobe.tap",
-    "Finding": "bnprobe.diagnose",
-    "diagnose": "bnprobe.diagnose",
     "check_mismatch": "bnprobe.mismatch",
     "recalibrate": "bnprobe.mismatch",
     "load": "bnprobe.store",
@@ -35,7 +37,6 @@ __all__ = [
 
 if TYPE_CHECKING:
     from bnprobe.callback import BNProbe
-    from bnprobe.diagnose import Finding, diagnose
     from bnprobe.mismatch import check_mismatch, recalibrate
     from bnprobe.store import load
     from bnprobe.tap import BNTap

@@ -43,13 +43,20 @@ def _demo(args: argparse.Namespace) -> int:
 
     from bnprobe.callback import BNProbe
     from bnprobe.demo import DemoDataModule, DemoModule
+    from bnprobe.pathologies import PATHOLOGIES, apply_pathology
 
+    if args.list:
+        for name, what in sorted(PATHOLOGIES.items()):
+            print(f"{name:20s} {what}")
+        return 0
+    if args.pathology is not None and args.pathology not in PATHOLOGIES:
+        raise CLIError(
+            f"unknown pathology {args.pathology!r}; choose one of: {', '.join(sorted(PATHOLOGIES))}"
+        )
     pl.seed_everything(args.seed, verbose=False)
     module = DemoModule()
     data = DemoDataModule(seed=args.seed, num_train=args.train_size, num_val=args.val_size)
     if args.pathology:
-        from bnprobe.pathologies import apply_pathology
-
         apply_pathology(args.pathology, module, data)
     probe = BNProbe(every_n_steps=args.every_n_steps, summary=False)  # the report follows
     logger = TensorBoardLogger(args.out, name="demo" if not args.pathology else args.pathology)
@@ -86,6 +93,8 @@ def _report(args: argparse.Namespace) -> int:
     from bnprobe.diagnose import diagnose, exit_code, format_report
 
     df = read_run(args.run)
+    if df.empty:
+        raise CLIError(f"{args.run}: the run holds no bnprobe rows yet")
     findings = diagnose(df)
     print(format_report(df, findings, fmt=args.format))
     return exit_code(findings, args.fail_on)
@@ -112,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train the demo net on synthetic data with the probe")
-    demo.add_argument("--pathology", metavar="NAME", help="induce a named BatchNorm problem")
+    demo.add_argument(
+        "--pathology", metavar="NAME", help="induce a named BatchNorm problem (see --list)"
+    )
+    demo.add_argument("--list", action="store_true", help="list the pathologies and exit")
     demo.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
     demo.add_argument("--train-size", type=int, default=3072, help="training images")
     demo.add_argument("--val-size", type=int, default=512, help="validation images")

@@ -236,6 +236,13 @@ def test_demo_net_shapes() -> None:
     assert torch.equal(data.train_set.images, again.train_set.images)  # deterministic
 
 
+def test_diagnose_stays_the_function_after_the_submodule_is_imported() -> None:
+    import bnprobe.diagnose  # binds the submodule on the package unless __init__ guards it
+    from bnprobe.store import empty_frame
+
+    assert callable(bnprobe.diagnose) and bnprobe.diagnose(empty_frame()) == []
+
+
 def test_public_api_names() -> None:
     for name in bnprobe.__all__:
         assert getattr(bnprobe, name) is not None

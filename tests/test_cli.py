@@ -99,3 +99,11 @@ def test_export_refuses_an_unknown_extension(demo_run, tmp_path) -> None:
     run, _ = demo_run
     done = bnprobe_cli("export", str(run), "-o", str(tmp_path / "t.xlsx"), cwd=tmp_path)
     assert done.returncode == 2 and ".parquet or .csv" in done.stderr
+
+
+def test_demo_lists_pathologies_and_refuses_an_unknown_one(tmp_path) -> None:
+    listed = bnprobe_cli("demo", "--list", cwd=tmp_path)
+    assert listed.returncode == 0 and "shifted_val" in listed.stdout
+    bad = bnprobe_cli("demo", "--pathology", "nope", cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "unknown pathology 'nope'" in bad.stderr and "shifted_val" in bad.stderr
