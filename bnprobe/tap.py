@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache, partial
-from typing import Any, TypeAlias, cast
+from typing import Any, NamedTuple, TypeAlias, cast
 
 import numpy as np
 import pandas as pd
@@ -115,6 +115,21 @@ class Snapshot:
     rows: pd.DataFrame
     channels: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     """layer -> {"gamma", "beta", "d", "v", ...} per-channel values (signed d and v)."""
+    aggregates: Aggregates | None = None
+    """The layer rows of ``rows`` (channel NA) as plain lists, for loggers that need no pandas
+    (set by :meth:`BNTap.collect`; None where a snapshot was assembled otherwise)."""
+
+
+class Aggregates(NamedTuple):
+    """Layer rows sharing one step, epoch, stage and rank, as parallel lists."""
+
+    step: int
+    epoch: int
+    stage: str
+    rank: int
+    layers: list[str]
+    metrics: list[str]
+    values: list[float]
 
 
 @dataclass(frozen=True)
@@ -315,7 +330,8 @@ class BNTap:
                 channels=chan_index,
             )
             rows = pd.concat([rows, per_channel], ignore_index=True)
-        snapshot = Snapshot(rows, self._channels)
+        aggregates = Aggregates(step, epoch, stage, rank, layers, metrics, values)
+        snapshot = Snapshot(rows, self._channels, aggregates)
         self._chan_rows, self._channels = None, {}
         return snapshot
 
@@ -451,7 +467,7 @@ class BNTap:
             count=pooled.n,
             eps=float(m.eps),
         )
-        layer.values = torch.cat([t.detach().reshape(-1) for t in blocks])
+        layer.values = torch.cat(blocks)  # all 1-d, under no_grad: a copy without history
 
     def _before(self, layer: _Layer, m: _BatchNorm, args: tuple[Any, ...]) -> None:
         has_running = m.running_mean is not None and m.running_var is not None
@@ -466,7 +482,7 @@ class BNTap:
             self._note_producer(layer, args[0] if args else None)
         if updates:
             assert m.running_mean is not None and m.running_var is not None
-            layer.old = torch.cat([m.running_mean.detach(), m.running_var.detach()])  # a copy
+            layer.old = torch.cat([m.running_mean, m.running_var])  # a copy (buffers need no grad)
             momentum = m.momentum
             layer.recover = momentum is not None and momentum >= stats.MIN_RECOVERY_FACTOR
         else:
@@ -508,7 +524,7 @@ class BNTap:
         )
         layer.old = None
         layer.structure["samples_per_channel"] = count
-        layer.values = torch.cat([t.detach().reshape(-1) for t in blocks])
+        layer.values = torch.cat(blocks)  # all 1-d, under no_grad: a copy without history
 
     def _fail(self, layer: _Layer, err: Exception) -> None:
         layer.failed = True

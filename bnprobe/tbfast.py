@@ -94,6 +94,21 @@ def scalar_metrics(rows: pd.DataFrame) -> dict[int, dict[str, float]]:
     return out
 
 
+def snapshot_metrics(snapshot: Any) -> dict[int, dict[str, float]]:
+    """``{step: {tag: value}}`` of a :class:`bnprobe.tap.Snapshot`, like :func:`scalar_metrics`
+    of its rows, but straight from its plain-list ``aggregates`` when it has them (no pandas)."""
+    agg = getattr(snapshot, "aggregates", None)
+    if agg is None:
+        return scalar_metrics(snapshot.rows)
+    if agg.rank != 0 or not agg.metrics:
+        return {}
+    stage = agg.stage
+    out = {_epoch_tag(stage): float(agg.epoch)}
+    for metric, layer, value in zip(agg.metrics, agg.layers, agg.values, strict=True):
+        out[_scalar_tag(stage, metric, layer)] = float(value)
+    return {int(agg.step): out}
+
+
 def histogram_protos(vectors: Mapping[str, np.ndarray], bins: int = tb.HIST_BINS) -> dict[str, Any]:
     """``{tag: HistogramProto}`` of each vector's finite values in ``bins`` equal-width bins
     between its min and max (a constant vector: one bin of width 1 around it, as
@@ -187,6 +202,7 @@ __all__ = [
     "histogram_protos",
     "log_metrics",
     "scalar_metrics",
+    "snapshot_metrics",
     "summary_writer",
     "write_scalars",
 ]

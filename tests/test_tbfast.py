@@ -86,3 +86,20 @@ def test_scalar_metrics_equal_the_uncached_version() -> None:
         values=[0.1, 0.2, 0.3],
     )
     assert tbfast.scalar_metrics(rows) == tb.scalar_metrics(rows)
+
+
+def test_snapshot_metrics_from_plain_lists_equal_those_from_the_rows() -> None:
+    import torch
+    from torch import nn
+
+    from bnprobe.tap import BNTap
+
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.BatchNorm1d(4), nn.BatchNorm1d(4))
+    with BNTap(model, per_channel=True) as tap:
+        tap.start(trace=True)
+        model(torch.randn(8, 3))
+        snap = tap.collect(step=4, epoch=2)
+    assert snap.aggregates is not None
+    fast = tbfast.snapshot_metrics(snap)
+    assert fast == tb.scalar_metrics(snap.rows)
+    assert fast[4]["bnprobe/train/epoch"] == 2.0 and len(fast[4]) > 40
