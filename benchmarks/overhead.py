@@ -62,7 +62,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +72,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import bnprobe
-from bnprobe import tbfast
-from bnprobe.callback import FLUSH_EVERY_S, BNProbe, _tensorboard_writers
+from bnprobe.callback import BNProbe
 from bnprobe.demo import DemoModule, DemoNet, SyntheticImages
 from bnprobe.mismatch import check_mismatch, recalibrate
 
@@ -85,8 +83,6 @@ CONFIGS = (
     "defaults",
     "every_step",
     "every_step_hist_pc",
-    "defaults_1ev",
-    "every_step_1ev",
     "bolts_hist",
     "fastai_item",
 )
@@ -95,8 +91,6 @@ CONFIG_LABELS = {
     "defaults": "bnprobe defaults (every 50 steps, histograms)",
     "every_step": "bnprobe every step (no histograms)",
     "every_step_hist_pc": "bnprobe every step + histograms + per_channel",
-    "defaults_1ev": "bnprobe defaults, one-event TB writes (proposed)",
-    "every_step_1ev": "bnprobe every step, one-event TB writes (proposed)",
     "bolts_hist": "Bolts-style activation histograms (every 50 steps)",
     "fastai_item": "fastai-style mean/std .item() (every step)",
 }
@@ -267,27 +261,6 @@ class FastaiStyleStats(pl.Callback):
             h.remove()
 
 
-class OneEventBNProbe(BNProbe):
-    """BNProbe with the logging step written through :mod:`bnprobe.tbfast` (every scalar in one
-    TensorBoard event, every histogram in another): the change proposed for the callback's
-    ``_record``. Remove once the callback does this itself."""
-
-    def _record(self, trainer: pl.Trainer, snap: Any, step: int, stage: str) -> None:
-        if not self._writes:
-            return
-        self.store.append(snap.rows)
-        for logged_step, metrics in tbfast.snapshot_metrics(snap).items():
-            for logger in trainer.loggers:
-                name = f"logging to {type(logger).__name__}"
-                self._guard(name, partial(tbfast.log_metrics, logger, metrics, logged_step))
-        if self.histograms and snap.channels:
-            for writer in _tensorboard_writers(trainer):
-                write = partial(tbfast.add_histograms, writer, stage, step, snap.channels)
-                self._guard("writing TensorBoard histograms", write)
-        if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
-            self._flush()
-
-
 def make_callbacks(config: str) -> list[pl.Callback]:
     if config == "none":
         return []
@@ -297,10 +270,6 @@ def make_callbacks(config: str) -> list[pl.Callback]:
         return [BNProbe(every_n_steps=1, histograms=False)]
     if config == "every_step_hist_pc":
         return [BNProbe(every_n_steps=1, histograms=True, per_channel=True)]
-    if config == "defaults_1ev":
-        return [OneEventBNProbe()]
-    if config == "every_step_1ev":
-        return [OneEventBNProbe(every_n_steps=1, histograms=False)]
     if config == "bolts_hist":
         return [BoltsStyleHistograms()]
     if config == "fastai_item":

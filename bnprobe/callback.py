@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from bnprobe import tbfast
 from bnprobe import tensorboard as tb
 from bnprobe.distributed import RankGather
 from bnprobe.store import Store
@@ -311,18 +312,16 @@ class BNProbeBase:
         if not self._writes:
             return
         self.store.append(snap.rows)
-        for logged_step, metrics in tb.scalar_metrics(snap.rows).items():
+        # One TensorBoard event per logging step for all scalars and one for all histograms:
+        # add_scalar per key costs ~60 us each (bnprobe.tbfast).
+        for logged_step, metrics in tbfast.snapshot_metrics(snap).items():
             for logger in trainer.loggers:
                 name = f"logging to {type(logger).__name__}"
-                self._guard(name, partial(logger.log_metrics, metrics, logged_step))
+                self._guard(name, partial(tbfast.log_metrics, logger, metrics, logged_step))
         if self.histograms and snap.channels:
             for writer in _tensorboard_writers(trainer):
-                for layer, per in snap.channels.items():
-                    hists: dict[str, Any] = {
-                        k: per[k] for k in ("gamma", "beta", "d", "v") if k in per
-                    }
-                    write = partial(tb.add_histograms, writer, stage, layer, step, hists)
-                    self._guard("writing TensorBoard histograms", write)
+                write = partial(tbfast.add_histograms, writer, stage, step, snap.channels)
+                self._guard("writing TensorBoard histograms", write)
         if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
             self._flush()
 

@@ -19,11 +19,9 @@ and hands any other logger the same dict through its own ``log_metrics``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from bnprobe import tensorboard as tb
 
@@ -69,43 +67,19 @@ def log_metrics(logger: Any, metrics: Mapping[str, float], step: int) -> None:
     write_scalars(writer, metrics, step)
 
 
-_COLUMNS = ("step", "epoch", "stage", "metric", "layer", "value")
-
-
-@lru_cache(maxsize=1 << 16)
-def _scalar_tag(stage: str, metric: str, layer: str) -> str:
-    return tb.scalar_tag(stage, metric, layer)
-
-
-@lru_cache(maxsize=1 << 10)
-def _epoch_tag(stage: str) -> str:
-    return tb.epoch_tag(stage)
-
-
-def scalar_metrics(rows: pd.DataFrame) -> dict[int, dict[str, float]]:
-    """:func:`bnprobe.tensorboard.scalar_metrics` with the tags cached (same result)."""
-    keep = rows["channel"].isna().to_numpy() & (rows["rank"] == 0).to_numpy()
-    cols = (rows[c].to_numpy()[keep].tolist() for c in _COLUMNS)
-    out: dict[int, dict[str, float]] = {}
-    for step, epoch, stage, metric, layer, value in zip(*cols, strict=True):
-        d = out.setdefault(int(step), {})
-        d[_epoch_tag(stage)] = float(epoch)
-        d[_scalar_tag(stage, metric, layer)] = float(value)
-    return out
-
-
 def snapshot_metrics(snapshot: Any) -> dict[int, dict[str, float]]:
-    """``{step: {tag: value}}`` of a :class:`bnprobe.tap.Snapshot`, like :func:`scalar_metrics`
-    of its rows, but straight from its plain-list ``aggregates`` when it has them (no pandas)."""
+    """``{step: {tag: value}}`` of a :class:`bnprobe.tap.Snapshot`, like
+    :func:`bnprobe.tensorboard.scalar_metrics` of its rows, but straight from its plain-list
+    ``aggregates`` when it has them (no pandas)."""
     agg = getattr(snapshot, "aggregates", None)
     if agg is None:
-        return scalar_metrics(snapshot.rows)
+        return tb.scalar_metrics(snapshot.rows)
     if agg.rank != 0 or not agg.metrics:
         return {}
     stage = agg.stage
-    out = {_epoch_tag(stage): float(agg.epoch)}
+    out = {tb.epoch_tag(stage): float(agg.epoch)}
     for metric, layer, value in zip(agg.metrics, agg.layers, agg.values, strict=True):
-        out[_scalar_tag(stage, metric, layer)] = float(value)
+        out[tb.scalar_tag(stage, metric, layer)] = float(value)
     return {int(agg.step): out}
 
 
@@ -201,7 +175,6 @@ __all__ = [
     "add_histograms",
     "histogram_protos",
     "log_metrics",
-    "scalar_metrics",
     "snapshot_metrics",
     "summary_writer",
     "write_scalars",

@@ -26,6 +26,7 @@ import os
 import re
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -117,8 +118,11 @@ def _layer_from_tag(part: str) -> str:
     return part
 
 
+@lru_cache(maxsize=1 << 16)
 def scalar_tag(stage: str, metric: str, layer: str) -> str:
-    """The TensorBoard tag of a layer aggregate: ``bnprobe/<stage>/<metric>/<layer>``."""
+    """The TensorBoard tag of a layer aggregate: ``bnprobe/<stage>/<metric>/<layer>``.
+
+    Cached: a logging step builds one tag per layer and metric, the same ones every time."""
     _check_part("stage", stage)
     _check_part("metric", metric)
     if metric in _RESERVED_METRICS:
@@ -129,6 +133,7 @@ def scalar_tag(stage: str, metric: str, layer: str) -> str:
     return f"{PREFIX}/{stage}/{metric}/{_layer_to_tag(layer)}"
 
 
+@lru_cache(maxsize=1 << 10)
 def epoch_tag(stage: str) -> str:
     """The tag of the per-step epoch scalar of a stage: ``bnprobe/<stage>/epoch``."""
     _check_part("stage", stage)

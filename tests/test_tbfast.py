@@ -73,21 +73,6 @@ def test_add_histograms_writes_the_callback_tags_in_one_event(tmp_path: Path) ->
     assert event.histogram_value.sum == pytest.approx(28.0)
 
 
-def test_scalar_metrics_equal_the_uncached_version() -> None:
-    from bnprobe.store import make_rows
-
-    rows = make_rows(
-        step=3,
-        epoch=1,
-        stage="train",
-        rank=0,
-        layers=["a.bn", "a.bn", "<model>"],
-        metrics=["kl", "mean_shift", "logits_gap"],
-        values=[0.1, 0.2, 0.3],
-    )
-    assert tbfast.scalar_metrics(rows) == tb.scalar_metrics(rows)
-
-
 def test_snapshot_metrics_from_plain_lists_equal_those_from_the_rows() -> None:
     import torch
     from torch import nn
