@@ -138,26 +138,9 @@ def std(x: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- host side (numpy)
 
-SHIFT_METRICS = (
-    "running_mean",
-    "running_var",
-    "mean_shift",
-    "var_shift",
-    "kl",
-    "mean_shift_max",
-    "var_shift_max",
-    "kl_max",
-    "outlier_frac",
-)
-AFFINE_METRICS = (
-    "gamma_mean",
-    "gamma_std",
-    "beta_mean",
-    "beta_std",
-    "gamma_drift",
-    "beta_drift",
-    "gamma_small_frac",
-)
+SMALL_VAR_EPS_FACTOR = 10.0
+"""``var_small_frac`` counts channels whose batch variance is below this many times ``eps``: BN
+then divides by about sqrt(eps) and mostly amplifies noise (collapsed or zeroed channels)."""
 
 
 @dataclass
@@ -243,6 +226,8 @@ def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.
         out["outlier_frac"] = mean(outlier.astype(np.float64))
         finite = np.isfinite(seg.mean) & np.isfinite(seg.var)
         out["nonfinite"] = total((~finite).astype(np.float64))
+        small = seg.var < SMALL_VAR_EPS_FACTOR * seg.eps
+        out["var_small_frac"] = mean(small.astype(np.float64))
         g, b = seg.gamma, seg.beta
         bessel = np.where(c > 1, c - 1.0, np.nan)
         out["gamma_mean"] = mean(g)

@@ -36,6 +36,53 @@ STAGES: tuple[str, ...] = ("train", "val", "probe", "recalibrate")
 MODEL = "<model>"
 """Layer name of whole-model rows (``logits_gap``, ``pred_agreement``)."""
 
+# Metric names of stage train (and val), in the order the tap writes them (docs/metrics.md).
+MOMENT_METRICS: tuple[str, ...] = ("batch_mean", "batch_var")
+SHIFT_METRICS: tuple[str, ...] = (
+    "running_mean",
+    "running_var",
+    "mean_shift",
+    "var_shift",
+    "kl",
+    "mean_shift_max",
+    "var_shift_max",
+    "kl_max",
+    "outlier_frac",
+)
+"""Metrics that need running statistics (absent for a layer without them)."""
+COUNT_METRICS: tuple[str, ...] = ("nonfinite", "var_small_frac")
+AFFINE_METRICS: tuple[str, ...] = (
+    "gamma_mean",
+    "gamma_std",
+    "beta_mean",
+    "beta_std",
+    "gamma_drift",
+    "beta_drift",
+    "gamma_small_frac",
+)
+"""Stage train only; absent for ``affine=False`` layers."""
+STRUCTURE_METRICS: tuple[str, ...] = (
+    "forward_calls",
+    "train_mode",
+    "model_train_mode",
+    "momentum",
+    "has_running_stats",
+    "samples_per_channel",
+    "batch_size",
+    "eps",
+)
+"""What the layer is rather than what its data are; ``samples_per_channel`` also in stage val."""
+TRACE_METRICS: tuple[str, ...] = ("input_bias", "input_dropout")
+"""Stage train, first measured step only: what produced the layer's input."""
+PROBE_METRICS: tuple[str, ...] = ("output_gap", "local_gap", "logits_gap", "pred_agreement")
+RECALIBRATE_METRICS: tuple[str, ...] = (
+    "samples",
+    *(f"{m}_{when}" for when in ("before", "after") for m in (
+        "mean_shift", "mean_shift_max", "var_shift", "var_shift_max"
+    )),
+)  # fmt: skip
+"""Rows of :func:`bnprobe.recalibrate` (the ``*_after`` ones only when applied)."""
+
 KEY: list[str] = ["step", "stage", "rank", "layer", "channel", "metric"]
 """Columns that identify a measurement; :func:`load` keeps the last row written for each key."""
 

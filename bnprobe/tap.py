@@ -31,7 +31,13 @@ from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
 from bnprobe import stats
-from bnprobe.store import make_rows
+from bnprobe.store import (
+    AFFINE_METRICS,
+    COUNT_METRICS,
+    MOMENT_METRICS,
+    SHIFT_METRICS,
+    make_rows,
+)
 
 LayerSelection: TypeAlias = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
 """``None`` (every BN layer), a name or glob pattern, a list of them, or a predicate
@@ -40,28 +46,6 @@ LayerSelection: TypeAlias = str | Sequence[str] | Callable[[str, nn.Module], boo
 ROOT = "<root>"
 """Layer name used when the model itself is a BN layer (``named_modules`` names it '')."""
 
-MOMENT_METRICS = ("batch_mean", "batch_var")
-RUNNING_METRICS = (
-    "running_mean",
-    "running_var",
-    "mean_shift",
-    "mean_shift_max",
-    "var_shift",
-    "var_shift_max",
-    "kl",
-    "kl_max",
-    "outlier_frac",
-)
-AFFINE_METRICS = stats.AFFINE_METRICS
-STRUCTURE_METRICS = (
-    "forward_calls",
-    "train_mode",
-    "model_train_mode",
-    "momentum",
-    "has_running_stats",
-    "samples_per_channel",
-)
-TRACE_METRICS = ("input_bias", "input_dropout")
 CHANNEL_METRICS = (
     "batch_mean",
     "batch_var",
@@ -494,8 +478,10 @@ class BNTap:
         self.reference(layer)  # lazy layers are initialized by now
         channels = int(x.shape[1]) if x.dim() > 1 else 0
         count = x.numel() / channels if channels else 0.0
+        batch_size = float(x.shape[0])
         if self._world_size is not None and isinstance(m, nn.SyncBatchNorm) and m.training:
-            count *= self._world_size(m)  # SyncBN normalizes with moments over every rank
+            world = self._world_size(m)  # SyncBN normalizes with moments over every rank
+            count, batch_size = count * world, batch_size * world
         blocks: list[Tensor]
         running = True
         if layer.old is not None and layer.recover:
@@ -523,7 +509,7 @@ class BNTap:
             eps=float(m.eps),
         )
         layer.old = None
-        layer.structure["samples_per_channel"] = count
+        layer.structure.update(samples_per_channel=count, batch_size=batch_size, eps=float(m.eps))
         layer.values = torch.cat(blocks)  # all 1-d, under no_grad: a copy without history
 
     def _fail(self, layer: _Layer, err: Exception) -> None:
@@ -573,15 +559,15 @@ def _tensor_input(x: Any) -> Tensor:
     return x
 
 
-_ALL_METRICS = ("batch_mean", "batch_var", *stats.SHIFT_METRICS, "nonfinite", *AFFINE_METRICS)
+_ALL_METRICS = (*MOMENT_METRICS, *SHIFT_METRICS, *COUNT_METRICS, *AFFINE_METRICS)
 
 
 @cache
 def _metric_index(running: bool, affine: bool) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """The metrics a layer has (names, in row order) and their positions in ``_ALL_METRICS``."""
-    names = ["batch_mean", "batch_var"]
-    names += stats.SHIFT_METRICS if running else ()
-    names.append("nonfinite")
+    names = [*MOMENT_METRICS]
+    names += SHIFT_METRICS if running else ()
+    names += COUNT_METRICS
     names += AFFINE_METRICS if affine else ()
     return tuple(names), tuple(_ALL_METRICS.index(n) for n in names)
 

@@ -51,32 +51,15 @@ own ``tensorboard.summary.histogram`` defaults to 30 buckets as well."""
 
 HIST_NAMES: tuple[str, ...] = ("gamma", "beta", "d", "v")
 
-_AFFINE = ("gamma_mean", "gamma_std", "beta_mean", "beta_std")
-_MOMENTS = ("batch_mean", "batch_var", "running_mean", "running_var")
-_SHIFTS = (
-    "mean_shift",
-    "mean_shift_max",
-    "var_shift",
-    "var_shift_max",
-    "kl",
-    "kl_max",
-    "outlier_frac",
-)
+_SHIFTS_FIRST = tuple(m for m in store.SHIFT_METRICS if "shift" in m or m.startswith("kl"))
+_SHIFTS_FIRST += ("outlier_frac",)  # what a user looks at first, then the raw moments
+_MOMENTS = (*store.MOMENT_METRICS, "running_mean", "running_var")
+_DATA = (*_SHIFTS_FIRST, *_MOMENTS, "samples_per_channel", *store.COUNT_METRICS)
 METRICS_BY_STAGE: dict[str, tuple[str, ...]] = {
-    "train": (
-        *_SHIFTS,
-        *_MOMENTS,
-        "samples_per_channel",
-        "nonfinite",
-        *_AFFINE,
-        "gamma_drift",
-        "beta_drift",
-        "gamma_small_frac",
-        "rank_divergence",
-    ),
-    "val": (*_SHIFTS, *_MOMENTS, "samples_per_channel", "nonfinite"),
-    "probe": ("output_gap", "local_gap", "logits_gap", "pred_agreement"),
-    "recalibrate": (*_MOMENTS,),
+    "train": (*_DATA, *store.AFFINE_METRICS, "rank_divergence"),
+    "val": _DATA,
+    "probe": store.PROBE_METRICS,
+    "recalibrate": store.RECALIBRATE_METRICS,
 }
 """Charts of the Custom Scalars layout, in order, per stage (one multiline chart each)."""
 

@@ -36,6 +36,7 @@ def reference_metrics(
         "batch_var": var.mean().item(),
         "samples_per_channel": float(x.numel() // x.shape[1]),
         "nonfinite": float((~(mu.isfinite() & var.isfinite())).sum()),
+        "var_small_frac": (var < 10 * eps).double().mean().item(),
     }
     if mu_r is not None and var_r is not None:
         mu_r, var_r = mu_r.double(), var_r.double()

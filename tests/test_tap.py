@@ -150,6 +150,27 @@ def test_shared_layer_is_measured_once_and_calls_are_counted() -> None:
     assert got["mean_shift"] == pytest.approx(ref.metrics["0"]["mean_shift"], rel=RTOL)
 
 
+def test_structure_rows_name_batch_size_and_eps() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, eps=1e-3))
+    with BNTap(model) as tap:
+        tap.start()
+        model(torch.randn(5, 3, 2, 3))
+        got = tap.collect(step=0).rows.set_index("metric")["value"]
+    assert got["batch_size"] == 5 and got["samples_per_channel"] == 30
+    assert got["eps"] == pytest.approx(1e-3)
+
+
+def test_collapsed_channels_count_in_var_small_frac() -> None:
+    bn = nn.BatchNorm1d(4)
+    x = torch.randn(16, 4)
+    x[:, :3] = 2.0  # three constant channels
+    with BNTap(bn) as tap:
+        tap.start()
+        bn(x)
+        got = tap.collect(step=0).rows.set_index("metric")["value"]
+    assert got["var_small_frac"] == 0.75
+
+
 def test_unused_layer_reports_zero_calls() -> None:
     class Net(nn.Module):
         def __init__(self) -> None:
