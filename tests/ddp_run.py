@@ -103,7 +103,8 @@ def fit(out: Path, name: str, *, broadcast_buffers: bool = True, odd: bool = Fal
     )
     # Each rank draws its own data; with broadcast_buffers=False rank 1's inputs are shifted.
     shift = 3.0 * RANK if not broadcast_buffers else 0.0
-    data = loader((6,), n=48, batch_size=16, seed=10 + RANK)
+    # The diverging run is long enough for the rank_divergence rule (warm-up, rolling median).
+    data = loader((6,), n=16 * (40 if not broadcast_buffers else 3), batch_size=16, seed=10 + RANK)
     data.dataset.tensors = (data.dataset.tensors[0] + shift, data.dataset.tensors[1])
     trainer.fit(lit, data)
     folder = out / name / f"rank{RANK}"

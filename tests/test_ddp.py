@@ -127,7 +127,7 @@ def test_rank_divergence_without_broadcast_matches_the_ranks_own_buffers(ddp_out
     div = df[df["metric"] == "rank_divergence"].set_index(["step", "layer"])["value"]
     r0 = _reference(ddp_out, "diverge", 0)["running"]
     r1 = _reference(ddp_out, "diverge", 1)["running"]
-    assert sorted(int(s) for s in r0) == [0, 1, 2]
+    assert sorted(int(s) for s in r0) == list(range(40))
     for step in r0:
         for layer in r0[step]:
             mu = np.array([r0[step][layer][0], r1[step][layer][0]])
