@@ -81,6 +81,18 @@ def test_layer_variants_match_reference(make) -> None:
     ref.remove()
 
 
+def test_sync_batchnorm_in_one_process_matches_reference() -> None:
+    # Across processes SyncBatchNorm needs CUDA; in one process it normalizes like BatchNorm.
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.SyncBatchNorm(6), nn.ReLU()).train()
+    ref = Reference(model)
+    with BNTap(model) as tap:
+        checked = sum(
+            _check(rows, exp) for _, rows, exp in _train_steps(model, tap, ref, (3, 6, 6))
+        )
+    ref.remove()
+    assert checked >= 6 * 13
+
+
 def test_eval_mode_layer_is_measured_against_its_running_stats() -> None:
     model = mlp1d().train()
     model[1].eval()  # a frozen BN inside a training model
