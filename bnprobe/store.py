@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -154,6 +154,60 @@ def concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
     return conform(pd.concat(parts, ignore_index=True))
 
 
+class _Columns:
+    """The table's columns in a few large numpy buffers that double when full.
+
+    One small DataFrame kept per measured step would leave many small long-lived blocks on the
+    C heap between the (much larger) activation buffers that training frees and allocates every
+    step; glibc then cannot give that memory back and the process grows by megabytes a step
+    (measured: 4 MB/step on the demo net at every_n_steps=1). A handful of doubling buffers
+    keeps what the probe holds compact.
+    """
+
+    _DTYPES: ClassVar[dict[str, Any]] = {
+        "step": np.int64,
+        "epoch": np.int64,
+        "stage": object,
+        "rank": np.int64,
+        "layer": object,
+        "channel": np.int64,  # NA kept as a mask
+        "metric": object,
+        "value": np.float64,
+    }
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._data = {c: np.empty(0, dtype=t) for c, t in self._DTYPES.items()}
+        self._na = np.empty(0, dtype=bool)
+
+    def extend(self, df: pd.DataFrame) -> None:
+        m = len(df)
+        stop = self.n + m
+        if stop > len(self._na):
+            capacity = max(stop, 2 * len(self._na), 1024)
+            for c, old in self._data.items():
+                self._data[c] = np.empty(capacity, dtype=old.dtype)
+                self._data[c][: self.n] = old[: self.n]
+            na = np.empty(capacity, dtype=bool)
+            na[: self.n] = self._na[: self.n]
+            self._na = na
+        channel = df["channel"]
+        self._na[self.n : stop] = channel.isna().to_numpy()
+        for c in COLUMNS:
+            if c == "channel":
+                values = channel.fillna(-1).to_numpy(dtype=np.int64)
+            else:
+                values = df[c].to_numpy()
+            self._data[c][self.n : stop] = values
+        self.n = stop
+
+    def frame(self, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+        stop = self.n if stop is None else stop
+        cols: dict[str, Any] = {c: self._data[c][start:stop].copy() for c in COLUMNS}
+        cols["channel"] = pd.arrays.IntegerArray(cols["channel"], self._na[start:stop].copy())
+        return pd.DataFrame(cols)
+
+
 class Store:
     """Rows collected so far, in memory, and flushed to ``save_dir`` as atomic part files.
 
@@ -166,32 +220,30 @@ class Store:
         self.rank = rank
         self._token = f"{time.time_ns():020d}-{os.getpid()}"
         self._seq = 0
-        self._frames: list[pd.DataFrame] = []  # every row, in order
-        self._pending: list[pd.DataFrame] = []  # rows not yet flushed
+        self._rows = _Columns()  # every row, in order
+        self._flushed = 0  # rows [0, _flushed) are saved
         self._cache: pd.DataFrame | None = None
 
     def append(self, df: pd.DataFrame) -> None:
         if len(df) == 0:
             return
-        self._frames.append(df)
-        self._pending.append(df)
+        self._rows.extend(df)
         self._cache = None
 
     @property
     def pending_rows(self) -> int:
-        return sum(len(f) for f in self._pending)
+        return self._rows.n - self._flushed
 
     def to_dataframe(self) -> pd.DataFrame:
         if self._cache is None:
-            self._cache = concat(self._frames)
-            self._frames = [self._cache] if len(self._cache) else []
+            self._cache = conform(self._rows.frame()) if self._rows.n else empty_frame()
         return self._cache.copy()
 
     def flush(self) -> Path | None:
         """Write the rows not yet saved as one part file; return its path (None if nothing)."""
-        if self.save_dir is None or not self._pending:
+        if self.save_dir is None or not self.pending_rows:
             return None
-        df = concat(self._pending)
+        df = conform(self._rows.frame(self._flushed))
         self.save_dir.mkdir(parents=True, exist_ok=True)
         name = f"part-r{self.rank:04d}-{self._token}-{self._seq:06d}.parquet"
         final = self.save_dir / name
@@ -201,7 +253,7 @@ class Store:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
         self._seq += 1
-        self._pending.clear()
+        self._flushed = self._rows.n
         return final
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bnprobe.store import COLUMNS, Store, dedupe, load, make_rows
+from bnprobe.store import COLUMNS, Store, concat, dedupe, load, make_rows
 
 
 def _rows(step: int, value: float) -> pd.DataFrame:
@@ -106,3 +106,23 @@ def test_every_flushed_row_survives_sigkill(tmp_path) -> None:
     assert len(df) == sum(per_part) and len(parts) >= 5
     steps = sorted(df["step"].unique())
     assert steps == list(range(len(steps)))  # a gapless prefix of the steps
+
+
+def test_many_small_appends_stay_in_a_few_compact_buffers(tmp_path) -> None:
+    store = Store(tmp_path)
+    frames = []
+    for step in range(3000):
+        df = make_rows(
+            step=step, epoch=step // 100, stage="train", rank=0, layers=["a", "b", "b"],
+            metrics=["kl", "gamma", "gamma"], values=[step, 1.0, 2.0], channels=[None, 0, 1],
+        )  # fmt: skip
+        frames.append(df)
+        store.append(df)
+        if step == 1500:
+            store.flush()
+    store.flush()
+    want = concat(frames)  # the schema: object strings, Int64 channel
+    pd.testing.assert_frame_equal(store.to_dataframe(), want)
+    pd.testing.assert_frame_equal(load(tmp_path), want)
+    capacity = len(store._rows._na)  # doubling buffers: never more than twice the rows
+    assert store._rows.n == 9000 and capacity <= 2 * 9000
