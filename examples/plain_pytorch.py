@@ -12,7 +12,7 @@ from bnprobe.demo import DemoDataModule, DemoNet
 from bnprobe.store import concat
 
 torch.manual_seed(0)
-data = DemoDataModule(num_train=1024, num_val=256, val_shift=0.5)  # validation data is shifted
+data = DemoDataModule(num_train=1024, num_val=256, val_shift=2.0)  # validation data is shifted
 data.setup()
 model = DemoNet()
 opt = torch.optim.Adam(model.parameters(), lr=1e-3)
