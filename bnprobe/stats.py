@@ -61,27 +61,24 @@ def raw_moments(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def batch_moments(x: Tensor) -> Moments:
-    """Mean and biased variance per channel (dim 1) over every other dimension.
+    """Mean and biased variance per channel (dim 1) over every other dimension, as float64.
 
     Half-precision inputs are upcast to float32, so moments are never computed in 16 bits.
     """
-    if x.dim() < 2:
-        raise ValueError(f"a BatchNorm input needs a channel dimension; got shape {tuple(x.shape)}")
-    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    var, mean = torch.var_mean(xf, dim=reduce_dims(x), correction=0)
+    mean, var = raw_moments(x)
     n = x.numel() / x.shape[1] if x.shape[1] else 0.0
     return Moments(mean.double(), var.double(), float(n))
 
 
 def recover_moments(
-    mean_old: Tensor,
-    var_old: Tensor,
-    mean_new: Tensor,
-    var_new: Tensor,
-    factor: float,
-    count: float,
-) -> Moments:
-    """Batch moments recovered exactly from one running-statistics update.
+    mean_old: np.ndarray,
+    var_old: np.ndarray,
+    mean_new: np.ndarray,
+    var_new: np.ndarray,
+    factor: float | np.ndarray,
+    count: float | np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Batch moments ``(mu_B, biased var_B)`` recovered exactly from one running-stat update.
 
     BN updates ``mu_R <- (1-f) mu_R + f mu_B`` and ``var_R <- (1-f) var_R + f var_B_unbiased``
     with ``f = momentum`` (or ``1/num_batches_tracked`` when momentum is None), so
@@ -89,14 +86,16 @@ def recover_moments(
         mu_B = mu_R_old + (mu_R_new - mu_R_old) / f
         var_B = (var_R_new - (1-f) var_R_old) / f * (n-1)/n     # back to the biased variance
 
-    The error is the float32 rounding of the new buffers times 1/f: about 1e-6 relative for f=0.1.
+    ``factor`` and ``count`` (elements per channel, n) are scalars or per-channel arrays; where
+    n <= 1 the variance is left unbiased. The error is the float32 rounding of the new buffers
+    times 1/f: about 1e-6 relative for f=0.1.
     """
-    f = float(factor)
-    mo, vo = mean_old.double(), var_old.double()
-    mean = mo + (mean_new.double() - mo) / f
-    var_unbiased = (var_new.double() - (1.0 - f) * vo) / f
-    var = var_unbiased * ((count - 1.0) / count) if count > 1 else var_unbiased
-    return Moments(mean, var, count)
+    count = np.asarray(count, dtype=np.float64)
+    bessel = np.where(count > 1, (count - 1.0) / np.maximum(count, 1.0), 1.0)
+    with np.errstate(all="ignore"):
+        mean = mean_old + (mean_new - mean_old) / factor
+        var = (var_new - (1.0 - factor) * var_old) / factor * bessel
+    return mean, var
 
 
 def shifts(batch: Moments, mu_r: Tensor, var_r: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -105,17 +104,6 @@ def shifts(batch: Moments, mu_r: Tensor, var_r: Tensor, eps: float) -> tuple[Ten
     d = (batch.mean - mu_r) / torch.sqrt(var_r + eps)
     v = torch.log((batch.var + eps) / (var_r + eps))
     return d, v
-
-
-def gaussian_kl(d: Tensor, v: Tensor) -> Tensor:
-    """KL(N(mu_B, var_B+eps) || N(mu_R, var_R+eps)) per channel, from ``d`` and ``v``."""
-    return 0.5 * (torch.exp(v) + d * d - 1.0 - v)
-
-
-def nonfinite_channels(batch: Moments) -> Tensor:
-    """Number of channels whose batch mean or variance is NaN or infinite (a 0-d tensor)."""
-    bad = ~(torch.isfinite(batch.mean) & torch.isfinite(batch.var))
-    return bad.sum().double()
 
 
 def combine(a: Moments, b: Moments) -> Moments:
@@ -127,13 +115,6 @@ def combine(a: Moments, b: Moments) -> Moments:
     mean = a.mean + delta * (b.n / n)
     m2 = a.var * a.n + b.var * b.n + delta * delta * (a.n * b.n / n)
     return Moments(mean, m2 / n, n)
-
-
-def std(x: Tensor) -> Tensor:
-    """Standard deviation over channels with Bessel's correction (torch's and pandas' default)."""
-    return (
-        x.std() if x.numel() > 1 else torch.full((), float("nan"), dtype=x.dtype, device=x.device)
-    )
 
 
 # --------------------------------------------------------------------------- host side (numpy)
@@ -162,23 +143,6 @@ class Segments:
     beta: np.ndarray
     gamma0: np.ndarray
     beta0: np.ndarray
-
-
-def recover_moments_host(
-    mean_old: np.ndarray,
-    var_old: np.ndarray,
-    mean_new: np.ndarray,
-    var_new: np.ndarray,
-    factor: float,
-    count: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`recover_moments` on float64 host arrays: ``(mu_B, biased var_B)``."""
-    f = float(factor)
-    mean = mean_old + (mean_new - mean_old) / f
-    var = (var_new - (1.0 - f) * var_old) / f
-    if count > 1:
-        var = var * ((count - 1.0) / count)
-    return mean, var
 
 
 def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

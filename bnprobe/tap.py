@@ -46,20 +46,6 @@ LayerSelection: TypeAlias = str | Sequence[str] | Callable[[str, nn.Module], boo
 ROOT = "<root>"
 """Layer name used when the model itself is a BN layer (``named_modules`` names it '')."""
 
-CHANNEL_METRICS = (
-    "batch_mean",
-    "batch_var",
-    "running_mean",
-    "running_var",
-    "mean_shift",
-    "var_shift",
-    "kl",
-    "gamma",
-    "beta",
-)
-"""Per-channel rows: the per-channel quantity whose channel mean is the layer row (abs(d) for
-``mean_shift``, abs(v) for ``var_shift``), plus gamma and beta themselves."""
-
 
 def find_layers(model: nn.Module, layers: LayerSelection = None) -> dict[str, _BatchNorm]:
     """The BN layers of ``model`` selected by ``layers``, by qualified name, in module order.
@@ -582,7 +568,7 @@ def _segments(measured: list[tuple[_Layer, _Layout, np.ndarray]]) -> stats.Segme
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("mo", "vo", "mn", "vn", "mr", "vr")}
     cols |= {k: [] for k in ("g", "b", "g0", "b0")}
     factor: list[float] = []
-    bessel: list[float] = []
+    count: list[float] = []
     for _, lay, raw in measured:
         c = lay.channels
         blocks = list(raw.reshape(-1, c))
@@ -592,23 +578,27 @@ def _segments(measured: list[tuple[_Layer, _Layout, np.ndarray]]) -> stats.Segme
             parts = [mo, vo, mn, vn, mo, vo]
             rest = blocks[4:]
             factor.append(lay.factor)
-            bessel.append((lay.count - 1.0) / lay.count if lay.count > 1 else 1.0)
+            count.append(lay.count)
         else:
             zero = np.zeros(c)
             running = blocks[2:4] if lay.running else [nan, nan]
             parts = [zero, zero, blocks[0], blocks[1], *running]
             rest = blocks[4:] if lay.running else blocks[2:]
             factor.append(1.0)
-            bessel.append(1.0)
+            count.append(1.0)  # n <= 1: the variance passes through unchanged
         parts += rest[:4] if lay.affine else [nan] * 4
         for key, part in zip(cols, parts, strict=True):
             cols[key].append(part)
     channels = np.array([lay.channels for _, lay, _ in measured], dtype=np.int64)
     cat = {k: np.concatenate(v) for k, v in cols.items()}
-    f = np.repeat(np.array(factor), channels)
-    with np.errstate(all="ignore"):
-        mean = cat["mo"] + (cat["mn"] - cat["mo"]) / f
-        var = (cat["vn"] - (1.0 - f) * cat["vo"]) / f * np.repeat(np.array(bessel), channels)
+    mean, var = stats.recover_moments(
+        cat["mo"],
+        cat["vo"],
+        cat["mn"],
+        cat["vn"],
+        np.repeat(np.array(factor), channels),
+        np.repeat(np.array(count), channels),
+    )
     return stats.Segments(
         channels=channels,
         mean=mean,
