@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -40,7 +40,7 @@ from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from bnprobe import store
+from bnprobe import stats, store
 from bnprobe.tap import LayerSelection, find_layers
 
 __all__ = ["check_mismatch", "recalibrate"]
@@ -261,12 +261,15 @@ def recalibrate(
         pass
 
     device = _model_device(model)
-    moments = {n: _Moments() for n in selected}
+    moments: dict[str, stats.Moments] = {}  # pooled exactly (Chan et al.), in float64
 
     def pre_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if args and isinstance(args[0], Tensor):
-                moments[name].update(args[0])
+            x = args[0] if args else None
+            if isinstance(x, Tensor) and x.dim() >= 2 and x.numel():
+                batch = stats.batch_moments(x.detach().to(torch.float64))
+                pooled = moments.get(name)
+                moments[name] = batch if pooled is None else stats.combine(pooled, batch)
 
         return hook
 
@@ -302,20 +305,16 @@ def recalibrate(
     frames = []
     with torch.no_grad():
         for name, bn in selected.items():
-            mom = moments[name]
-            rows: dict[str, float] = {"samples": float(mom.n)}
-            if mom.n > 0:
+            pop = moments.get(name)
+            rows: dict[str, float] = {"samples": pop.n if pop is not None else 0.0}
+            if pop is not None:
                 assert bn.running_mean is not None and bn.running_var is not None
-                mean, var_pop = mom.mean, mom.m2 / mom.n
-                rows.update(
-                    _shifts(mean, var_pop, bn.running_mean, bn.running_var, bn.eps, "before")
-                )
-                if apply and mom.n > 1:
-                    bn.running_mean.copy_(mean.to(bn.running_mean))
-                    bn.running_var.copy_((mom.m2 / (mom.n - 1)).to(bn.running_var))
-                    rows.update(
-                        _shifts(mean, var_pop, bn.running_mean, bn.running_var, bn.eps, "after")
-                    )
+                rows.update(_shifts(pop, bn.running_mean, bn.running_var, bn.eps, "before"))
+                if apply and pop.n > 1:
+                    bn.running_mean.copy_(pop.mean.to(bn.running_mean))
+                    unbiased = pop.var * (pop.n / (pop.n - 1))  # what running_var stores
+                    bn.running_var.copy_(unbiased.to(bn.running_var))
+                    rows.update(_shifts(pop, bn.running_mean, bn.running_var, bn.eps, "after"))
             frames.append(
                 store.make_rows(
                     step=step,
@@ -333,43 +332,12 @@ def recalibrate(
 # --------------------------------------------------------------------------- maths
 
 
-@dataclass
-class _Moments:
-    """Per-channel count, mean and sum of squared deviations (M2), pooled exactly (float64)."""
-
-    n: int = 0
-    mean: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
-    m2: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
-
-    def update(self, x: Tensor) -> None:
-        if x.dim() < 2:
-            return
-        dims = [0, *range(2, x.dim())]
-        nb = x.numel() // x.shape[1]
-        if nb == 0:
-            return
-        xd = x.detach().to(torch.float64)
-        mb = xd.mean(dim=dims)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        m2b = (xd - mb.view(shape)).square().sum(dim=dims)
-        if self.n == 0:
-            self.n, self.mean, self.m2 = nb, mb, m2b
-            return
-        n = self.n + nb
-        delta = mb - self.mean
-        self.mean = self.mean + delta * (nb / n)
-        self.m2 = self.m2 + m2b + delta.square() * (self.n * nb / n)
-        self.n = n
-
-
 def _shifts(
-    mean: Tensor, var_pop: Tensor, run_mean: Tensor, run_var: Tensor, eps: float, when: str
+    pop: stats.Moments, run_mean: Tensor, run_var: Tensor, eps: float, when: str
 ) -> dict[str, float]:
-    """Mean and max over channels of |d| and |v| (SPEC formulas) between population and running."""
-    rm = run_mean.to(torch.float64)
-    rv = run_var.to(torch.float64)
-    d = ((mean - rm) / torch.sqrt(rv + eps)).abs()
-    v = torch.log((var_pop + eps) / (rv + eps)).abs()
+    """Mean and max over channels of abs(d) and abs(v) between population and running moments."""
+    d, v = stats.shifts(pop, run_mean, run_var, eps)
+    d, v = d.abs(), v.abs()
     return {
         f"mean_shift_{when}": float(d.mean().item()),
         f"mean_shift_max_{when}": float(d.max().item()),
