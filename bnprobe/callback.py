@@ -214,7 +214,7 @@ class BNProbeBase:
         if self._ranks is not None:  # every rank, every measured step: never skip a collective
             others = self._gather(snap, step, epoch)
             if snap is not None and others is not None:
-                snap = Snapshot(pd.concat([snap.rows, others], ignore_index=True), snap.channels)
+                snap = Snapshot([*snap.parts, others], snap.channels)
         if snap is not None:
             record = partial(self._record, trainer, snap, step, "train")
             self._guard("recording measurements", record)
@@ -311,7 +311,8 @@ class BNProbeBase:
     def _record(self, trainer: pl.Trainer, snap: Snapshot, step: int, stage: str) -> None:
         if not self._writes:
             return
-        self.store.append(snap.rows)
+        for part in snap.parts:
+            self.store.append(part)
         # One TensorBoard event per logging step for all scalars and one for all histograms:
         # add_scalar per key costs ~60 us each (bnprobe.tbfast).
         for logged_step, metrics in tbfast.snapshot_metrics(snap).items():
@@ -342,7 +343,7 @@ class BNProbeBase:
             )
         finally:
             self.tap.active = paused
-        self._record(trainer, Snapshot(rows), step, "probe")
+        self._record(trainer, Snapshot([rows]), step, "probe")
 
     def _figures(self, trainer: pl.Trainer) -> None:
         writers = _tensorboard_writers(trainer) if self._writes else []

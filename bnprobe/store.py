@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -114,9 +114,9 @@ def make_rows(
     epoch: int,
     stage: str,
     rank: int,
-    layers: Sequence[str],
-    metrics: Sequence[str],
-    values: np.ndarray | Sequence[float],
+    layers: Sequence[str] | np.ndarray,
+    metrics: Sequence[str] | np.ndarray,
+    values: Sequence[float] | np.ndarray,
     channels: Sequence[int | None] | np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Build rows that share step, epoch, stage and rank from parallel columns.
@@ -144,6 +144,25 @@ def make_rows(
             "value": vals,
         }
     )
+
+
+class Rows(NamedTuple):
+    """Rows that share step, epoch, stage and rank, as parallel columns, before any DataFrame
+    is built: what the tap measures each step goes to the store and to TensorBoard like this.
+    ``channels`` None: layer aggregates (channel NA)."""
+
+    step: int
+    epoch: int
+    stage: str
+    rank: int
+    layers: Sequence[str] | np.ndarray
+    metrics: Sequence[str] | np.ndarray
+    values: Sequence[float] | np.ndarray
+    channels: np.ndarray | None = None
+
+    def frame(self) -> pd.DataFrame:
+        """These rows as a table (:func:`make_rows`)."""
+        return make_rows(**self._asdict())
 
 
 def concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
@@ -180,24 +199,36 @@ class _Columns:
         self._data = {c: np.empty(0, dtype=t) for c, t in self._DTYPES.items()}
         self._na = np.empty(0, dtype=bool)
 
-    def extend(self, df: pd.DataFrame) -> None:
-        m = len(df)
+    def extend(self, rows: Rows | pd.DataFrame) -> None:
+        if isinstance(rows, Rows):
+            m = len(rows.metrics)
+            cols: dict[str, Any] = {
+                "step": rows.step,
+                "epoch": rows.epoch,
+                "stage": rows.stage,
+                "rank": rows.rank,
+                "layer": rows.layers,
+                "channel": -1 if rows.channels is None else rows.channels,
+                "metric": rows.metrics,
+                "value": rows.values,
+            }
+            na: Any = rows.channels is None
+        else:
+            m = len(rows)
+            cols = {c: rows[c].to_numpy() for c in COLUMNS if c != "channel"}
+            cols["channel"] = rows["channel"].fillna(-1).to_numpy(dtype=np.int64)
+            na = rows["channel"].isna().to_numpy()
         stop = self.n + m
         if stop > len(self._na):
             capacity = max(stop, 2 * len(self._na), 1024)
             for c, old in self._data.items():
                 self._data[c] = np.empty(capacity, dtype=old.dtype)
                 self._data[c][: self.n] = old[: self.n]
-            na = np.empty(capacity, dtype=bool)
-            na[: self.n] = self._na[: self.n]
-            self._na = na
-        channel = df["channel"]
-        self._na[self.n : stop] = channel.isna().to_numpy()
-        for c in COLUMNS:
-            if c == "channel":
-                values = channel.fillna(-1).to_numpy(dtype=np.int64)
-            else:
-                values = df[c].to_numpy()
+            grown = np.empty(capacity, dtype=bool)
+            grown[: self.n] = self._na[: self.n]
+            self._na = grown
+        self._na[self.n : stop] = na
+        for c, values in cols.items():
             self._data[c][self.n : stop] = values
         self.n = stop
 
@@ -224,10 +255,11 @@ class Store:
         self._flushed = 0  # rows [0, _flushed) are saved
         self._cache: pd.DataFrame | None = None
 
-    def append(self, df: pd.DataFrame) -> None:
-        if len(df) == 0:
+    def append(self, rows: Rows | pd.DataFrame) -> None:
+        """Keep ``rows`` (a table with the SPEC columns, or :class:`Rows`)."""
+        if len(rows.metrics if isinstance(rows, Rows) else rows) == 0:
             return
-        self._rows.extend(df)
+        self._rows.extend(rows)
         self._cache = None
 
     @property

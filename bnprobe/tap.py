@@ -19,8 +19,8 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache, partial
-from typing import Any, NamedTuple, TypeAlias, cast
+from functools import cache, lru_cache, partial
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 import pandas as pd
@@ -36,7 +36,8 @@ from bnprobe.store import (
     COUNT_METRICS,
     MOMENT_METRICS,
     SHIFT_METRICS,
-    make_rows,
+    Rows,
+    concat,
 )
 
 LayerSelection: TypeAlias = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
@@ -80,26 +81,32 @@ def find_layers(model: nn.Module, layers: LayerSelection = None) -> dict[str, _B
 
 @dataclass
 class Snapshot:
-    """What one logging step measured: the table rows and, if kept, per-channel arrays."""
+    """What one step measured: its rows and, if kept, per-channel arrays.
 
-    rows: pd.DataFrame
+    ``parts`` holds the rows as :class:`bnprobe.store.Rows` (columns, as the tap makes them) or
+    tables; :attr:`rows` builds one DataFrame of them only when it is asked for.
+    """
+
+    parts: Sequence[Rows | pd.DataFrame]
     channels: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     """layer -> {"gamma", "beta", "d", "v", ...} per-channel values (signed d and v)."""
-    aggregates: Aggregates | None = None
-    """The layer rows of ``rows`` (channel NA) as plain lists, for loggers that need no pandas
-    (set by :meth:`BNTap.collect`; None where a snapshot was assembled otherwise)."""
+    _table: pd.DataFrame | None = field(default=None, init=False, repr=False)
 
+    @property
+    def rows(self) -> pd.DataFrame:
+        """Every row as one table (SPEC schema)."""
+        if self._table is None:
+            frames = [p.frame() if isinstance(p, Rows) else p for p in self.parts]
+            self._table = concat(frames)
+        return self._table
 
-class Aggregates(NamedTuple):
-    """Layer rows sharing one step, epoch, stage and rank, as parallel lists."""
-
-    step: int
-    epoch: int
-    stage: str
-    rank: int
-    layers: list[str]
-    metrics: list[str]
-    values: list[float]
+    @property
+    def aggregates(self) -> Rows | None:
+        """The layer rows (channel NA) as plain columns, when the snapshot holds nothing else
+        that a logger would show (None: use :attr:`rows`)."""
+        columns = [p for p in self.parts if isinstance(p, Rows) and p.channels is None]
+        tables = [p for p in self.parts if not isinstance(p, Rows)]
+        return columns[0] if len(columns) == 1 and not tables else None
 
 
 @dataclass(frozen=True)
@@ -263,9 +270,7 @@ class BNTap:
             for layer in self.layers:
                 if layer.pooled is not None and not layer.failed:
                     self._guarded(layer, self._finish_pool, layer)
-        measured = [layer for layer in self.layers if layer.values is not None]
-        raws = _to_host([layer.values for layer in measured if layer.values is not None])
-        results = self._host_metrics(list(zip(measured, raws, strict=True)))
+        results = self._host_metrics([layer for layer in self.layers if layer.values is not None])
         layers: list[str] = []
         metrics: list[str] = []
         values: list[float] = []
@@ -278,69 +283,54 @@ class BNTap:
             metrics += layer.structure
             values += vals
             values += layer.structure.values()
-        rows = make_rows(
-            step=step,
-            epoch=epoch,
-            stage=stage,
-            rank=rank,
-            layers=layers,
-            metrics=metrics,
-            values=values,
-        )
+        parts = [Rows(step, epoch, stage, rank, layers, metrics, values)]
         if self._chan_rows is not None:
             chan_layers, chan_metrics, chan_index, chan_values = self._chan_rows
-            per_channel = make_rows(
-                step=step,
-                epoch=epoch,
-                stage=stage,
-                rank=rank,
-                layers=cast(Sequence[str], chan_layers),  # object arrays of str
-                metrics=cast(Sequence[str], chan_metrics),
-                values=chan_values,
-                channels=chan_index,
+            parts.append(
+                Rows(step, epoch, stage, rank, chan_layers, chan_metrics, chan_values, chan_index)
             )
-            rows = pd.concat([rows, per_channel], ignore_index=True)
-        aggregates = Aggregates(step, epoch, stage, rank, layers, metrics, values)
-        snapshot = Snapshot(rows, self._channels, aggregates)
+        snapshot = Snapshot(parts, self._channels)
         self._chan_rows, self._channels = None, {}
         return snapshot
 
     def _host_metrics(
-        self, measured: list[tuple[_Layer, np.ndarray]]
+        self, measured: list[_Layer]
     ) -> dict[_Layer, tuple[tuple[str, ...], list[float]]]:
         """Metric names and values of each measured layer, computed for all layers at once
         (:func:`bnprobe.stats.segment_metrics`); per-channel vectors and rows when kept."""
-        ok: list[tuple[_Layer, _Layout, np.ndarray]] = []
-        for layer, raw in measured:
-            lay = layer.layout
-            if lay is None or lay.channels < 1 or raw.size != lay.size:
-                err = RuntimeError(f"measured {raw.size} values, the layout is {lay}")
-                self._fail(layer, err)
+        ok: list[_Layer] = []
+        for layer in measured:
+            lay, values = layer.layout, layer.values
+            if lay is None or values is None or lay.channels < 1 or values.numel() != lay.size:
+                size = None if values is None else values.numel()
+                self._fail(layer, RuntimeError(f"measured {size} values, the layout is {lay}"))
             else:
-                ok.append((layer, lay, raw))
+                ok.append(layer)
         if not ok:
             return {}
+        layouts = tuple(cast(_Layout, layer.layout) for layer in ok)
         try:
-            seg = _segments(ok)
+            flat = _to_host([cast(Tensor, layer.values) for layer in ok])
+            seg = _plan(layouts).segments(flat)
             table, per = stats.segment_metrics(seg)
         except Exception as err:  # the probe must never stop training
-            for layer, _, _ in ok:
+            for layer in ok:
                 self._fail(layer, err)
             return {}
         columns = np.stack([table[name] for name in _ALL_METRICS], axis=1).tolist()
         out: dict[_Layer, tuple[tuple[str, ...], list[float]]] = {}
-        for (layer, lay, _), row in zip(ok, columns, strict=True):
+        for layer, lay, row in zip(ok, layouts, columns, strict=True):
             names, index = _metric_index(lay.running or lay.recovered, lay.affine)
             out[layer] = (names, [row[i] for i in index])
         if self.keep_channels:
             chan = {"batch_mean": seg.mean, "batch_var": seg.var, "running_mean": seg.mu_r}
             chan |= {"running_var": seg.var_r, "gamma": seg.gamma, "beta": seg.beta, **per}
-            self._keep_channels(ok, seg, chan)
+            self._keep_channels(list(zip(ok, layouts, strict=True)), seg, chan)
         return out
 
     def _keep_channels(
         self,
-        ok: list[tuple[_Layer, _Layout, np.ndarray]],
+        ok: list[tuple[_Layer, _Layout]],
         seg: stats.Segments,
         chan: dict[str, np.ndarray],
     ) -> None:
@@ -348,16 +338,16 @@ class BNTap:
         ends = np.cumsum(seg.channels).tolist()
         starts = [0, *ends[:-1]]
         running_keys = ("running_mean", "running_var", "d", "v", "kl")
-        for (layer, lay, _), a, b in zip(ok, starts, ends, strict=True):
+        for (layer, lay), a, b in zip(ok, starts, ends, strict=True):
             keys = ["batch_mean", "batch_var"]
             keys += running_keys if lay.running or lay.recovered else ()
             keys += ("gamma", "beta") if lay.affine else ()
             self._channels[layer.name] = {k: chan[k][a:b] for k in keys}
         if not self.per_channel:
             return
-        running = np.repeat([lay.running or lay.recovered for _, lay, _ in ok], seg.channels)
-        affine = np.repeat([lay.affine for _, lay, _ in ok], seg.channels)
-        names = np.repeat(np.array([layer.name for layer, _, _ in ok], dtype=object), seg.channels)
+        running = np.repeat([lay.running or lay.recovered for _, lay in ok], seg.channels)
+        affine = np.repeat([lay.affine for _, lay in ok], seg.channels)
+        names = np.repeat(np.array([layer.name for layer, _ in ok], dtype=object), seg.channels)
         index = np.arange(len(names)) - np.repeat(starts, seg.channels)
         sources = {"mean_shift": np.abs(chan["d"]), "var_shift": np.abs(chan["v"])}
         parts: list[tuple[str, np.ndarray, np.ndarray | None]] = [
@@ -558,72 +548,94 @@ def _metric_index(running: bool, affine: bool) -> tuple[tuple[str, ...], tuple[i
     return tuple(names), tuple(_ALL_METRICS.index(n) for n in names)
 
 
-def _segments(measured: list[tuple[_Layer, _Layout, np.ndarray]]) -> stats.Segments:
-    """Concatenate the layers' raw host vectors into :class:`bnprobe.stats.Segments`.
+_SEGMENT_KEYS = ("mo", "vo", "mn", "vn", "mr", "vr", "g", "b", "g0", "b0")
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """Where each per-channel quantity of a set of layer layouts sits in their concatenated raw
+    vectors: index arrays into ``[*raw, 0.0, nan]``, so that a step's :class:`stats.Segments`
+    take a few numpy gathers however many layers there are.
 
     Recovered layers get mu_B = m_o + (m_n - m_o)/f and var_B = (v_n - (1-f) v_o)/f · (n-1)/n
     (:func:`bnprobe.stats.recover_moments`); directly measured ones go through the same formula
-    with m_o = v_o = 0 and f = 1, which returns them unchanged, bit for bit.
+    with m_o = v_o = 0 and f = n = 1, which returns them unchanged, bit for bit.
     """
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("mo", "vo", "mn", "vn", "mr", "vr")}
-    cols |= {k: [] for k in ("g", "b", "g0", "b0")}
-    factor: list[float] = []
-    count: list[float] = []
-    for _, lay, raw in measured:
+
+    channels: np.ndarray
+    index: dict[str, np.ndarray]
+    factor: np.ndarray
+    count: np.ndarray
+    eps: np.ndarray
+
+    def segments(self, raw: np.ndarray) -> stats.Segments:
+        ext = np.concatenate([raw, (0.0, np.nan)])
+        col = {key: ext[idx] for key, idx in self.index.items()}
+        mean, var = stats.recover_moments(
+            col["mo"], col["vo"], col["mn"], col["vn"], self.factor, self.count
+        )
+        return stats.Segments(
+            channels=self.channels,
+            mean=mean,
+            var=var,
+            mu_r=col["mr"],
+            var_r=col["vr"],
+            eps=self.eps,
+            gamma=col["g"],
+            beta=col["b"],
+            gamma0=col["g0"],
+            beta0=col["b0"],
+        )
+
+
+@lru_cache(maxsize=16)
+def _plan(layouts: tuple[_Layout, ...]) -> _Plan:
+    """The :class:`_Plan` of these layouts (they rarely change from step to step: cached)."""
+    total = sum(lay.size for lay in layouts)
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in _SEGMENT_KEYS}
+    offset = 0
+    for lay in layouts:
         c = lay.channels
-        blocks = list(raw.reshape(-1, c))
-        nan = np.full(c, np.nan)
-        if lay.recovered:
-            mo, vo, mn, vn = blocks[:4]
-            parts = [mo, vo, mn, vn, mo, vo]
+        blocks = list(np.arange(offset, offset + lay.size).reshape(-1, c))
+        zero, nan = np.full(c, total), np.full(c, total + 1)
+        if lay.recovered:  # mu_R_old, var_R_old, mu_R_new, var_R_new: old ones are the running
+            quantities = [*blocks[:4], *blocks[:2]]
             rest = blocks[4:]
-            factor.append(lay.factor)
-            count.append(lay.count)
         else:
-            zero = np.zeros(c)
             running = blocks[2:4] if lay.running else [nan, nan]
-            parts = [zero, zero, blocks[0], blocks[1], *running]
+            quantities = [zero, zero, *blocks[:2], *running]
             rest = blocks[4:] if lay.running else blocks[2:]
-            factor.append(1.0)
-            count.append(1.0)  # n <= 1: the variance passes through unchanged
-        parts += rest[:4] if lay.affine else [nan] * 4
-        for key, part in zip(cols, parts, strict=True):
-            cols[key].append(part)
-    channels = np.array([lay.channels for _, lay, _ in measured], dtype=np.int64)
-    cat = {k: np.concatenate(v) for k, v in cols.items()}
-    mean, var = stats.recover_moments(
-        cat["mo"],
-        cat["vo"],
-        cat["mn"],
-        cat["vn"],
-        np.repeat(np.array(factor), channels),
-        np.repeat(np.array(count), channels),
-    )
-    return stats.Segments(
+        quantities += rest[:4] if lay.affine else [nan] * 4
+        for key, idx in zip(_SEGMENT_KEYS, quantities, strict=True):
+            parts[key].append(idx)
+        offset += lay.size
+    channels = np.array([lay.channels for lay in layouts], dtype=np.int64)
+    per_layer = {
+        "factor": [lay.factor if lay.recovered else 1.0 for lay in layouts],
+        "count": [lay.count if lay.recovered else 1.0 for lay in layouts],  # n <= 1: var as is
+        "eps": [lay.eps for lay in layouts],
+    }
+    repeated = {k: np.repeat(np.array(v, dtype=np.float64), channels) for k, v in per_layer.items()}
+    return _Plan(
         channels=channels,
-        mean=mean,
-        var=var,
-        mu_r=cat["mr"],
-        var_r=cat["vr"],
-        eps=np.repeat(np.array([lay.eps for _, lay, _ in measured]), channels),
-        gamma=cat["g"],
-        beta=cat["b"],
-        gamma0=cat["g0"],
-        beta0=cat["b0"],
+        index={key: np.concatenate(idx) for key, idx in parts.items()},
+        **repeated,
     )
 
 
-def _to_host(tensors: list[Tensor]) -> list[np.ndarray]:
-    """Copy 1-d tensors to the host with one transfer per device, as float64 arrays."""
-    out: list[np.ndarray | None] = [None] * len(tensors)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    for idx in by_device.values():
-        flat = torch.cat([tensors[i] for i in idx]).to("cpu", torch.float64).numpy()
-        offset = 0
-        for i in idx:
-            n = tensors[i].numel()
-            out[i] = flat[offset : offset + n]
-            offset += n
-    return [a for a in out if a is not None]
+def _to_host(tensors: list[Tensor]) -> np.ndarray:
+    """Concatenate 1-d tensors into one float64 host array, with one transfer per device."""
+    devices = {t.device for t in tensors}
+    if len(devices) == 1:
+        return torch.cat(tensors).to("cpu", torch.float64).numpy()
+    host = {
+        d: torch.cat([t for t in tensors if t.device == d]).to("cpu", torch.float64).numpy()
+        for d in devices
+    }
+    taken = dict.fromkeys(devices, 0)
+    pieces = []
+    for t in tensors:
+        n = t.numel()
+        pieces.append(host[t.device][taken[t.device] : taken[t.device] + n])
+        taken[t.device] += n
+    return np.concatenate(pieces)

@@ -69,9 +69,9 @@ def log_metrics(logger: Any, metrics: Mapping[str, float], step: int) -> None:
 
 def snapshot_metrics(snapshot: Any) -> dict[int, dict[str, float]]:
     """``{step: {tag: value}}`` of a :class:`bnprobe.tap.Snapshot`, like
-    :func:`bnprobe.tensorboard.scalar_metrics` of its rows, but straight from its plain-list
-    ``aggregates`` when it has them (no pandas)."""
-    agg = getattr(snapshot, "aggregates", None)
+    :func:`bnprobe.tensorboard.scalar_metrics` of its rows, but straight from its plain
+    columns (``aggregates``) when it has them (no pandas)."""
+    agg = snapshot.aggregates
     if agg is None:
         return tb.scalar_metrics(snapshot.rows)
     if agg.rank != 0 or not agg.metrics:

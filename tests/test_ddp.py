@@ -192,5 +192,5 @@ def test_gather_without_a_process_group_is_a_no_op() -> None:
     rows = make_rows(
         step=3, epoch=0, stage="train", rank=0, layers=["bn"], metrics=["kl"], values=[0.5]
     )
-    snap = Snapshot(rows, {"bn": {"running_mean": np.zeros(2), "running_var": np.ones(2)}})
+    snap = Snapshot([rows], {"bn": {"running_mean": np.zeros(2), "running_var": np.ones(2)}})
     assert RankGather({"bn": 1e-5}).gather(snap, step=3, epoch=0) is None
