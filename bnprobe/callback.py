@@ -175,7 +175,10 @@ class BNProbeBase:
         self.tap.load_references(self._references)
         self.tap.attach()
         if self._writes:
-            for writer in _tensorboard_writers(trainer):
+            writers = _tensorboard_writers(trainer)
+            if any(tbfast.summary_writer(writer) is not None for writer in writers):
+                self._guard("speeding up TensorBoard's checksums", tbfast.speed_up_checksums)
+            for writer in writers:
                 self._guard("writing the TensorBoard layout", partial(tb.write_layout, writer))
 
     def on_train_batch_start(

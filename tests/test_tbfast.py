@@ -88,3 +88,40 @@ def test_snapshot_metrics_from_plain_lists_equal_those_from_the_rows() -> None:
     fast = tbfast.snapshot_metrics(snap)
     assert fast == tb.scalar_metrics(snap.rows)
     assert fast[4]["bnprobe/train/epoch"] == 2.0 and len(fast[4]) > 40
+
+
+def test_crc32c_equals_tensorboards_on_every_length_and_layout() -> None:
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as reference
+
+    rng = np.random.default_rng(7)
+    chunk_group = 32 * 32  # one level of the combining tree; 32 * 32**2 is the next
+    lengths = [*range(0, 1200), *(n + d for n in (chunk_group, 32**3) for d in (-1, 0, 1, 77))]
+    lengths += rng.integers(1, 300_000, size=12).tolist()
+    for n in lengths:
+        data = rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
+        assert tbfast.crc32c(data) == reference.crc32c(data), n
+        assert tbfast.masked_crc32c(data) == reference.masked_crc32c(data), n
+    for data in (b"", b"\x00" * 5000, b"\xff" * 4097, b"123456789"):
+        assert tbfast.crc32c(data) == reference.crc32c(data)
+    assert tbfast.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+
+
+def test_fast_checksums_write_files_tensorboards_reader_verifies(tmp_path: Path) -> None:
+    from tensorboard.summary.writer import record_writer
+
+    original = record_writer.masked_crc32c
+    try:
+        assert tbfast.speed_up_checksums()
+        assert record_writer.masked_crc32c is tbfast.masked_crc32c
+        writer = SummaryWriter(str(tmp_path))
+        big = {f"bnprobe/train/kl/layer{i}.bn": i / 7 for i in range(900)}  # a ~40 KB event
+        for step in range(3):
+            tbfast.write_scalars(writer, {k: v + step for k, v in big.items()}, step)
+        writer.close()
+    finally:
+        record_writer.masked_crc32c = original
+    acc = _read(tmp_path)  # the reader checks every record's CRC with TensorBoard's own code
+    assert len(acc.Tags()["scalars"]) == 900
+    points = acc.Scalars("bnprobe/train/kl/layer899.bn")
+    assert [e.step for e in points] == [0, 1, 2]
+    assert [e.value for e in points] == pytest.approx([899 / 7 + s for s in range(3)])
