@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -53,9 +54,56 @@ def write_scalars(writer: Any, metrics: Mapping[str, float], step: int) -> None:
 
     if not metrics:
         return
-    value = Summary.Value
-    summary = Summary(value=[value(tag=t, simple_value=float(v)) for t, v in metrics.items()])
+    summary = Summary.FromString(summary_bytes(metrics))
     writer._get_file_writer().add_summary(summary, int(step))
+
+
+def summary_bytes(metrics: Mapping[str, float]) -> bytes:
+    """The serialized ``Summary`` of ``{tag: simple_value}``: the same message as
+    ``Summary(value=[Summary.Value(tag=t, simple_value=v), ...])`` (and, for non-empty tags,
+    the same bytes as its ``SerializeToString()``).
+
+    A step's tags are nearly always those of the step before, so the message is a cached
+    template of the tags with a 4-byte slot per value, into which the float32 values are copied
+    in one numpy assignment: ~20 us for 500 values, against ~400 us to build the message object.
+    """
+    template, slots = _summary_template(tuple(metrics))
+    values = np.fromiter(metrics.values(), dtype=np.float64, count=len(metrics))
+    with np.errstate(over="ignore"):  # beyond float32: inf, as protobuf stores it
+        packed = values.astype("<f4").view(np.uint8).reshape(-1, 4)
+    out = template.copy()
+    out[slots] = packed
+    return out.tobytes()
+
+
+@lru_cache(maxsize=8)
+def _summary_template(tags: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Serialized ``Summary`` of ``tags`` with zeroed values, and each value's 4 byte offsets.
+
+    Wire format: ``Summary.value`` is field 1 (length-delimited) holding a ``Value`` whose
+    ``tag`` is field 1 (length-delimited) and ``simple_value`` field 2 (fixed 32 bits).
+    """
+    parts: list[bytes] = []
+    slots: list[int] = []
+    size = 0
+    for tag in tags:
+        name = tag.encode()
+        value = b"\x0a" + _varint(len(name)) + name + b"\x15"
+        head = b"\x0a" + _varint(len(value) + 4) + value
+        slots.append(size + len(head))
+        parts += [head, bytes(4)]
+        size += len(head) + 4
+    template = np.frombuffer(b"".join(parts), dtype=np.uint8).copy()
+    return template, np.array(slots, dtype=np.int64)[:, None] + np.arange(4)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def log_metrics(logger: Any, metrics: Mapping[str, float], step: int) -> None:
@@ -345,6 +393,7 @@ __all__ = [
     "masked_crc32c",
     "snapshot_metrics",
     "speed_up_checksums",
+    "summary_bytes",
     "summary_writer",
     "write_scalars",
 ]

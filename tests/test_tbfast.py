@@ -125,3 +125,25 @@ def test_fast_checksums_write_files_tensorboards_reader_verifies(tmp_path: Path)
     points = acc.Scalars("bnprobe/train/kl/layer899.bn")
     assert [e.step for e in points] == [0, 1, 2]
     assert [e.value for e in points] == pytest.approx([899 / 7 + s for s in range(3)])
+
+
+def test_summary_bytes_are_the_message_protobuf_builds() -> None:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    rng = np.random.default_rng(3)
+    tags = [f"bnprobe/train/kl/blocks.{i}.bn1" for i in range(300)]
+    tags += ["x" * 127, "y" * 128, "z" * 20_000, "bnprobe/train/kl/ünïcode", ""]  # varint sizes
+    values = rng.standard_normal(len(tags)) * 10.0 ** rng.integers(-40, 40, len(tags))
+    values[:8] = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e39, -1e39, 1e-46]  # beyond float32 too
+    for step_values in (values, values[::-1].copy()):  # the cached template, new values
+        metrics = dict(zip(tags, step_values.tolist(), strict=True))
+        expected = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in metrics.items()])
+        ours = tbfast.summary_bytes(metrics)
+        assert Summary.FromString(ours) == expected
+        nonempty = {t: v for t, v in metrics.items() if t}
+        assert (
+            tbfast.summary_bytes(nonempty)
+            == Summary(
+                value=[Summary.Value(tag=t, simple_value=v) for t, v in nonempty.items()]
+            ).SerializeToString()
+        )
