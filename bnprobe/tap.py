@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache, partial
-from typing import Any, TypeAlias, cast
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -109,13 +109,14 @@ class Snapshot:
         return columns[0] if len(columns) == 1 and not tables else None
 
 
-@dataclass(frozen=True)
-class _Layout:
+class _Layout(NamedTuple):
     """What a layer's raw vector holds: blocks of ``channels`` values each, in this order.
 
-    ``recovered``: mu_R_old, var_R_old, mu_R_new, var_R_new (the batch moments follow from the
-    update); else mu_B, var_B and, with ``running``, mu_R, var_R. With ``affine``: then gamma,
-    beta, gamma_0, beta_0.
+    With ``running``: the running mean and variance as the first forward of the step found them
+    (for ``recovered`` layers, before it updated them); with ``affine``: gamma and beta; then two
+    blocks: the running mean and variance after the update (``recovered``: the batch moments
+    follow from it) or else the batch moments mu_B, var_B themselves; with ``affine``: gamma_0,
+    beta_0 last.
     """
 
     channels: int
@@ -123,14 +124,13 @@ class _Layout:
     running: bool
     affine: bool
     factor: float
-    count: float
+    samples: float
+    """Elements per channel the batch moments are taken over (n)."""
     eps: float
 
     @property
     def size(self) -> int:
-        return self.channels * (4 if self.recovered or self.running else 2) + (
-            4 * self.channels if self.affine else 0
-        )
+        return self.channels * (2 * self.running + 2 + 4 * self.affine)
 
 
 @dataclass(eq=False)
@@ -141,14 +141,21 @@ class _Layer:
     beta0: Tensor | None = None
     calls: int = 0
     failed: bool = False
-    old: Tensor | None = None
-    """cat(running_mean, running_var) before this step's forward updated them."""
-    recover: bool = False
-    structure: dict[str, float] = field(default_factory=dict)
-    pooled: stats.Moments | None = None
-    values: Tensor | None = None
-    """The raw vector measured this step, on the layer's device (see :class:`_Layout`)."""
     layout: _Layout | None = None
+    """Set by the first forward of a measured step."""
+    before: Tensor | None = None
+    """cat(running_mean, running_var, gamma, beta) (those the layer has) as that forward found
+    them."""
+    after: Tensor | None = None
+    """``recovered``: cat(running_mean, running_var) after the first forward, taken by a second
+    one (shared layer, activation checkpointing), else read at collect. Otherwise the batch
+    moments cat(mu_B, var_B)."""
+    modes: tuple[bool, bool] = (False, False)
+    """(layer in training mode, model in training mode) at that forward."""
+    batch_size: float = 0.0
+    producer: tuple[float, float] | None = None
+    """(input_bias, input_dropout) of a traced step."""
+    pooled: stats.Moments | None = None
 
 
 class BNTap:
@@ -183,6 +190,7 @@ class BNTap:
         self._model_modules: set[int] = set()
         self._failures: list[str] = []
         self._pool = False
+        self._started = False
         self._channels: dict[str, dict[str, np.ndarray]] = {}
         self._chan_rows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -252,25 +260,28 @@ class BNTap:
         (stage ``val``: all validation batches of an epoch against the running stats in use).
         """
         for layer in self.layers:
-            layer.calls, layer.values, layer.layout, layer.old = 0, None, None, None
-            layer.structure = {} if pool else {"forward_calls": 0.0}
-            layer.pooled = None
+            layer.calls, layer.layout, layer.before, layer.after = 0, None, None, None
+            layer.producer, layer.pooled = None, None
         self._pool = pool
         if trace:
             self._start_trace()
-        self.active = True
+        self.active = self._started = True
 
     def collect(
         self, *, step: int, epoch: int = 0, rank: int = 0, stage: str = "train"
     ) -> Snapshot:
-        """Stop measuring and return what this step measured (one host transfer per device)."""
+        """Stop measuring and return what this step measured (one host transfer per device);
+        no rows without a :meth:`start` first."""
         self.active = False
         self._stop_trace()
+        if not self._started:
+            return Snapshot([Rows(step, epoch, stage, rank, [], [], [])])
+        self._started = False
         if self._pool:
             for layer in self.layers:
                 if layer.pooled is not None and not layer.failed:
                     self._guarded(layer, self._finish_pool, layer)
-        results = self._host_metrics([layer for layer in self.layers if layer.values is not None])
+        results = self._host_metrics([layer for layer in self.layers if not layer.failed])
         layers: list[str] = []
         metrics: list[str] = []
         values: list[float] = []
@@ -278,11 +289,12 @@ class BNTap:
             if layer.failed:
                 continue
             names, vals = results.get(layer, ((), []))
-            layers += [layer.name] * (len(names) + len(layer.structure))
+            structure = self._structure(layer)
+            layers += [layer.name] * (len(names) + len(structure))
             metrics += names
-            metrics += layer.structure
+            metrics += structure
             values += vals
-            values += layer.structure.values()
+            values += structure.values()
         parts = [Rows(step, epoch, stage, rank, layers, metrics, values)]
         if self._chan_rows is not None:
             chan_layers, chan_metrics, chan_index, chan_values = self._chan_rows
@@ -293,25 +305,68 @@ class BNTap:
         self._chan_rows, self._channels = None, {}
         return snapshot
 
+    def _structure(self, layer: _Layer) -> dict[str, float]:
+        """The structural metrics of a layer this step (store.STRUCTURE_METRICS and, on a traced
+        step, store.TRACE_METRICS), in the order the table has them."""
+        lay = layer.layout
+        if self._pool:
+            return {"samples_per_channel": lay.samples} if lay is not None else {}
+        if lay is None:
+            return {"forward_calls": float(layer.calls)}
+        m = layer.module
+        out = {
+            "forward_calls": float(layer.calls),
+            "train_mode": float(layer.modes[0]),
+            "model_train_mode": float(layer.modes[1]),
+            "momentum": float("nan") if m.momentum is None else float(m.momentum),
+            "has_running_stats": float(lay.running and m.track_running_stats),
+        }
+        if layer.producer is not None:
+            out["input_bias"], out["input_dropout"] = layer.producer
+        out |= {"samples_per_channel": lay.samples, "batch_size": layer.batch_size, "eps": lay.eps}
+        return out
+
+    def _pieces(self, layer: _Layer) -> list[Tensor] | None:
+        """The tensors whose concatenation is the layer's raw vector (:class:`_Layout`), or None
+        when its first forward of the step did not finish."""
+        lay = layer.layout
+        if lay is None:
+            return None
+        pieces = [layer.before] if layer.before is not None else []
+        if layer.after is not None:
+            pieces.append(layer.after)
+        elif lay.recovered:  # called once: the buffers still hold what that forward left
+            pieces += _running(layer.module)
+        else:
+            return None
+        if lay.affine:
+            assert layer.gamma0 is not None and layer.beta0 is not None
+            pieces += [layer.gamma0, layer.beta0]
+        return pieces
+
     def _host_metrics(
         self, measured: list[_Layer]
     ) -> dict[_Layer, tuple[tuple[str, ...], list[float]]]:
         """Metric names and values of each measured layer, computed for all layers at once
         (:func:`bnprobe.stats.segment_metrics`); per-channel vectors and rows when kept."""
         ok: list[_Layer] = []
+        layouts: list[_Layout] = []
+        pieces: list[Tensor] = []
         for layer in measured:
-            lay, values = layer.layout, layer.values
-            if lay is None or values is None or lay.channels < 1 or values.numel() != lay.size:
-                size = None if values is None else values.numel()
+            lay, parts = layer.layout, self._pieces(layer)
+            if lay is None or parts is None:
+                continue
+            size = sum(p.numel() for p in parts)
+            if lay.channels < 1 or size != lay.size:
                 self._fail(layer, RuntimeError(f"measured {size} values, the layout is {lay}"))
-            else:
-                ok.append(layer)
+                continue
+            ok.append(layer)
+            layouts.append(lay)
+            pieces += parts
         if not ok:
             return {}
-        layouts = tuple(cast(_Layout, layer.layout) for layer in ok)
         try:
-            flat = _to_host([cast(Tensor, layer.values) for layer in ok])
-            seg = _plan(layouts).segments(flat)
+            seg = _plan(tuple(layouts)).segments(_to_host(pieces))
             table, per = stats.segment_metrics(seg)
         except Exception as err:  # the probe must never stop training
             for layer in ok:
@@ -320,7 +375,7 @@ class BNTap:
         columns = np.stack([table[name] for name in _ALL_METRICS], axis=1).tolist()
         out: dict[_Layer, tuple[tuple[str, ...], list[float]]] = {}
         for layer, lay, row in zip(ok, layouts, columns, strict=True):
-            names, index = _metric_index(lay.running or lay.recovered, lay.affine)
+            names, index = _metric_index(lay.running, lay.affine)
             out[layer] = (names, [row[i] for i in index])
         if self.keep_channels:
             chan = {"batch_mean": seg.mean, "batch_var": seg.var, "running_mean": seg.mu_r}
@@ -340,12 +395,12 @@ class BNTap:
         running_keys = ("running_mean", "running_var", "d", "v", "kl")
         for (layer, lay), a, b in zip(ok, starts, ends, strict=True):
             keys = ["batch_mean", "batch_var"]
-            keys += running_keys if lay.running or lay.recovered else ()
+            keys += running_keys if lay.running else ()
             keys += ("gamma", "beta") if lay.affine else ()
             self._channels[layer.name] = {k: chan[k][a:b] for k in keys}
         if not self.per_channel:
             return
-        running = np.repeat([lay.running or lay.recovered for _, lay in ok], seg.channels)
+        running = np.repeat([lay.running for _, lay in ok], seg.channels)
         affine = np.repeat([lay.affine for _, lay in ok], seg.channels)
         names = np.repeat(np.array([layer.name for layer, _ in ok], dtype=object), seg.channels)
         index = np.arange(len(names)) - np.repeat(starts, seg.channels)
@@ -382,11 +437,12 @@ class BNTap:
         if not self.active or layer.failed or self._pool:
             return
         layer.calls += 1
-        layer.structure["forward_calls"] = float(layer.calls)
-        if layer.calls > 1:  # shared layer, or re-run by activation checkpointing: first call only
-            return
         try:
-            self._before(layer, module, args)
+            if layer.calls == 1:
+                self._before(layer, module, args[0] if args else None)
+            elif layer.calls == 2 and layer.layout is not None and layer.layout.recovered:
+                # shared layer, or re-run by activation checkpointing: keep the first update
+                layer.after = torch.cat(_running(module))
         except Exception as err:  # the probe must never stop training
             self._fail(layer, err)
 
@@ -397,8 +453,8 @@ class BNTap:
             return
         if self._pool:
             self._guarded(layer, self._accumulate, layer, args[0])
-        elif layer.calls == 1 and layer.values is None:
-            self._guarded(layer, self._measure, layer, module, args[0])
+        elif layer.calls == 1 and layer.after is None and _direct(layer.layout):
+            self._guarded(layer, self._batch_moments, layer, args[0])
 
     def _guarded(self, layer: _Layer, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -414,83 +470,65 @@ class BNTap:
     def _finish_pool(self, layer: _Layer) -> None:
         m, pooled = layer.module, layer.pooled
         assert pooled is not None
-        blocks = [pooled.mean, pooled.var]
-        if m.running_mean is not None and m.running_var is not None:
-            blocks += [m.running_mean, m.running_var]
-        layer.structure["samples_per_channel"] = pooled.n
+        running = m.running_mean is not None and m.running_var is not None
+        if running:
+            assert m.running_mean is not None and m.running_var is not None
+            layer.before = torch.cat([m.running_mean, m.running_var])
+        layer.after = torch.cat([pooled.mean, pooled.var])
         layer.layout = _Layout(
             channels=pooled.mean.numel(),
             recovered=False,
-            running=len(blocks) == 4,
+            running=running,
             affine=False,
             factor=0.0,
-            count=pooled.n,
+            samples=pooled.n,
             eps=float(m.eps),
         )
-        layer.values = torch.cat(blocks)  # all 1-d, under no_grad: a copy without history
 
-    def _before(self, layer: _Layer, m: _BatchNorm, args: tuple[Any, ...]) -> None:
-        has_running = m.running_mean is not None and m.running_var is not None
-        updates = has_running and m.training and m.track_running_stats
-        layer.structure.update(
-            train_mode=float(m.training),
-            model_train_mode=float(self.model.training),
-            momentum=float("nan") if m.momentum is None else float(m.momentum),
-            has_running_stats=float(has_running and m.track_running_stats),
-        )
-        if self._trace is not None:
-            self._note_producer(layer, args[0] if args else None)
-        if updates:
-            assert m.running_mean is not None and m.running_var is not None
-            layer.old = torch.cat([m.running_mean, m.running_var])  # a copy (buffers need no grad)
-            momentum = m.momentum
-            layer.recover = momentum is not None and momentum >= stats.MIN_RECOVERY_FACTOR
-        else:
-            layer.old, layer.recover = None, False
-
-    def _measure(self, layer: _Layer, m: _BatchNorm, x: Any) -> None:
-        """Keep one O(channels) copy of what this forward tells (one ``torch.cat`` kernel)."""
+    def _before(self, layer: _Layer, m: _BatchNorm, x: Any) -> None:
+        """At the layer's first forward of a measured step: one O(channels) copy (one
+        ``torch.cat`` kernel) of what that forward starts from, and the facts about it."""
         x = _tensor_input(x)
-        self.reference(layer)  # lazy layers are initialized by now
         channels = int(x.shape[1]) if x.dim() > 1 else 0
-        count = x.numel() / channels if channels else 0.0
-        batch_size = float(x.shape[0])
-        if self._world_size is not None and isinstance(m, nn.SyncBatchNorm) and m.training:
+        if channels < 1:
+            raise ValueError(f"expected an input of shape (N, C, ...), got {tuple(x.shape)}")
+        if layer.gamma0 is None:
+            self.reference(layer)  # a lazy layer's own pre-hook, which runs first, initialized it
+        layer.modes = (m.training, self.model.training)
+        if self._trace is not None:
+            self._note_producer(layer, x)
+        count, batch_size = x.numel() / channels, float(x.shape[0])
+        if self._world_size is not None and m.training and isinstance(m, nn.SyncBatchNorm):
             world = self._world_size(m)  # SyncBN normalizes with moments over every rank
             count, batch_size = count * world, batch_size * world
-        blocks: list[Tensor]
-        running = True
-        if layer.old is not None and layer.recover:
-            assert m.running_mean is not None and m.running_var is not None
-            blocks = [layer.old, m.running_mean, m.running_var]
-        else:
-            blocks = list(stats.raw_moments(x))
-            if layer.old is not None:  # this forward updated the running stats: the old ones
-                blocks.append(layer.old)
-            elif m.running_mean is not None and m.running_var is not None:
-                blocks += [m.running_mean, m.running_var]
-            else:
-                running = False
-        affine = bool(m.affine) and layer.gamma0 is not None and layer.beta0 is not None
-        if affine:
-            assert layer.gamma0 is not None and layer.beta0 is not None
-            blocks += [m.weight, m.bias, layer.gamma0, layer.beta0]
-        layer.layout = _Layout(
-            channels=channels,
-            recovered=layer.old is not None and layer.recover,
-            running=running,
-            affine=affine,
-            factor=float(m.momentum or 0.0),
-            count=count,
-            eps=float(m.eps),
+        layer.batch_size = batch_size
+        running = _running(m)
+        momentum = m.momentum
+        recovered = (
+            bool(running)
+            and m.training
+            and m.track_running_stats
+            and momentum is not None
+            and momentum >= stats.MIN_RECOVERY_FACTOR
         )
-        layer.old = None
-        layer.structure.update(samples_per_channel=count, batch_size=batch_size, eps=float(m.eps))
-        layer.values = torch.cat(blocks)  # all 1-d, under no_grad: a copy without history
+        affine = layer.gamma0 is not None and m.affine
+        blocks = running
+        if affine:
+            params = m._parameters  # Module.__getattr__ costs ~0.5 us a call
+            blocks = [*running, params["weight"].detach(), params["bias"].detach()]  # type: ignore[union-attr]
+        if blocks:
+            layer.before = torch.cat(blocks)
+        layer.layout = _Layout(
+            channels, recovered, bool(running), affine, float(momentum or 0.0), count, m.eps
+        )
+
+    def _batch_moments(self, layer: _Layer, x: Any) -> None:
+        """Where the update does not give the batch moments: compute them (one ``var_mean``)."""
+        layer.after = torch.cat(stats.raw_moments(_tensor_input(x)))
 
     def _fail(self, layer: _Layer, err: Exception) -> None:
         layer.failed = True
-        layer.values, layer.layout = None, None
+        layer.layout, layer.before, layer.after = None, None, None
         line = (
             f"bnprobe: measuring layer {layer.name!r} ({type(layer.module).__name__}) failed with "
             f"{type(err).__name__}: {err}. This layer is no longer measured; training goes on."
@@ -526,7 +564,20 @@ class BNTap:
             getattr(producer, "bias", None) is not None
         )
         p = producer.p if isinstance(producer, nn.modules.dropout._DropoutNd) else 0.0
-        layer.structure.update(input_bias=float(bias), input_dropout=float(p))
+        layer.producer = (float(bias), float(p))
+
+
+def _running(m: _BatchNorm) -> list[Tensor]:
+    """[running_mean, running_var] of a BN layer, or [] without running statistics (read from
+    its buffer dict: ``Module.__getattr__`` costs ~0.5 us a call, and a hook reads them often)."""
+    buffers = m._buffers
+    mean, var = buffers.get("running_mean"), buffers.get("running_var")
+    return [mean, var] if mean is not None and var is not None else []
+
+
+def _direct(layout: _Layout | None) -> bool:
+    """Whether a measured layer's batch moments are computed rather than recovered."""
+    return layout is not None and not layout.recovered
 
 
 def _tensor_input(x: Any) -> Tensor:
@@ -554,8 +605,8 @@ _SEGMENT_KEYS = ("mo", "vo", "mn", "vn", "mr", "vr", "g", "b", "g0", "b0")
 @dataclass(frozen=True, eq=False)
 class _Plan:
     """Where each per-channel quantity of a set of layer layouts sits in their concatenated raw
-    vectors: index arrays into ``[*raw, 0.0, nan]``, so that a step's :class:`stats.Segments`
-    take a few numpy gathers however many layers there are.
+    vectors: one row of indices into ``[*raw, 0.0, nan]`` per quantity (``_SEGMENT_KEYS``), so
+    that a step's :class:`stats.Segments` take one numpy gather however many layers there are.
 
     Recovered layers get mu_B = m_o + (m_n - m_o)/f and var_B = (v_n - (1-f) v_o)/f · (n-1)/n
     (:func:`bnprobe.stats.recover_moments`); directly measured ones go through the same formula
@@ -563,29 +614,15 @@ class _Plan:
     """
 
     channels: np.ndarray
-    index: dict[str, np.ndarray]
+    index: np.ndarray
     factor: np.ndarray
     count: np.ndarray
     eps: np.ndarray
 
     def segments(self, raw: np.ndarray) -> stats.Segments:
-        ext = np.concatenate([raw, (0.0, np.nan)])
-        col = {key: ext[idx] for key, idx in self.index.items()}
-        mean, var = stats.recover_moments(
-            col["mo"], col["vo"], col["mn"], col["vn"], self.factor, self.count
-        )
-        return stats.Segments(
-            channels=self.channels,
-            mean=mean,
-            var=var,
-            mu_r=col["mr"],
-            var_r=col["vr"],
-            eps=self.eps,
-            gamma=col["g"],
-            beta=col["b"],
-            gamma0=col["g0"],
-            beta0=col["b0"],
-        )
+        mo, vo, mn, vn, mr, vr, g, b, g0, b0 = np.concatenate([raw, (0.0, np.nan)])[self.index]
+        mean, var = stats.recover_moments(mo, vo, mn, vn, self.factor, self.count)
+        return stats.Segments(self.channels, mean, var, mr, vr, self.eps, g, b, g0, b0)
 
 
 @lru_cache(maxsize=16)
@@ -598,27 +635,25 @@ def _plan(layouts: tuple[_Layout, ...]) -> _Plan:
         c = lay.channels
         blocks = list(np.arange(offset, offset + lay.size).reshape(-1, c))
         zero, nan = np.full(c, total), np.full(c, total + 1)
-        if lay.recovered:  # mu_R_old, var_R_old, mu_R_new, var_R_new: old ones are the running
-            quantities = [*blocks[:4], *blocks[:2]]
-            rest = blocks[4:]
-        else:
-            running = blocks[2:4] if lay.running else [nan, nan]
-            quantities = [zero, zero, *blocks[:2], *running]
-            rest = blocks[4:] if lay.running else blocks[2:]
-        quantities += rest[:4] if lay.affine else [nan] * 4
+        running = [blocks.pop(0), blocks.pop(0)] if lay.running else [nan, nan]
+        affine = [blocks.pop(0), blocks.pop(0)] if lay.affine else [nan, nan]
+        second = blocks[:2]
+        reference = blocks[2:] if lay.affine else [nan, nan]
+        old = running if lay.recovered else [zero, zero]  # recovered: old and new running
+        quantities = [*old, *second, *running, *affine, *reference]
         for key, idx in zip(_SEGMENT_KEYS, quantities, strict=True):
             parts[key].append(idx)
         offset += lay.size
     channels = np.array([lay.channels for lay in layouts], dtype=np.int64)
     per_layer = {
         "factor": [lay.factor if lay.recovered else 1.0 for lay in layouts],
-        "count": [lay.count if lay.recovered else 1.0 for lay in layouts],  # n <= 1: var as is
+        "count": [lay.samples if lay.recovered else 1.0 for lay in layouts],  # n <= 1: var as is
         "eps": [lay.eps for lay in layouts],
     }
     repeated = {k: np.repeat(np.array(v, dtype=np.float64), channels) for k, v in per_layer.items()}
     return _Plan(
         channels=channels,
-        index={key: np.concatenate(idx) for key, idx in parts.items()},
+        index=np.stack([np.concatenate(parts[key]) for key in _SEGMENT_KEYS]),
         **repeated,
     )
 

@@ -143,7 +143,8 @@ def test_off_steps_record_nothing_and_hooks_are_removed() -> None:
     tap.attach()  # idempotent
     assert len(model[1]._forward_hooks) == 1 and len(model[1]._forward_pre_hooks) == 1
     model(torch.randn(8, 6))  # not a measured step
-    assert tap.layers[0].values is None
+    layer = tap.layers[0]
+    assert layer.calls == 0 and layer.layout is None and layer.before is layer.after is None
     tap.detach()
     tap.detach()  # idempotent
     assert not model[1]._forward_hooks and not model[1]._forward_pre_hooks
