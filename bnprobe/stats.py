@@ -145,61 +145,73 @@ class Segments:
     beta0: np.ndarray
 
 
+_MEANS = (
+    "batch_mean",
+    "batch_var",
+    "running_mean",
+    "running_var",
+    "mean_shift",
+    "var_shift",
+    "kl",
+    "outlier_frac",
+    "var_small_frac",
+    "gamma_mean",
+    "beta_mean",
+)
+"""The metrics that are channel means, in the order :func:`segment_metrics` sums them."""
+
+
 def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every stage-train metric of many layers at once, from their concatenated channels.
 
     Returns ``{metric: one value per layer}`` (a layer row is the channel mean of the per-channel
     quantity, or its max for ``*_max``; module docstring for d, v and KL) and the concatenated
-    per-channel vectors ``d``, ``v``, ``kl`` (d and v signed). Segment sums and maxima take one
-    numpy call for all layers (``ufunc.reduceat``), so the cost hardly grows with the number of
-    layers. Division by zero gives inf/NaN, never a warning, as in torch; NaN propagates into
-    means and maxima.
+    per-channel vectors ``d``, ``v``, ``kl`` (d and v signed). The per-layer sums and maxima of
+    all quantities take three numpy calls for all layers (``ufunc.reduceat`` over stacked
+    rows), so the cost hardly grows with the number of layers or metrics. Division by zero
+    gives inf/NaN, never a warning, as in torch; NaN propagates into means and maxima.
     """
     c = seg.channels.astype(np.float64)
     starts = np.concatenate([[0], np.cumsum(seg.channels)[:-1]])
 
-    def total(x: np.ndarray) -> np.ndarray:
-        return np.add.reduceat(x, starts)
-
-    def mean(x: np.ndarray) -> np.ndarray:
-        return np.add.reduceat(x, starts) / c
-
-    def peak(x: np.ndarray) -> np.ndarray:
-        return np.maximum.reduceat(x, starts)
+    def totals(*xs: np.ndarray) -> np.ndarray:  # one row of per-layer sums per argument
+        return np.add.reduceat(np.stack(xs, dtype=np.float64), starts, axis=1)
 
     def each(x: np.ndarray) -> np.ndarray:  # one value per layer -> one per channel
         return np.repeat(x, seg.channels)
 
-    out: dict[str, np.ndarray] = {}
     with np.errstate(all="ignore"):
         d = (seg.mean - seg.mu_r) / np.sqrt(seg.var_r + seg.eps)
         v = np.log((seg.var + seg.eps) / (seg.var_r + seg.eps))
         kl = 0.5 * (np.exp(v) + d * d - 1.0 - v)
         ad, av = np.abs(d), np.abs(v)
-        outlier = (ad > OUTLIER_MEAN_SHIFT) | (av > OUTLIER_LOG_VAR_RATIO)
-        out["batch_mean"] = mean(seg.mean)
-        out["batch_var"] = mean(seg.var)
-        out["running_mean"] = mean(seg.mu_r)
-        out["running_var"] = mean(seg.var_r)
-        out["mean_shift"] = mean(ad)
-        out["var_shift"] = mean(av)
-        out["kl"] = mean(kl)
-        out["mean_shift_max"] = peak(ad)
-        out["var_shift_max"] = peak(av)
-        out["kl_max"] = peak(kl)
-        out["outlier_frac"] = mean(outlier.astype(np.float64))
-        finite = np.isfinite(seg.mean) & np.isfinite(seg.var)
-        out["nonfinite"] = total((~finite).astype(np.float64))
-        small = seg.var < SMALL_VAR_EPS_FACTOR * seg.eps
-        out["var_small_frac"] = mean(small.astype(np.float64))
         g, b = seg.gamma, seg.beta
-        bessel = np.where(c > 1, c - 1.0, np.nan)
-        out["gamma_mean"] = mean(g)
-        out["gamma_std"] = np.sqrt(total((g - each(out["gamma_mean"])) ** 2) / bessel)
-        out["beta_mean"] = mean(b)
-        out["beta_std"] = np.sqrt(total((b - each(out["beta_mean"])) ** 2) / bessel)
-        out["gamma_drift"] = np.sqrt(total((g - seg.gamma0) ** 2) / total(seg.gamma0**2))
-        out["beta_drift"] = np.sqrt(total((b - seg.beta0) ** 2) / c)
         ag = np.abs(g)
-        out["gamma_small_frac"] = mean((ag < SMALL_GAMMA * each(peak(ag))).astype(np.float64))
+        outlier = (ad > OUTLIER_MEAN_SHIFT) | (av > OUTLIER_LOG_VAR_RATIO)
+        nonfinite = ~(np.isfinite(seg.mean) & np.isfinite(seg.var))
+        small = seg.var < SMALL_VAR_EPS_FACTOR * seg.eps
+        sums = totals(seg.mean, seg.var, seg.mu_r, seg.var_r, ad, av, kl, outlier, small, g, b)
+        means = dict(zip(_MEANS, sums / c, strict=True))
+        peaks = np.maximum.reduceat(np.stack([ad, av, kl, ag]), starts, axis=1)
+        out = {name: means[name] for name in _MEANS[:-2]}
+        out |= dict(zip(("mean_shift_max", "var_shift_max", "kl_max"), peaks[:3], strict=True))
+        gamma_mean, beta_mean = means["gamma_mean"], means["beta_mean"]
+        spread_g, spread_b, drift_g, drift_b, ref_g, small_g, bad = totals(
+            (g - each(gamma_mean)) ** 2,
+            (b - each(beta_mean)) ** 2,
+            (g - seg.gamma0) ** 2,
+            (b - seg.beta0) ** 2,
+            seg.gamma0**2,
+            ag < SMALL_GAMMA * each(peaks[3]),
+            nonfinite,
+        )
+        bessel = np.where(c > 1, c - 1.0, np.nan)
+        out["nonfinite"] = bad
+        out["gamma_mean"] = gamma_mean
+        out["gamma_std"] = np.sqrt(spread_g / bessel)
+        out["beta_mean"] = beta_mean
+        out["beta_std"] = np.sqrt(spread_b / bessel)
+        out["gamma_drift"] = np.sqrt(drift_g / ref_g)
+        out["beta_drift"] = np.sqrt(drift_b / c)
+        out["gamma_small_frac"] = small_g / c
     return out, {"d": d, "v": v, "kl": kl}
