@@ -318,10 +318,9 @@ class BNProbeBase:
             self.store.append(part)
         # One TensorBoard event per logging step for all scalars and one for all histograms:
         # add_scalar per key costs ~60 us each (bnprobe.tbfast).
-        for logged_step, metrics in tbfast.snapshot_metrics(snap).items():
-            for logger in trainer.loggers:
-                name = f"logging to {type(logger).__name__}"
-                self._guard(name, partial(tbfast.log_metrics, logger, metrics, logged_step))
+        for logger in trainer.loggers:
+            name = f"logging to {type(logger).__name__}"
+            self._guard(name, partial(tbfast.log_snapshot, logger, snap))
         if self.histograms and snap.channels:
             for writer in _tensorboard_writers(trainer):
                 write = partial(tbfast.add_histograms, writer, stage, step, snap.channels)

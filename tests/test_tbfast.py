@@ -138,12 +138,52 @@ def test_summary_bytes_are_the_message_protobuf_builds() -> None:
     for step_values in (values, values[::-1].copy()):  # the cached template, new values
         metrics = dict(zip(tags, step_values.tolist(), strict=True))
         expected = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in metrics.items()])
-        ours = tbfast.summary_bytes(metrics)
+        ours = tbfast.summary_bytes(tuple(metrics), metrics.values())
         assert Summary.FromString(ours) == expected
         nonempty = {t: v for t, v in metrics.items() if t}
         assert (
-            tbfast.summary_bytes(nonempty)
+            tbfast.summary_bytes(tuple(nonempty), nonempty.values())
             == Summary(
                 value=[Summary.Value(tag=t, simple_value=v) for t, v in nonempty.items()]
             ).SerializeToString()
         )
+
+
+@pytest.mark.parametrize("prefix", ["", "run1"])
+def test_log_snapshot_writes_the_snapshot_metrics(tmp_path: Path, prefix: str) -> None:
+    """One event straight from the snapshot's columns holds exactly snapshot_metrics' points,
+    with Lightning's ``<prefix>-`` before each key; a CSVLogger gets the same dict."""
+    import torch
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from torch import nn
+
+    from bnprobe.tap import BNTap
+
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.BatchNorm1d(4), nn.BatchNorm1d(4))
+    tb_logger = TensorBoardLogger(tmp_path, name="tb", version=0, prefix=prefix)
+    csv_logger = CSVLogger(tmp_path, name="csv", version=0, prefix=prefix)
+    expected: dict[str, list[tuple[int, float]]] = {}
+    with BNTap(model) as tap:
+        for step in (3, 8):
+            tap.start()
+            model(torch.randn(8, 3) * step)
+            snap = tap.collect(step=step, epoch=1)
+            for logger in (tb_logger, csv_logger):
+                tbfast.log_snapshot(logger, snap)
+            for tag, value in tbfast.snapshot_metrics(snap)[step].items():
+                key = f"{prefix}-{tag}" if prefix else tag
+                expected.setdefault(key, []).append((step, float(np.float32(value))))
+    tb_logger.finalize("success")
+    csv_logger.finalize("success")
+    acc = _read(Path(tb_logger.log_dir))
+    assert set(acc.Tags()["scalars"]) == set(expected)
+    for key, points in expected.items():
+        got = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert got == points or all(
+            s == t and (v == w or (math.isnan(v) and math.isnan(w)))
+            for (s, v), (t, w) in zip(got, points, strict=True)
+        )
+    import pandas as pd
+
+    csv = pd.read_csv(Path(csv_logger.log_dir) / "metrics.csv")
+    assert set(csv.columns) == {"step", *expected}
