@@ -350,7 +350,7 @@ class BNProbeBase:
     def _figures(self, trainer: pl.Trainer) -> None:
         writers = _tensorboard_writers(trainer) if self._writes else []
         if writers:
-            df = self.to_dataframe()
+            df = self.store.select(tb.FIGURE_METRICS)
             for writer in writers:
                 tb.add_figures(writer, df, int(trainer.global_step))
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 COLUMNS: tuple[str, ...] = ("step", "epoch", "stage", "rank", "layer", "channel", "metric", "value")
 DTYPES: dict[str, Any] = {
@@ -101,9 +103,7 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"table is missing columns {missing}; expected {list(COLUMNS)}")
     out = df.loc[:, list(COLUMNS)].copy()
     for col, dtype in DTYPES.items():
-        if dtype == "object":
-            out[col] = out[col].astype(object)
-        else:
+        if out[col].dtype != dtype:
             out[col] = out[col].astype(dtype)
     return out.reset_index(drop=True)
 
@@ -232,11 +232,39 @@ class _Columns:
             self._data[c][self.n : stop] = values
         self.n = stop
 
-    def frame(self, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+    def frame(
+        self, start: int = 0, stop: int | None = None, metrics: Collection[str] | None = None
+    ) -> pd.DataFrame:
+        """Rows ``[start, stop)`` (of the given ``metrics`` only, if given) as a table."""
         stop = self.n if stop is None else stop
-        cols: dict[str, Any] = {c: self._data[c][start:stop].copy() for c in COLUMNS}
-        cols["channel"] = pd.arrays.IntegerArray(cols["channel"], self._na[start:stop].copy())
-        return pd.DataFrame(cols)
+        rows: Any = slice(start, stop)
+        if metrics is not None:
+            wanted = set(metrics)
+            names = self._data["metric"][start:stop]
+            rows = start + np.flatnonzero([name in wanted for name in names])
+        cols: dict[str, Any] = {
+            c: pd.Series(self._data[c][rows], dtype=t) for c, t in DTYPES.items()
+        }
+        cols["channel"] = pd.arrays.IntegerArray(self._data["channel"][rows], self._na[rows])
+        return pd.DataFrame(cols)  # the SPEC dtypes already: no inference of string columns
+
+    def table(self, start: int = 0) -> pa.Table:
+        """Rows from ``start`` on as an Arrow table for parquet, with the string columns
+        dictionary-encoded (a few distinct names repeated on every row)."""
+        rows = slice(start, self.n)
+        arrays: dict[str, pa.Array] = {}
+        for c in COLUMNS:
+            values = self._data[c][rows]
+            if c == "channel":
+                arrays[c] = pa.array(values, mask=self._na[rows])
+            elif values.dtype == object:
+                codes, names = pd.factorize(values)
+                arrays[c] = pa.DictionaryArray.from_arrays(
+                    pa.array(codes.astype(np.int32)), pa.array(names.astype(object), pa.string())
+                )
+            else:
+                arrays[c] = pa.array(values)
+        return pa.table(arrays)
 
 
 class Store:
@@ -266,21 +294,26 @@ class Store:
     def pending_rows(self) -> int:
         return self._rows.n - self._flushed
 
+    def select(self, metrics: Collection[str]) -> pd.DataFrame:
+        """The rows of these metrics only (SPEC schema): what a figure needs, without copying
+        the whole table."""
+        return self._rows.frame(metrics=metrics) if self._rows.n else empty_frame()
+
     def to_dataframe(self) -> pd.DataFrame:
         if self._cache is None:
-            self._cache = conform(self._rows.frame()) if self._rows.n else empty_frame()
+            self._cache = self._rows.frame() if self._rows.n else empty_frame()
         return self._cache.copy()
 
     def flush(self) -> Path | None:
         """Write the rows not yet saved as one part file; return its path (None if nothing)."""
         if self.save_dir is None or not self.pending_rows:
             return None
-        df = conform(self._rows.frame(self._flushed))
+        table = self._rows.table(self._flushed)
         self.save_dir.mkdir(parents=True, exist_ok=True)
         name = f"part-r{self.rank:04d}-{self._token}-{self._seq:06d}.parquet"
         final = self.save_dir / name
         tmp = self.save_dir / f".{name}.tmp"
-        df.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
         with open(tmp, "rb") as fh:  # make the bytes durable before the rename publishes them
             os.fsync(fh.fileno())
         os.replace(tmp, final)

@@ -280,6 +280,10 @@ def render(fig: Figure) -> np.ndarray:
     return np.asarray(rgba)[:, :, :3].copy()
 
 
+FIGURE_METRICS: tuple[str, ...] = ("mean_shift", "local_gap", "output_gap")
+"""The metrics :func:`add_figures` draws."""
+
+
 def add_figures(writer: SummaryWriter, df: pd.DataFrame, step: int) -> list[str]:
     """Log the figures for which ``df`` has data, as images at ``step``; return their tags.
 

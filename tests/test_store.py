@@ -126,3 +126,24 @@ def test_many_small_appends_stay_in_a_few_compact_buffers(tmp_path) -> None:
     pd.testing.assert_frame_equal(load(tmp_path), want)
     capacity = len(store._rows._na)  # doubling buffers: never more than twice the rows
     assert store._rows.n == 9000 and capacity <= 2 * 9000
+
+
+def test_columns_and_tables_go_in_alike_and_select_takes_some_metrics() -> None:
+    """Rows appended as plain columns (what the tap hands over) or as a table read back the
+    same; select() gives exactly the rows of its metrics, in order."""
+    import numpy as np
+
+    from bnprobe.store import Rows
+
+    columns = Rows(3, 1, "train", 0, ["a", "a", "b"], ["kl", "mean_shift", "kl"], [0.5, 1.5, 2.5])
+    per_channel = Rows(3, 1, "train", 0, ["a", "a"], ["kl", "kl"], [0.1, 0.9], np.array([0, 1]))
+    as_columns, as_tables = Store(None), Store(None)
+    for rows in (columns, per_channel, _rows(4, 7.0)):
+        as_columns.append(rows)
+        as_tables.append(rows.frame() if isinstance(rows, Rows) else rows)
+    df = as_columns.to_dataframe()
+    pd.testing.assert_frame_equal(df, as_tables.to_dataframe())
+    assert df["channel"].tolist() == [pd.NA, pd.NA, pd.NA, 0, 1, pd.NA, pd.NA]
+    chosen = as_columns.select(["mean_shift"])
+    pd.testing.assert_frame_equal(chosen, df[df.metric == "mean_shift"].reset_index(drop=True))
+    assert chosen["step"].tolist() == [3, 4] and Store(None).select(["kl"]).empty
