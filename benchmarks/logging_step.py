@@ -8,10 +8,15 @@ minimum over repeats (the least disturbed figure on a shared machine):
 - ``BNTap.collect`` (one host transfer, every metric of every layer, the table rows);
 - turning a snapshot into TensorBoard tags: ``tensorboard.scalar_metrics(rows)`` (pandas) and
   ``tbfast.snapshot_metrics`` (plain lists);
+- keeping the rows: ``Store.append`` of the snapshot's columns;
 - writing the scalars: Lightning's ``TensorBoardLogger.log_metrics`` (one ``add_scalar`` per
-  key) and ``tbfast.log_metrics`` (one event);
+  key), ``tbfast.log_metrics`` (one event from a dict) and ``tbfast.log_snapshot`` (one event
+  straight from the snapshot's columns, what the callback does);
 - writing the histograms: ``tensorboard.add_histograms`` per layer (one ``add_histogram`` per
-  vector) and ``tbfast.add_histograms`` (one event).
+  vector) and ``tbfast.add_histograms`` (one event);
+- the CRC-32C of each record, which TensorBoard's writer thread computes: TensorBoard's
+  pure-Python ``masked_crc32c`` and ``tbfast.masked_crc32c`` (numpy), which the callback has
+  TensorBoard use.
 
 Usage: ``.venv/bin/python benchmarks/logging_step.py [--model resnet|demo|mlp]``
 """
@@ -34,6 +39,7 @@ from overhead import BATCH, MODELS, build_model, quiet
 
 from bnprobe import tbfast
 from bnprobe import tensorboard as tb
+from bnprobe.store import Store
 from bnprobe.tap import BNTap
 
 
@@ -95,12 +101,15 @@ def main() -> int:
         collect_ms = best_ms(collect, n) - forward
     rows_tags = best_ms(lambda: tb.scalar_metrics(snap.rows), n)
     list_tags = best_ms(lambda: tbfast.snapshot_metrics(snap), n)
+    store = Store(None)
+    keep_rows = best_ms(lambda: [store.append(part) for part in snap.parts], n)
     metrics = tbfast.snapshot_metrics(snap)[0]
     with tempfile.TemporaryDirectory() as tmp:
         logger = TensorBoardLogger(tmp, name="slow")
         fast_logger = TensorBoardLogger(tmp, name="fast")
         per_key = best_ms(lambda: logger.log_metrics(metrics, 0), n)
         one_event = best_ms(lambda: tbfast.log_metrics(fast_logger, metrics, 0), n)
+        from_columns = best_ms(lambda: tbfast.log_snapshot(fast_logger, snap), n)
 
         def hist_per_layer() -> None:
             for layer, per in snap.channels.items():
@@ -130,6 +139,8 @@ def main() -> int:
     scalar_bytes, hist_bytes = scalars.SerializeToString(), hists.SerializeToString()
     crc_scalars = best_ms(lambda: masked_crc32c(scalar_bytes), n)
     crc_hists = best_ms(lambda: masked_crc32c(hist_bytes), n)
+    fast_crc_scalars = best_ms(lambda: tbfast.masked_crc32c(scalar_bytes), n)
+    fast_crc_hists = best_ms(lambda: tbfast.masked_crc32c(hist_bytes), n)
     tap.detach()
     layers = len(tap.layers)
     n_hists = len(protos)
@@ -145,12 +156,16 @@ def main() -> int:
         ("forward with hooks measuring + `BNTap.collect`, minus idle forward", collect_ms),
         ("tags from rows (`tensorboard.scalar_metrics`)", rows_tags),
         ("tags from lists (`tbfast.snapshot_metrics`)", list_tags),
+        ("rows into the store (`Store.append` of the columns)", keep_rows),
         ("scalars, `TensorBoardLogger.log_metrics` (one event per key)", per_key),
-        ("scalars, `tbfast.log_metrics` (one event)", one_event),
+        ("scalars, `tbfast.log_metrics` (one event from a dict)", one_event),
+        ("scalars, `tbfast.log_snapshot` (one event from the columns)", from_columns),
         ("histograms, `tensorboard.add_histograms` per layer", hist_slow),
         ("histograms, `tbfast.add_histograms` (one event)", hist_fast),
-        (f"writer thread: CRC32C of the scalars ({len(scalar_bytes) / 1e3:.0f} KB)", crc_scalars),
-        (f"writer thread: CRC32C of the histograms ({len(hist_bytes) / 1e3:.0f} KB)", crc_hists),
+        (f"CRC-32C of the scalars ({len(scalar_bytes) / 1e3:.0f} KB), TensorBoard", crc_scalars),
+        ("CRC-32C of the scalars, `tbfast.masked_crc32c`", fast_crc_scalars),
+        (f"CRC-32C of the histograms ({len(hist_bytes) / 1e3:.0f} KB), TensorBoard", crc_hists),
+        ("CRC-32C of the histograms, `tbfast.masked_crc32c`", fast_crc_hists),
     ]:
         print(f"| {label} | {value:.3f} |")
     return 0
