@@ -3,11 +3,13 @@
 :class:`BNTap` registers one forward pre-hook and one forward hook per BN layer, once, and
 removes them on :meth:`BNTap.detach` (idempotent; also a context manager). Between logging steps
 the hooks only check a flag. On a logging step (:meth:`BNTap.start` ... :meth:`BNTap.collect`)
-they take a copy of each layer's O(channels) raw vectors on the layer's device: the running
-buffers before and after its first forward call of the step (from which the batch moments follow
-exactly, :func:`bnprobe.stats.recover_moments`), gamma and beta; one ``torch.cat`` kernel in each
-hook, plus one ``var_mean`` where the moments cannot be recovered. :meth:`BNTap.collect` moves
-every layer's vector to the host in one transfer per device and derives all metrics there in
+the pre-hook of each layer's first forward copies what that forward starts from: the running
+buffers, gamma and beta (one ``torch.cat`` kernel of O(channels) values, on the layer's
+device). The batch moments follow exactly from the running buffers before and after the update
+(:func:`bnprobe.stats.recover_moments`); the updated buffers are read at :meth:`BNTap.collect`,
+or copied by a second call's pre-hook when the layer runs again. Only where the moments cannot
+be recovered does the post-hook compute them (one ``var_mean``). :meth:`BNTap.collect` moves
+every layer's values to the host in one transfer per device and derives all metrics there in
 float64 numpy (:func:`bnprobe.stats.segment_metrics`). No activation is kept and nothing
 synchronizes with the host inside a hook.
 """
