@@ -23,6 +23,8 @@ through ``/proc/self/clear_refs`` just before ``fit``) minus its resident set si
 Configurations:
 
 - ``none``: no probe (the baseline);
+- ``none_again``: no probe again, as its own configuration: its ratio to ``none`` shows how far
+  the machine's noise alone moves a ratio (an A/A control);
 - ``defaults``: ``BNProbe()`` (every ``log_every_n_steps`` = 50 steps, histograms on);
 - ``every_step``: ``BNProbe(every_n_steps=1, histograms=False)``;
 - ``every_step_hist_pc``: ``BNProbe(every_n_steps=1, histograms=True, per_channel=True)``;
@@ -80,6 +82,7 @@ LOG_EVERY = 50
 BATCH = 64
 CONFIGS = (
     "none",
+    "none_again",
     "defaults",
     "every_step",
     "every_step_hist_pc",
@@ -88,6 +91,7 @@ CONFIGS = (
 )
 CONFIG_LABELS = {
     "none": "no probe",
+    "none_again": "no probe, a second run (the noise floor)",
     "defaults": "bnprobe defaults (every 50 steps, histograms)",
     "every_step": "bnprobe every step (no histograms)",
     "every_step_hist_pc": "bnprobe every step + histograms + per_channel",
@@ -262,7 +266,7 @@ class FastaiStyleStats(pl.Callback):
 
 
 def make_callbacks(config: str) -> list[pl.Callback]:
-    if config == "none":
+    if config in ("none", "none_again"):
         return []
     if config == "defaults":
         return [BNProbe()]
@@ -436,7 +440,7 @@ def fmt_ratio(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds of 50 steps")
-    parser.add_argument("--rounds", type=int, default=None, help="default 4 (quick: 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="default 6 (quick: 2)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per run (x50)")
     parser.add_argument("--warmup", type=int, default=9, help="steps excluded at the start")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -447,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=Path(__file__).with_name("results.md"), help="Markdown table"
     )
     args = parser.parse_args(argv)
-    rounds = args.rounds or (2 if args.quick else 4)
+    rounds = args.rounds or (2 if args.quick else 6)
     steps = args.steps or (50 if args.quick else 150)
     if steps % LOG_EVERY:
         parser.error(f"--steps must be a multiple of log_every_n_steps={LOG_EVERY}; got {steps}")
