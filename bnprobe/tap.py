@@ -92,7 +92,7 @@ class Snapshot:
     parts: Sequence[Rows | pd.DataFrame]
     channels: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     """layer -> {"gamma", "beta", "d", "v", ...} per-channel values (signed d and v)."""
-    _table: pd.DataFrame | None = field(default=None, init=False, repr=False)
+    _table: pd.DataFrame | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def rows(self) -> pd.DataFrame:
