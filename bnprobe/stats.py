@@ -191,11 +191,10 @@ def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.
         nonfinite = ~(np.isfinite(seg.mean) & np.isfinite(seg.var))
         small = seg.var < SMALL_VAR_EPS_FACTOR * seg.eps
         sums = totals(seg.mean, seg.var, seg.mu_r, seg.var_r, ad, av, kl, outlier, small, g, b)
-        means = dict(zip(_MEANS, sums / c, strict=True))
+        out: dict[str, np.ndarray] = dict(zip(_MEANS, sums / c, strict=True))
         peaks = np.maximum.reduceat(np.stack([ad, av, kl, ag]), starts, axis=1)
-        out = {name: means[name] for name in _MEANS[:-2]}
         out |= dict(zip(("mean_shift_max", "var_shift_max", "kl_max"), peaks[:3], strict=True))
-        gamma_mean, beta_mean = means["gamma_mean"], means["beta_mean"]
+        gamma_mean, beta_mean = out["gamma_mean"], out["beta_mean"]
         spread_g, spread_b, drift_g, drift_b, ref_g, small_g, bad = totals(
             (g - each(gamma_mean)) ** 2,
             (b - each(beta_mean)) ** 2,
@@ -207,9 +206,7 @@ def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.
         )
         bessel = np.where(c > 1, c - 1.0, np.nan)
         out["nonfinite"] = bad
-        out["gamma_mean"] = gamma_mean
         out["gamma_std"] = np.sqrt(spread_g / bessel)
-        out["beta_mean"] = beta_mean
         out["beta_std"] = np.sqrt(spread_b / bessel)
         out["gamma_drift"] = np.sqrt(drift_g / ref_g)
         out["beta_drift"] = np.sqrt(drift_b / c)
