@@ -115,7 +115,7 @@ def log_metrics(logger: Any, metrics: Mapping[str, float], step: int) -> None:
 
     Keeps the logger's ``prefix`` as Lightning does (``<prefix>-<tag>``).
     """
-    writer = summary_writer(logger) if type(logger).__name__ == "TensorBoardLogger" else None
+    writer = _logger_writer(logger)
     if writer is None:
         logger.log_metrics(dict(metrics), step)
         return
@@ -128,7 +128,7 @@ def log_snapshot(logger: Any, snapshot: Any) -> None:
     :func:`snapshot_metrics`) through ``logger``: for a TensorBoardLogger one event straight
     from the snapshot's plain columns, for any other logger through its ``log_metrics``."""
     agg = snapshot.aggregates
-    writer = summary_writer(logger) if type(logger).__name__ == "TensorBoardLogger" else None
+    writer = _logger_writer(logger)
     if agg is None or writer is None:
         for step, metrics in snapshot_metrics(snapshot).items():
             log_metrics(logger, metrics, step)
@@ -147,6 +147,11 @@ def _aggregate_tags(
     return tuple(f"{prefix}{tag}" for tag in (tb.epoch_tag(stage), *tags))
 
 
+def _logger_writer(logger: Any) -> Any | None:
+    """The ``SummaryWriter`` of a Lightning ``TensorBoardLogger`` (None for any other logger)."""
+    return summary_writer(logger) if type(logger).__name__ == "TensorBoardLogger" else None
+
+
 def _prefix(logger: Any) -> str:
     """What Lightning puts before a TensorBoardLogger's keys: ``<prefix>-`` or nothing."""
     prefix = getattr(logger, "_prefix", "") or ""
@@ -162,11 +167,9 @@ def snapshot_metrics(snapshot: Any) -> dict[int, dict[str, float]]:
         return tb.scalar_metrics(snapshot.rows)
     if agg.rank != 0 or not agg.metrics:
         return {}
-    stage = agg.stage
-    out = {tb.epoch_tag(stage): float(agg.epoch)}
-    for metric, layer, value in zip(agg.metrics, agg.layers, agg.values, strict=True):
-        out[tb.scalar_tag(stage, metric, layer)] = float(value)
-    return {int(agg.step): out}
+    tags = _aggregate_tags("", agg.stage, tuple(agg.layers), tuple(agg.metrics))
+    values = map(float, itertools.chain((agg.epoch,), agg.values))
+    return {int(agg.step): dict(zip(tags, values, strict=True))}
 
 
 def histogram_protos(vectors: Mapping[str, np.ndarray], bins: int = tb.HIST_BINS) -> dict[str, Any]:
