@@ -137,7 +137,7 @@ def test_store_is_saved_under_log_dir_and_loads_back(tmp_path) -> None:
     logger = TensorBoardLogger(tmp_path, name="run")
     tr = trainer(tmp_path, callbacks=[probe], logger=logger)
     tr.fit(Lit(make_model("mlp1d")), loader((6,)))
-    saved = load(f"{logger.log_dir}/bnprobe")
+    saved = load(f"{logger.log_dir}/bnprobe_store")
     pd.testing.assert_frame_equal(saved, probe.to_dataframe())
     assert saved["channel"].notna().any()
     assert str(saved["channel"].dtype) == "Int64"

@@ -29,7 +29,7 @@ def bnprobe_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     out = tmp_path_factory.mktemp("demo")
     done = bnprobe_cli(
-        "demo", "--epochs", "1", "--train-size", "512", "--val-size", "128", "--out", str(out),
+        "demo", "--epochs", "1", "--num-train", "512", "--num-val", "128", "--out", str(out),
         cwd=out,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
