@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import pytorch_lightning as pl
@@ -221,3 +222,32 @@ def test_old_stores_in_a_bnprobe_folder_stay_readable(runs: Path, tmp_path: Path
     pd.testing.assert_frame_equal(bnprobe.load(old), bnprobe.load(runs / "healthy" / "version_0"))
     done = bnprobe_cli("report", str(old), cwd=tmp_path)
     assert done.returncode == EXIT_OK and "net.features.1" in done.stdout
+
+
+def test_the_nan_run_draws_its_figures_without_warnings(runs: Path) -> None:
+    import warnings
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bnprobe import figures
+    from bnprobe import tensorboard as tb
+
+    run = runs / "nan_input" / "version_0"
+    acc = EventAccumulator(str(run), size_guidance={"images": 0})
+    acc.Reload()
+    assert "bnprobe/probe/figure/gaps" in acc.Tags()["images"]
+    df = bnprobe.load(run)
+    df = df[df["metric"].isin(tb.FIGURE_METRICS)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = figures.gap_bars(df)
+        tb.render(fig)
+        for stage in ("train", "val"):
+            tb.render(figures.shift_heatmap(df, stage))
+    ax = fig.axes[0]
+    probe = df[(df["stage"] == "probe") & (df["layer"] != "<model>")]
+    latest = probe[probe["step"] == probe["step"].max()]
+    nonfinite = int((~np.isfinite(latest["value"].to_numpy(dtype=float))).sum())
+    assert nonfinite > 0  # the NaN run has NaN or inf gaps ...
+    assert len(ax.texts) == nonfinite  # ... and each is written where its bar would be
+    assert "logits_gap" in ax.get_title()

@@ -492,6 +492,37 @@ def test_gap_bars_show_the_latest_probe() -> None:
     assert "step 16" in title and "logits_gap" in title and "pred_agreement" in title
 
 
+def test_gap_bars_write_nan_and_inf_instead_of_drawing_them() -> None:
+    import warnings
+
+    df = _table()
+    probe = (df.stage == "probe") & (df.step == 16)
+    df.loc[probe & (df.metric == "local_gap") & (df.layer == LAYERS[0]), "value"] = np.nan
+    df.loc[probe & (df.metric == "output_gap") & (df.layer == LAYERS[1]), "value"] = np.inf
+    df.loc[probe & (df.metric == "logits_gap"), "value"] = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's overflow warnings included
+        fig = figures.gap_bars(df)
+        tb.render(fig)
+    ax = fig.axes[0]
+    texts = [t.get_text().strip() for t in ax.texts]
+    assert sorted(texts) == ["inf", "nan"]
+    widths = [p.get_width() for c in ax.containers for p in c]
+    assert all(np.isfinite(widths)) and ax.get_xlim()[1] < 1e6
+    assert "logits_gap inf" in ax.get_title()
+
+
+def test_gap_figure_gets_the_whole_model_rows_the_callback_selects(
+    fitted: tuple[Path, bnprobe.BNProbe],
+) -> None:
+    """The callback draws from ``store.select(FIGURE_METRICS)``: it must hold the whole-model
+    rows, or the chart loses its logits_gap / pred_agreement line."""
+    _, probe = fitted
+    fig = figures.gap_bars(probe.store.select(tb.FIGURE_METRICS))
+    title = fig.axes[0].get_title()
+    assert "logits_gap" in title and "pred_agreement" in title
+
+
 def test_figures_reject_missing_data() -> None:
     df = _table()
     with pytest.raises(ValueError, match="no layer aggregates of stage 'val', metric 'kl'"):
