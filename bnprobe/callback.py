@@ -116,7 +116,7 @@ class BNProbeBase:
         save_dir: str | os.PathLike[str] | bool | None = None,
         summary: bool = True,
         log_to: str = "tensorboard",
-        scalars: str | Collection[str] | None = None,
+        scalars: str | Sequence[str] | None = None,
     ) -> None:
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool)

@@ -143,9 +143,7 @@ def _read_folder(root: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
 
 def _covered(event_run: str, store_runs: list[str]) -> bool:
     """Whether a folder of event files is a run that has a store (at it or below it)."""
-    return any(
-        event_run in (s, ".") or s.startswith(f"{event_run}/") or s == "." for s in store_runs
-    )
+    return any(event_run in (s, ".") or s.startswith(f"{event_run}/") for s in store_runs)
 
 
 def _warn(command: str, problems: list[str]) -> None:
