@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 import bnprobe
 from bnprobe import BNProbe
-from bnprobe.cli import EXIT_DATA, EXIT_FINDINGS, EXIT_OK, EXIT_USAGE
+from bnprobe.cli import EXIT_DATA, EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, main
 from bnprobe.demo import DemoDataModule, DemoModule
 from bnprobe.pathologies import apply_pathology
 from bnprobe.store import STORE_NAME, StoreError
@@ -27,6 +28,7 @@ RUNS = {"healthy": None, "nan_input": "nan_input", "tf_momentum": "tf_momentum"}
 
 
 def bnprobe_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m bnprobe ARGS`` as a user runs it (a new interpreter: ~10 s of imports)."""
     return subprocess.run(
         [sys.executable, "-m", "bnprobe", *args],
         cwd=cwd,
@@ -34,6 +36,20 @@ def bnprobe_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Any:
+    """``bnprobe ARGS`` in this process (``bnprobe.cli.main``): the same exit code, stdout and
+    stderr as the subprocess, without its imports; an exception would fail the test."""
+
+    def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["bnprobe", *args], code, out, err)
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -93,30 +109,30 @@ def test_diagnose_judges_each_run_on_its_own(runs: Path) -> None:
 
 
 # -- report and export of a folder of runs -------------------------------------------------------
-def test_report_fails_when_any_run_fails_and_can_pick_one(runs: Path, tmp_path: Path) -> None:
+def test_report_fails_when_any_run_fails_and_can_pick_one(
+    runs: Path, tmp_path: Path, cli: Any
+) -> None:
     gate = bnprobe_cli("report", str(runs), "--fail-on", "error", cwd=tmp_path)
     assert gate.returncode == EXIT_FINDINGS, gate.stderr
     for name in NAMES:
         assert name in gate.stdout
-    assert bnprobe_cli("report", str(runs), cwd=tmp_path).returncode == EXIT_OK
-    healthy = bnprobe_cli(
+    assert cli("report", str(runs), cwd=tmp_path).returncode == EXIT_OK
+    healthy = cli(
         "report", str(runs), "--run", "healthy/version_0", "--fail-on", "warning", cwd=tmp_path
     )
     assert healthy.returncode == EXIT_OK, healthy.stdout + healthy.stderr
     assert "nan_input" not in healthy.stdout
-    warned = bnprobe_cli(
+    warned = cli(
         "report", str(runs), "--run", "tf_momentum/version_0", "--fail-on", "error", cwd=tmp_path
     )
     assert warned.returncode == EXIT_OK  # warnings only: below the error level
-    line = _one_line_error(
-        bnprobe_cli("report", str(runs), "--run", "nope", cwd=tmp_path), EXIT_USAGE
-    )
+    line = _one_line_error(cli("report", str(runs), "--run", "nope", cwd=tmp_path), EXIT_USAGE)
     assert "no run 'nope'" in line and "'healthy/version_0'" in line
 
 
-def test_export_of_a_folder_keeps_the_runs_apart(runs: Path, tmp_path: Path) -> None:
+def test_export_of_a_folder_keeps_the_runs_apart(runs: Path, tmp_path: Path, cli: Any) -> None:
     out = tmp_path / "all.parquet"
-    done = bnprobe_cli("export", str(runs), "-o", str(out), cwd=tmp_path)
+    done = cli("export", str(runs), "-o", str(out), cwd=tmp_path)
     assert done.returncode == EXIT_OK, done.stderr
     assert "of 3 runs" in done.stdout
     exported = pd.read_parquet(out)
@@ -124,11 +140,13 @@ def test_export_of_a_folder_keeps_the_runs_apart(runs: Path, tmp_path: Path) -> 
     assert sorted(bnprobe.load(out)["run"].unique()) == sorted(NAMES)  # and reads back so
 
 
-def test_runs_with_only_event_files_join_the_stored_ones(runs: Path, tmp_path: Path) -> None:
+def test_runs_with_only_event_files_join_the_stored_ones(
+    runs: Path, tmp_path: Path, cli: Any
+) -> None:
     folder = tmp_path / "mixed"
     shutil.copytree(runs, folder)
     shutil.rmtree(folder / "healthy" / "version_0" / STORE_NAME)  # save_dir=False, say
-    done = bnprobe_cli("export", str(folder), "-o", str(tmp_path / "t.csv"), cwd=tmp_path)
+    done = cli("export", str(folder), "-o", str(tmp_path / "t.csv"), cwd=tmp_path)
     assert done.returncode == EXIT_OK, done.stderr
     exported = pd.read_csv(tmp_path / "t.csv")
     assert sorted(exported["run"].unique()) == sorted(NAMES)
@@ -141,7 +159,7 @@ def _parts(run: Path) -> list[Path]:
     return sorted((run / STORE_NAME).glob("part-*.parquet"))
 
 
-def test_a_damaged_part_is_skipped_with_one_warning(runs: Path, tmp_path: Path) -> None:
+def test_a_damaged_part_is_skipped_with_one_warning(runs: Path, tmp_path: Path, cli: Any) -> None:
     folder = tmp_path / "damaged"
     shutil.copytree(runs, folder)
     run = folder / "healthy" / "version_0"
@@ -159,16 +177,18 @@ def test_a_damaged_part_is_skipped_with_one_warning(runs: Path, tmp_path: Path) 
     pd.testing.assert_frame_equal(
         df[df["run"] == "healthy/version_0"].drop(columns="run").reset_index(drop=True), whole
     )
-    done = bnprobe_cli("report", str(folder), cwd=tmp_path)
+    done = cli("report", str(folder), cwd=tmp_path)
     assert done.returncode == EXIT_DATA and "Traceback" not in done.stderr
     assert done.stderr.count("skipped the unreadable part") == 2
     assert len(done.stderr.strip().splitlines()) == 2  # one line each
     assert "healthy/version_0" in done.stdout  # the rest is reported
-    gate = bnprobe_cli("report", str(folder), "--fail-on", "error", cwd=tmp_path)
+    gate = cli("report", str(folder), "--fail-on", "error", cwd=tmp_path)
     assert gate.returncode == EXIT_FINDINGS  # the NaN run still fails the gate
 
 
-def test_a_store_with_every_part_damaged_is_a_data_error(tmp_path: Path, runs: Path) -> None:
+def test_a_store_with_every_part_damaged_is_a_data_error(
+    tmp_path: Path, runs: Path, cli: Any
+) -> None:
     run = tmp_path / "run"
     shutil.copytree(runs / "healthy" / "version_0" / STORE_NAME, run / STORE_NAME)
     (part,) = _parts(run)
@@ -179,18 +199,20 @@ def test_a_store_with_every_part_damaged_is_a_data_error(tmp_path: Path, runs: P
         line = _one_line_error(bnprobe_cli("report", str(target), cwd=tmp_path), EXIT_DATA)
         assert str(part) in line or "could not be read" in line
     part.write_bytes(b"")
-    line = _one_line_error(bnprobe_cli("report", str(part), cwd=tmp_path), EXIT_DATA)
+    line = _one_line_error(cli("report", str(part), cwd=tmp_path), EXIT_DATA)
     assert str(part) in line
 
 
-def test_an_event_file_or_a_csv_as_run_says_what_run_should_be(runs: Path, tmp_path: Path) -> None:
+def test_an_event_file_or_a_csv_as_run_says_what_run_should_be(
+    runs: Path, tmp_path: Path, cli: Any
+) -> None:
     (event,) = (runs / "healthy" / "version_0").glob("events.out.tfevents.*")
     csv = tmp_path / "table.csv"
     assert bnprobe_cli("export", str(runs), "-o", str(csv), cwd=tmp_path).returncode == EXIT_OK
     for path, kind in ((event, "a TensorBoard event file"), (csv, "a CSV file")):
         for command in ("report", "export"):
             extra = ["-o", str(tmp_path / "x.parquet")] if command == "export" else []
-            done = bnprobe_cli(command, str(path), *extra, cwd=tmp_path)
+            done = cli(command, str(path), *extra, cwd=tmp_path)
             line = _one_line_error(done, EXIT_USAGE)
             assert kind in line and "RUN is a run folder" in line, line
     with pytest.raises(ValueError, match="is a CSV file, not a bnprobe store"):
@@ -212,7 +234,7 @@ def test_a_closed_pipe_ends_quietly(runs: Path, tmp_path: Path) -> None:
     assert err == ""
 
 
-def test_old_stores_in_a_bnprobe_folder_stay_readable(runs: Path, tmp_path: Path) -> None:
+def test_old_stores_in_a_bnprobe_folder_stay_readable(runs: Path, tmp_path: Path, cli: Any) -> None:
     old = tmp_path / "old" / "version_0"
     shutil.copytree(runs / "healthy" / "version_0" / STORE_NAME, old / "bnprobe")
     new = tmp_path / "old" / "version_1"
@@ -220,7 +242,7 @@ def test_old_stores_in_a_bnprobe_folder_stay_readable(runs: Path, tmp_path: Path
     df = bnprobe.load(tmp_path / "old")
     assert sorted(df["run"].unique()) == ["version_0", "version_1"]
     pd.testing.assert_frame_equal(bnprobe.load(old), bnprobe.load(runs / "healthy" / "version_0"))
-    done = bnprobe_cli("report", str(old), cwd=tmp_path)
+    done = cli("report", str(old), cwd=tmp_path)
     assert done.returncode == EXIT_OK and "net.features.1" in done.stdout
 
 
