@@ -21,13 +21,14 @@ lint: setup
 	$(BIN)/ruff format --check bnprobe tests examples benchmarks docs/*.py
 	$(BIN)/mypy
 
-# The whole suite, two tests at a time (tests are independent; each uses its own tmp_path).
+# The whole suite, two test files at a time (tests are independent; each uses its own tmp_path;
+# --dist loadfile keeps a module on one worker, so its module-scoped fixture runs once).
 test: lint
-	$(BIN)/pytest -n 2
+	$(BIN)/pytest -n 2 --dist loadfile
 
 # ruff, mypy and the fast half of the suite: before every commit.
 check: lint
-	$(BIN)/pytest -n 2 -m "not slow"
+	$(BIN)/pytest -n 2 --dist loadfile -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py

@@ -103,7 +103,7 @@ def _read_file(path: Path) -> dict[str, pd.DataFrame]:
 
 
 def _read_folder(root: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
-    from bnprobe.store import StoreError, find_runs, load_runs
+    from bnprobe.store import StoreError, load_runs
     from bnprobe.tensorboard import read_runs
 
     problems: list[str] = []
@@ -118,7 +118,7 @@ def _read_folder(root: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
             except StoreError as err:
                 problems.append(str(err))
         problems += [str(w.message) for w in caught if str(w.message).startswith("bnprobe")]
-        store_runs = list(find_runs(root))
+        store_runs = list(tables)  # a run whose store could not be read falls back to events
         event_runs = sorted(
             {p.parent.relative_to(root).as_posix() for p in root.rglob("events.out.tfevents.*")}
         )

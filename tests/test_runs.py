@@ -273,3 +273,17 @@ def test_the_nan_run_draws_its_figures_without_warnings(runs: Path) -> None:
     assert nonfinite > 0  # the NaN run has NaN or inf gaps ...
     assert len(ax.texts) == nonfinite  # ... and each is written where its bar would be
     assert "logits_gap" in ax.get_title()
+
+
+def test_a_run_whose_store_cannot_be_read_is_read_from_its_event_files(
+    runs: Path, tmp_path: Path, cli: Any
+) -> None:
+    folder = tmp_path / "folder"
+    shutil.copytree(runs / "healthy", folder / "healthy")
+    (part,) = _parts(folder / "healthy" / "version_0")
+    part.write_bytes(b"")
+    done = cli("export", str(folder), "-o", str(tmp_path / "t.csv"))
+    assert done.returncode == EXIT_DATA  # the report is there, but not from every file
+    assert "skipped the unreadable part" in done.stderr and str(part) in done.stderr
+    exported = pd.read_csv(tmp_path / "t.csv")
+    assert len(exported) == len(bnprobe.read_tensorboard(folder)) > 0
