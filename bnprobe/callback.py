@@ -385,9 +385,15 @@ class BNProbeBase:
         """Parts of the probe switched off after an error, and why (layers included)."""
         off = dict(self._failures)
         if self.tap is not None:
+            why = {}
+            for line in self.tap.failures:  # "... layer 'x' (Type) failed with Error: msg. ..."
+                found = re.search(r"layer '(.*?)' .*? failed with (.*?)\. This layer", line)
+                if found:
+                    why[found.group(1)] = found.group(2)
             for layer in self.tap.layers:
                 if layer.failed:
-                    off.setdefault(f"measuring layer {layer.name!r}", "its hook failed")
+                    reason = why.get(layer.name, "its hook failed")
+                    off.setdefault(f"measuring layer {layer.name!r}", reason)
         return off
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

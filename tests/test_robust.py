@@ -314,6 +314,9 @@ def test_layer_the_probe_cannot_read_is_switched_off_and_training_unchanged(tmp_
     _assert_same(plain, probed)
     df = probe.to_dataframe()
     assert set(df["layer"]) == {"net.tuple_bn"}  # the tuple-returning layer is measured
+    summary = probe.summary_text()  # what the end of fit prints: what is off, and why
+    assert "switched off after an error: measuring layer 'net.dict_bn' (TypeError: " in summary
+    assert "found in what was measured." in summary
     assert sorted(df["step"].unique()) == list(range(8))
     assert (df[df["metric"] == "forward_calls"]["value"] == 1).all()
 
