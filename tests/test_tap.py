@@ -289,3 +289,24 @@ def test_a_failing_layer_warns_once_and_training_goes_on() -> None:
         again = tap.collect(step=1).rows
     assert set(rows["layer"]) == {"ok"} and set(again["layer"]) == {"ok"}
     assert len(tap.failures) == 1
+
+
+def test_trace_finds_producers_wrapped_in_containers() -> None:
+    """Sequential(conv, Dropout(0.3)) and Sequential(biased conv) feeding BN layers: the
+    container returns its child's tensor, and the child stays the producer. A leaf that
+    returns its input's tensor (ReLU(inplace=True)) is the producer of what follows it."""
+    from tests.replicas import WrappedDropoutNet
+
+    net = WrappedDropoutNet().train()
+    relu = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.ReLU(inplace=True), nn.BatchNorm2d(4))
+    for model, x in ((net, torch.randn(4, 3, 8, 8)), (relu, torch.randn(2, 3, 6, 6))):
+        with BNTap(model) as tap:
+            tap.start(trace=True)
+            model(x)
+            rows = tap.collect(step=0).rows.set_index(["layer", "metric"])["value"]
+        if model is net:
+            assert rows["bn1", "input_dropout"] == pytest.approx(0.3)
+            assert rows["bn1", "input_bias"] == 0
+            assert rows["bn2", "input_bias"] == 1 and rows["bn2", "input_dropout"] == 0
+        else:
+            assert rows["2", "input_bias"] == 0  # a ReLU, not the biased conv, feeds the BN
