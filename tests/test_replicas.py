@@ -168,13 +168,16 @@ def test_warmup_and_excess_on_momentum_001(tmp_path) -> None:
     raw one on the depthwise layers."""
     df, _, _ = _run(lambda: R.DepthwiseNet(momentum=0.01), R.image_data(), 12, tmp_path)
     agg = df[(df["stage"] == "train") & df["channel"].isna()]
-    layer = agg[agg["layer"] == "net.blocks.1.block.1.1"].pivot(
-        index="step", columns="metric", values="value"
-    )
+    layer_name = "net.blocks.1.block.1.1"
+    layer = agg[agg["layer"] == layer_name].pivot(index="step", columns="metric", values="value")
     assert layer["num_batches_tracked"].tolist() == list(range(12))
     assert layer["warmup_residual"].to_numpy() == pytest.approx(0.99 ** np.arange(12))
     late = layer.loc[6:]
     assert (late["var_shift_excess"] < 0.25 * late["var_shift"]).all()
+    val = df[(df["stage"] == "val") & df["channel"].isna() & (df["layer"] == layer_name)]
+    val = val.set_index("metric")["value"]  # after epoch 1: 8 updates
+    assert val["num_batches_tracked"] == 8
+    assert val["warmup_residual"] == pytest.approx(0.99**8)
 
 
 def test_check_mismatch_rows_carry_update_count_and_leave_state_bit_identical(tmp_path) -> None:
