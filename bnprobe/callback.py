@@ -27,7 +27,7 @@ from bnprobe.store import Store
 from bnprobe.tap import BNTap, LayerSelection, Snapshot, find_layers
 
 if TYPE_CHECKING:
-    from bnprobe.diagnose import Finding
+    from bnprobe.diagnosis import Finding
 
 FLUSH_EVERY_S = 30.0
 """The store writes a part file at most this often while training (and always at the end of each
@@ -128,13 +128,13 @@ class BNProbeBase:
 
     def findings(self) -> list[Finding]:
         """What is wrong with the BN layers so far, in plain words (:func:`bnprobe.diagnose`)."""
-        from bnprobe.diagnose import diagnose
+        from bnprobe.diagnosis import diagnose
 
         return diagnose(self.to_dataframe())
 
     def report(self) -> str:
         """A readable summary: latest key metrics per layer, then findings with advice."""
-        from bnprobe.diagnose import diagnose, format_report
+        from bnprobe.diagnosis import diagnose, format_report
 
         df = self.to_dataframe()
         return format_report(df, diagnose(df))

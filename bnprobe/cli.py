@@ -90,7 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from bnprobe.diagnose import diagnose, exit_code, format_report
+    from bnprobe.diagnosis import diagnose, exit_code, format_report
 
     df = read_run(args.run)
     if df.empty:

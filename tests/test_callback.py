@@ -237,10 +237,15 @@ def test_demo_net_shapes() -> None:
 
 
 def test_diagnose_stays_the_function_after_the_submodule_is_imported() -> None:
-    import bnprobe.diagnose  # binds the submodule on the package unless __init__ guards it
+    import importlib
+
+    import bnprobe.diagnosis  # the package is named so that it cannot shadow the function
     from bnprobe.store import empty_frame
 
     assert callable(bnprobe.diagnose) and bnprobe.diagnose(empty_frame()) == []
+    assert bnprobe.diagnose is bnprobe.diagnosis.diagnose
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("bnprobe.diagnose")
 
 
 def test_public_api_names() -> None:
