@@ -952,7 +952,7 @@ def test_worst_values_measure_what_the_rules_compare_after_warm_up() -> None:
     assert worst["val_mean_shift"] < healthy_metrics("val", L1, 0)["mean_shift"]  # step 0 left out
     assert worst["local_gap"] == pytest.approx(0.05)
     assert worst["logits_gap"] == pytest.approx(0.03)
-    assert worst["pred_agreement"] == pytest.approx(0.98)
+    assert worst["pred_change"] == pytest.approx(0.02)
     assert worst["batch_size"] == 64.0 and worst["samples_per_channel"] == 2048.0
     assert worst["momentum"] == pytest.approx(0.1)
     assert worst["var_over_eps"] == pytest.approx(0.5 / dg.DEFAULT_EPS)

@@ -99,7 +99,7 @@ CALIBRATION: dict[str, tuple[str, str]] = {
     "train_median_var_shift": ("train_var_shift_max", "max"),
     "local_gap": ("local_gap_max", "max"),
     "logits_gap": ("logits_gap_max", "max"),
-    "pred_agreement": ("pred_agreement_min", "min"),
+    "pred_change": ("pred_change_max", "max"),
     "recal_pred_change": ("recal_pred_change_max", "max"),
     "batch_size": ("small_batch_min_batch", "min"),
     "samples_per_channel": ("small_batch_min_samples", "min"),
@@ -148,9 +148,10 @@ def worst_values(df: pd.DataFrame, *, thresholds: Thresholds | None = None) -> d
         worst("local_gap", layers.loc[past, "local_gap"])
     model = shifts.probe_model(run)
     if len(model):
-        for m in ("logits_gap", "pred_agreement", "recal_pred_change"):
+        for m in ("logits_gap", "recal_pred_change"):
             if m in model:
                 worst(m, model[m])
+        worst("pred_change", model["disagreement"])
     medians = batches.batch_medians(run)
     if len(medians):
         for m in batches.BATCH_METRICS:

@@ -117,6 +117,12 @@ class Thresholds:
     """rank_divergence: rolling median (``train_window`` steps) of ``rank_divergence`` above
     this."""
 
+    @property
+    def pred_change_max(self) -> float:
+        """``1 - pred_agreement_min``: the share of predictions that may change between train
+        and eval mode (what ``worst_values`` calibrates as ``pred_change``)."""
+        return 1.0 - self.pred_agreement_min
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
