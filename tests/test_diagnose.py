@@ -957,3 +957,223 @@ def test_worst_values_measure_what_the_rules_compare_after_warm_up() -> None:
     assert worst["momentum"] == pytest.approx(0.1)
     assert worst["var_over_eps"] == pytest.approx(0.5 / dg.DEFAULT_EPS)
     assert math.isnan(worst["rank_divergence"])
+
+
+# -- the warm-up model (tables with the warm-up-corrected metrics) --------------------------------
+
+
+def corrected(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+    """Add what the tap writes now: the update count, the warm-up residual and the shifts the
+    warm-up cannot explain (healthy: the sampling noise only; 0 before any update)."""
+    if stage in ("train", "val", "probe") and layer != store.MODEL:
+        m |= {"num_batches_tracked": float(step), "warmup_residual": 0.9**step}
+    if stage in ("train", "val"):
+        noise = 0.0 if step == 0 else 1.0
+        m |= {
+            "mean_shift_excess": 0.04 * noise,
+            "mean_shift_excess_max": 0.12 * noise,
+            "var_shift_excess": 0.05 * noise,
+            "var_shift_excess_max": 0.15 * noise,
+            "running_invalid": 0.0,
+        }
+
+
+def both(*tweaks: Tweak) -> Tweak:
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        for t in tweaks:
+            t(stage, layer, step, rank, m)
+
+    return tweak
+
+
+def test_healthy_corrected_table_is_quiet_while_warming_up_and_after() -> None:
+    assert diagnose(table(corrected)) == []
+    early = table(corrected, train_steps=(0, 1, 2, 3), val_steps=(0, 3), probe_steps=(3,))
+    assert diagnose(early) == []
+
+
+def test_a_shift_beyond_the_warm_up_is_a_warning_at_step_20_as_at_step_100() -> None:
+    """The plain shift at step 20 is large in every healthy layer (12% of the initial values
+    are left); only the excess is judged, with the same limit early and late."""
+
+    def shifted(at: int) -> Tweak:
+        def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+            if stage == "val" and layer == L1 and step == at:
+                m |= {"mean_shift": 4.5, "mean_shift_excess": 4.0, "mean_shift_excess_max": 6.0}
+
+        return tweak
+
+    for at in (20, 100):
+        df = table(both(corrected, shifted(at)), val_steps=(0, at), probe_steps=())
+        f = one(diagnose(df), "stale_running_stats")
+        assert (f.layer, f.severity, f.step) == (L1, "warning", at)
+        assert f.evidence["mean_shift_excess"] == 4.0
+        assert "mean shift 4.00 std" in f.message
+        if at == 20:
+            assert f.evidence["warmup_residual"] == pytest.approx(0.9**20, rel=1e-5)
+            assert "12% of the initial running statistics" in f.message
+
+    # just below the limit, the same large plain shift is the warm-up's: quiet
+    def below(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "val" and layer == L1 and step == 20:
+            m |= {"mean_shift": 4.5, "mean_shift_excess": 0.99 * TH.val_mean_shift_max}
+
+    assert diagnose(table(both(corrected, below), val_steps=(0, 20), probe_steps=())) == []
+
+
+def model_probe(agreement: float, gap: float = 0.3, **extra: float) -> Tweak:
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "probe" and layer == store.MODEL and step == 10:
+            m |= {"pred_agreement": agreement, "logits_gap": gap, **extra}
+
+    return tweak
+
+
+def test_predictions_that_change_in_eval_mode_are_a_warning_whatever_the_warm_up() -> None:
+    """Step 10 at momentum 0.1: 35% of the initial statistics are left in every layer; 25% of
+    the predictions change between train and eval mode."""
+    steps = {"train_steps": tuple(range(11)), "val_steps": (), "probe_steps": (10,)}
+    edge = TH.pred_agreement_min
+    quiet = table(both(corrected, model_probe(edge)), **steps)
+    assert only(diagnose(quiet), "train_eval_gap") == []
+    f = one(diagnose(table(both(corrected, model_probe(0.75)), **steps)), "train_eval_gap")
+    assert (f.layer, f.severity, f.step) == (store.MODEL, "warning", 10)
+    assert "25% of the probe batch's predictions change" in f.message
+    assert "Likely cause: the running statistics are still warming up (35% of the initial" in (
+        f.message.replace("\n", " ")
+    )
+    assert "momentum 0.1" in f.message and "`bnprobe.recalibrate(" in f.advice
+    assert f.evidence["pred_agreement"] == 0.75 and f.evidence["step_latest"] == 10
+
+
+def test_layer_gaps_while_warming_up_stay_quiet() -> None:
+    steps = {"train_steps": tuple(range(11)), "val_steps": (), "probe_steps": (10,)}
+
+    def gap(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "probe" and layer == L1:
+            m["local_gap"] = 2 * TH.local_gap_max
+
+    assert only(diagnose(table(both(corrected, gap), **steps)), "train_eval_gap") == []
+
+
+def test_recalibration_gain_is_an_actionable_warning() -> None:
+    steps = {"train_steps": tuple(range(0, 101, 5)), "val_steps": (), "probe_steps": (10,)}
+
+    def gain(change: float, shift: float = 0.2) -> pd.DataFrame:
+        extra = {"recal_pred_change": change, "recal_logits_shift": shift}
+        return table(both(corrected, model_probe(0.97, 0.2, **extra)), **steps)
+
+    assert only(diagnose(gain(TH.recal_pred_change_max)), "train_eval_gap") == []
+    assert only(diagnose(gain(0.06, shift=0.5 * TH.recal_logits_shift_min)), "train_eval_gap") == []
+    f = one(diagnose(gain(0.06)), "train_eval_gap")
+    assert (f.layer, f.severity) == (store.MODEL, "warning")
+    assert "Recalibrating would change 6% of the eval-mode predictions" in f.message
+    assert f.evidence["recal_pred_change"] == 0.06
+    assert "bnprobe.recalibrate(model, loader, num_batches=100)" in f.advice
+
+
+def test_invalid_running_statistics_are_an_error_on_their_layer_from_the_probe() -> None:
+    """What check_mismatch gives for a model with one negative running variance in L2: only
+    probe rows; the NaN gaps of the layer are not mapped to 0 nor blamed on another layer."""
+
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "probe" and layer == L2:
+            m |= {"running_invalid": 1.0, "local_gap": math.nan, "output_gap": math.nan}
+        elif stage == "probe" and layer == L1:
+            m |= {"running_invalid": 0.0}
+
+    df = table(tweak, train_steps=(), val_steps=(), probe_steps=(100,))
+    found = diagnose(df)
+    f = one(found, "nonfinite")
+    assert (f.layer, f.severity, f.step) == (L2, "error", 100)
+    assert "invalid running statistics in 1 channel (non-finite, or a negative running" in (
+        f.message
+    )
+    assert f.evidence["running_invalid_channels"] == 1
+    assert "nan%" not in f.message and "blame" not in f.message
+    assert "nan%" not in format_report(df, found)
+
+
+def test_standalone_probe_rows_of_a_trained_model_warn_like_the_callback() -> None:
+    """check_mismatch rows carry num_batches_tracked: 1000 updates, no warm-up left."""
+
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "probe" and layer == L1:
+            m |= {"num_batches_tracked": 1000.0, "warmup_residual": 0.9**1000, "local_gap": 0.9}
+        elif stage == "probe" and layer == L2:
+            m |= {"num_batches_tracked": 1000.0, "warmup_residual": 0.9**1000}
+
+    df = table(tweak, train_steps=(), val_steps=(), probe_steps=(0,))
+    f = one(diagnose(df), "train_eval_gap")
+    assert (f.layer, f.severity, f.step) == (L1, "warning", 0)
+
+
+def test_thresholds_are_a_frozen_dataclass_users_can_pass() -> None:
+    df = table(probe(L1, "local_gap", 0.5))
+    assert only(diagnose(df), "train_eval_gap") == []
+    f = one(diagnose(df, thresholds=Thresholds(local_gap_max=0.4)), "train_eval_gap")
+    assert f.evidence["threshold_local_gap"] == 0.4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TH.local_gap_max = 1.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"Thresholds.local_gap_max must be a finite number >= 0"):
+        Thresholds(local_gap_max=-1.0)
+    with pytest.raises(TypeError, match=r"thresholds must be a bnprobe\.diagnosis\.Thresholds"):
+        diagnose(df, thresholds={"local_gap_max": 0.4})  # type: ignore[arg-type]
+
+
+def test_kind_and_severity_are_str_enums_that_compare_with_strings() -> None:
+    f = Finding("nonfinite", "error", L1, "m", "a", 1, {})
+    assert f.kind is dg.Kind.NONFINITE and f.severity is dg.Severity.ERROR
+    assert f.kind == "nonfinite" and f.severity == "error" and f"{f.severity}" == "error"
+    assert json.dumps(f.to_dict())  # plain strings in the dict
+    assert Finding.from_dict(f.to_dict()) == f
+    assert tuple(k.value for k in dg.Kind) == dg.KINDS
+
+
+# -- the report: runs, honest text ----------------------------------------------------------------
+
+
+def test_report_prints_one_section_per_run_and_never_merges_them() -> None:
+    healthy = table().assign(run="a/healthy")
+    bad = table(structural("momentum", 0.99)).assign(run="b/tf")
+    df = pd.concat([healthy, bad], ignore_index=True)
+    text = format_report(df)
+    assert text.startswith(
+        "2 runs, judged each on its own. Findings over all runs: 0 errors, 1 warning"
+    )
+    a, b = text.index("bnprobe report - run a/healthy"), text.index("bnprobe report - run b/tf")
+    assert a < b
+    assert "No findings: the 2 watched BatchNorm layers look healthy" in text[a:b]
+    assert "WARNING suspicious_momentum (run b/tf: features.5, step 0)" in text[b:]
+    doc = json.loads(format_report(df, fmt="json"))
+    assert [r["run"] for r in doc["runs"]] == ["a/healthy", "b/tf"]
+    assert [r["counts"]["warning"] for r in doc["runs"]] == [0, 1]
+    assert {f["run"] for f in doc["findings"]} == {"b/tf"}
+    assert exit_code(diagnose(df), "warning") == 1
+
+
+def test_report_text_is_honest_about_what_was_watched() -> None:
+    no_bn = format_report(store.empty_frame())
+    assert "no BatchNorm measurements in this table" in no_bn
+    assert "No findings: there was no BatchNorm layer to judge." in no_bn
+    assert "healthy" not in no_bn
+    one_layer = format_report(table(layers=(L1,)))
+    assert "1 BatchNorm layer," in one_layer and "1 BatchNorm layers" not in one_layer
+    assert one_layer.endswith(
+        "No findings: the 1 watched BatchNorm layer looks healthy (1 BatchNorm layer, training "
+        "steps 0..100 (21 measured), 3 validation epochs, 2 train/eval probes)."
+    )
+    recal_only = table(train_steps=(), val_steps=(), probe_steps=()).iloc[0:0]
+    assert "healthy" not in format_report(recal_only)
+
+
+def test_latest_and_worst_are_named_where_both_appear() -> None:
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "probe" and layer == store.MODEL:
+            m["pred_agreement"] = {50: 0.4, 100: 0.7}[step]
+
+    df = table(tweak)
+    text = format_report(df)
+    assert "model at the latest probe (step 100): logits_gap 0.03, pred_agreement 0.7" in text
+    f = one(diagnose(df), "train_eval_gap")
+    assert "At the latest probe (step 100)" in f.message and "30% of the probe batch" in f.message
