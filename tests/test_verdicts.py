@@ -86,7 +86,7 @@ def test_zero_init_resnet_is_quiet_and_gamma_drift_finite(zero_init: Fitted) -> 
     assert " inf" not in text and "nan" not in text
 
 
-# -- a broken eval mode is not excused as warm-up ---------------------------------------------------
+# -- a broken eval mode is not excused as warm-up ---------------------------------------------
 
 
 def test_momentum_001_depthwise_net_with_broken_eval_mode_warns(depthwise: Fitted) -> None:
@@ -130,7 +130,7 @@ def test_shifted_validation_set_20_steps_in_warns(shifted: Fitted) -> None:
     assert float(f.evidence["mean_shift_excess"]) > 2.0
 
 
-# -- producers wrapped in a container ----------------------------------------------------------------
+# -- producers wrapped in a container ---------------------------------------------------------
 
 
 def test_wrapped_dropout_and_bias_are_found_on_the_right_layer(wrapped: Fitted) -> None:
