@@ -11,7 +11,8 @@ problems are available as ``bnprobe demo --pathology NAME``.
 
 ``--calibrate`` trains healthy runs (the demo at its ``bnprobe demo`` defaults and short, small
 BatchNorm1d MLPs with Adam and SGD at several batch sizes, a small residual conv net) and prints,
-for every threshold of bnprobe.diagnose, the worst value seen on those runs: the table in
+for every threshold of bnprobe.diagnosis.Thresholds, the worst value seen on those runs (measured
+by bnprobe.diagnosis.worst_values, which calls the rules' own functions): the table in
 docs/diagnosis.md. Takes a few minutes on a laptop CPU.
 """
 

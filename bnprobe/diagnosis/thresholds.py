@@ -66,9 +66,11 @@ class Thresholds:
     """train_eval_gap of the model: probe-stage ``pred_agreement`` below this (more than 20% of
     the predictions change between train and eval mode): a warning whatever the warm-up."""
 
-    recal_pred_change_max: float = 0.03
+    recal_pred_change_max: float = 0.04
     """train_eval_gap of the model: ``recal_pred_change`` above this (re-estimating the running
-    statistics would change more than 3% of the probe batch's eval-mode predictions)."""
+    statistics would change more than 4% of the probe batch's eval-mode predictions). A 6-point
+    eval gap is reported; one flipped prediction of a 32-row probe batch (3.1%) is not; healthy
+    runs measured 0."""
 
     recal_logits_shift_min: float = 0.05
     """...and ``recal_logits_shift`` above this: a few flipped near-ties with logits that barely
