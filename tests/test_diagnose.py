@@ -1021,6 +1021,26 @@ def test_a_shift_beyond_the_warm_up_is_a_warning_at_step_20_as_at_step_100() -> 
     assert diagnose(table(both(corrected, below), val_steps=(0, 20), probe_steps=())) == []
 
 
+def test_a_frozen_layer_has_no_warm_up_and_is_judged_on_its_plain_shift() -> None:
+    """An eval-mode layer keeps its buffers: the tap's residual stays 1 and the excess 0 (nothing
+    learned), but no warm-up is under way: its plain validation shift is what eval mode gets."""
+
+    def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if layer != L1:
+            return
+        if stage == "train":
+            m["train_mode"] = 0.0
+        if stage in ("train", "val"):
+            m |= {"warmup_residual": 1.0, "mean_shift_excess": 0.0, "var_shift_excess": 0.0}
+        if stage == "val":
+            m["mean_shift"] = 2.0
+
+    df = table(both(corrected, tweak), val_steps=(50, 100), probe_steps=())
+    f = one(diagnose(df), "stale_running_stats")
+    assert (f.layer, f.severity, f.step) == (L1, "warning", 50)
+    assert f.evidence["mean_shift"] == 2.0
+
+
 def model_probe(agreement: float, gap: float = 0.3, **extra: float) -> Tweak:
     def tweak(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
         if stage == "probe" and layer == store.MODEL and step == 10:
@@ -1044,6 +1064,28 @@ def test_predictions_that_change_in_eval_mode_are_a_warning_whatever_the_warm_up
     )
     assert "momentum 0.1" in f.message and "`bnprobe.recalibrate(" in f.advice
     assert f.evidence["pred_agreement"] == 0.75 and f.evidence["step_latest"] == 10
+
+
+def test_changed_predictions_past_the_warm_up_need_a_layer_to_blame() -> None:
+    """Past the warm-up, near-tied predictions of a barely trained net flip at small gaps that
+    add up over many layers: info; with a layer whose own gap is beyond its limit: warning."""
+    steps = {"train_steps": tuple(range(0, 101, 10)), "val_steps": (), "probe_steps": (10, 100)}
+
+    def late(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        if stage == "probe" and layer == store.MODEL and step == 100:
+            m |= {"pred_agreement": 0.6, "logits_gap": 0.4}
+
+    f = one(diagnose(table(both(corrected, late), **steps)), "train_eval_gap")
+    assert (f.layer, f.severity) == (store.MODEL, "info")
+    assert "No single layer's gap exceeds" in f.message
+
+    def blamed(stage: str, layer: str, step: int, rank: int, m: Metrics) -> None:
+        late(stage, layer, step, rank, m)
+        if stage == "probe" and layer == L2 and step == 100:
+            m["local_gap"] = 2 * TH.local_gap_max
+
+    found = only(diagnose(table(both(corrected, blamed), **steps)), "train_eval_gap")
+    assert {(f.layer, f.severity) for f in found} == {(store.MODEL, "warning"), (L2, "warning")}
 
 
 def test_layer_gaps_while_warming_up_stay_quiet() -> None:

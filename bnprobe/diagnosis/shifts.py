@@ -37,15 +37,18 @@ def judged_shifts(run: Run, wide: pd.DataFrame) -> pd.DataFrame:
     """``wide`` with the shifts the stale rule judges: ``judged_mean_shift`` and
     ``judged_var_shift`` (the warm-up-corrected ``*_excess`` metrics), ``judged_kl`` (only for
     tables without them), and ``residual``. Tables of older versions, without the corrected
-    metrics, are judged on the plain shifts of the rows past the warm-up only."""
+    metrics, are judged on the plain shifts of the rows past the warm-up only. Layers whose
+    statistics never update (eval mode, momentum 0) are judged on the plain shifts: no warm-up
+    is under way there."""
     r = run.residuals(wide)
     warm = r < run.th.warmup_residual
     out = wide.assign(residual=r)
+    static = wide["layer"].isin(run.static).to_numpy(dtype=bool)
     legacy = np.ones(len(wide), dtype=bool)
     for name in ("mean_shift", "var_shift"):
         excess = col(wide, f"{name}_excess").to_numpy(dtype=float)
         plain = col(wide, name).to_numpy(dtype=float)
-        has = np.isfinite(excess)
+        has = np.isfinite(excess) & ~static
         legacy &= ~has
         out[f"judged_{name}"] = np.where(has, excess, np.where(warm, plain, np.nan))
     out["judged_kl"] = np.where(legacy & warm, col(wide, "kl").to_numpy(dtype=float), np.nan)
@@ -241,11 +244,13 @@ def rule_train_eval_gap(run: Run) -> list[Finding]:
     Per layer: the latest probe-stage ``local_gap`` above ``local_gap_max`` (``warning``) once
     the layer is past its warm-up; a layer still warming up stays quiet (the model-level
     verdict below speaks for the predictions). For the model (layer ``<model>``), at the latest
-    probe, a ``warning``: ``pred_agreement`` below ``pred_agreement_min``, whatever the warm-up
-    (the warm-up is named as the likely cause when a layer still holds much of its initial
-    statistics); or recalibration would change more than ``recal_pred_change_max`` of the
-    predictions; or ``logits_gap`` above ``logits_gap_max`` with a layer to blame (``info``
-    without one: small gaps of many layers add up in deep nets early in training).
+    probe, a ``warning``: ``pred_agreement`` below ``pred_agreement_min`` while some layer is
+    still warming up (the warm-up is named as the likely cause: the case the old warm-up
+    excuse silenced) or with a layer to blame; recalibration would change more than
+    ``recal_pred_change_max`` of the predictions; or ``logits_gap`` above ``logits_gap_max``
+    with a layer to blame. Past the warm-up, changed predictions or a large logits gap without
+    a layer to blame are ``info``: the small gaps of many layers add up and flip near-tied
+    predictions of a barely trained net.
     """
     th = run.th
     out: list[Finding] = []
@@ -311,7 +316,9 @@ def rule_train_eval_gap(run: Run) -> list[Finding]:
                 f"(local gap {fmt(float(top['local_gap']))})."
             )
         variant = "layer"
-        severity = Severity.WARNING if (low_agreement[i] or gain[i] or blamed) else Severity.INFO
+        warming_up = r >= th.warmup_residual
+        severe = gain[i] or blamed or (low_agreement[i] and warming_up)
+        severity = Severity.WARNING if severe else Severity.INFO
         if gain[i]:
             parts.append(
                 "Recalibrating would change "
@@ -320,7 +327,7 @@ def rule_train_eval_gap(run: Run) -> list[Finding]:
                 "statistics fit this data better than the ones the layers hold."
             )
             variant = "recal"
-        if (low_agreement[i] or gain[i]) and r >= th.warmup_residual:
+        if (low_agreement[i] or gain[i]) and warming_up:
             m = run.momentum.get(warming)
             momentum = "" if m is None else ", momentum None" if m != m else f", momentum {m:g}"
             parts.append(

@@ -64,14 +64,24 @@ class Run:
             return 0.0
         return float((1.0 - min(m, 1.0)) ** max(n, 0.0))
 
+    @property
+    def static(self) -> set[str]:
+        """Layers whose running statistics do not update while the model trains (eval mode,
+        momentum 0): no warm-up is under way, their statistics are what eval mode gets."""
+        return self.eval_only | {la for la, m in self.momentum.items() if m == 0.0}
+
     def residuals(self, df: pd.DataFrame) -> np.ndarray:
         """Per row of a wide table: the warm-up residual of the layer at that row: the
-        ``warmup_residual`` metric where the table has it, else :meth:`model_residual`."""
+        ``warmup_residual`` metric where the table has it, else :meth:`model_residual`; 0 for
+        :attr:`static` layers."""
         given = col(df, "warmup_residual").to_numpy(dtype=float)
         updates = col(df, "num_batches_tracked").to_numpy(dtype=float)
+        static = self.static
         out = np.empty(len(df), dtype=float)
         for i, (la, s) in enumerate(zip(df["layer"], df["step"], strict=True)):
-            if math.isfinite(given[i]):
+            if str(la) in static:
+                out[i] = 0.0
+            elif math.isfinite(given[i]):
                 out[i] = given[i]
             else:
                 out[i] = self.model_residual(str(la), int(s), updates[i])
