@@ -7,6 +7,7 @@ Each fit is tiny (a few seconds on a CPU) and shared by the tests of this module
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pandas as pd
@@ -83,7 +84,7 @@ def test_zero_init_resnet_is_quiet_and_gamma_drift_finite(zero_init: Fitted) -> 
     drift = df[(df["metric"] == "gamma_drift") & df["layer"].isin(zero_layers)]["value"]
     assert len(drift) and bool(drift.map(math.isfinite).all()), drift.tolist()
     text = format_report(df, found)
-    assert " inf" not in text and "nan" not in text
+    assert not re.search(r"\b(nan|inf)\b", text, flags=re.I), text
 
 
 # -- a broken eval mode is not excused as warm-up ---------------------------------------------
@@ -167,3 +168,40 @@ def test_negative_running_variance_is_an_error_on_its_layer_standalone(zero_init
 
 def test_diagnose_stays_the_function(zero_init: Fitted) -> None:
     assert bnprobe.diagnose is diagnose and callable(bnprobe.diagnose)
+
+
+# -- a channel that dies mid-run; frozen BN fine-tuning ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def raw255() -> Fitted:
+    """0..255 inputs; ReLU channel 0 before ``bn1`` dies at step 10 (batch variance exactly 0)."""
+    data = R.raw255_data(batches=10)
+    return Fitted(R.fit(R.Raw255Net(die_at=10), data, 30, probe(), momentum=0.0), data)
+
+
+def test_a_channel_that_dies_mid_run_is_a_variance_collapse_from_then_on(raw255: Fitted) -> None:
+    collapse = of(raw255.findings, "variance_collapse")
+    assert list(collapse) == ["net.bn1"], [str(f) for f in raw255.findings]
+    f = collapse["net.bn1"]
+    assert (f.severity, f.step) == ("warning", 10)
+    assert "more than at the start" in f.message
+    assert of(raw255.findings, "nonfinite") == {}  # exact 0 variance is no NaN
+    text = format_report(raw255.df, raw255.findings)
+    assert not re.search(r"\b(nan|inf)\b", text, flags=re.I), text
+
+
+@pytest.fixture(scope="module")
+def frozen() -> Fitted:
+    data = R.image_data(batches=10)
+    net = R.FrozenBNFinetune()
+    net.pretrain([x for x, _ in data.train])
+    return Fitted(R.fit(net, data, 20, probe()), data)
+
+
+def test_frozen_bn_fine_tuning_names_each_frozen_layer_and_nothing_else(frozen: Fitted) -> None:
+    bns = [n for n, m in frozen.net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    found = frozen.findings
+    assert sorted(of(found, "frozen_bn")) == sorted(f"net.{n}" for n in bns)
+    assert all(f.severity == "warning" for f in of(found, "frozen_bn").values())
+    assert {f.kind for f in found if f.severity != "info"} == {"frozen_bn"}
