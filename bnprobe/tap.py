@@ -255,8 +255,8 @@ class BNTap:
         layer.beta0 = m.bias.detach().clone()
 
     def references(self) -> dict[str, dict[str, Tensor]]:
-        """gamma_0, beta_0 and the initial running buffers of each layer, on the CPU (for
-        checkpoints)."""
+        """gamma_0, beta_0, the initial running buffers and whether the next measured step
+        computes the moments directly, of each layer, on the CPU (for checkpoints)."""
         out: dict[str, dict[str, Tensor]] = {}
         for layer in self.layers:
             refs = {}
@@ -264,6 +264,7 @@ class BNTap:
                 refs = {"gamma0": layer.gamma0.cpu(), "beta0": layer.beta0.cpu()}
             if layer.initial is not None:
                 refs["initial"] = layer.initial.cpu()
+            refs["suspect"] = torch.tensor(layer.suspect)  # a resumed run measures as this one
             if refs:
                 out[layer.name] = refs
         return out
@@ -275,6 +276,8 @@ class BNTap:
             saved = refs.get(layer.name)
             if saved is None:
                 continue
+            if "suspect" in saved:
+                layer.suspect = bool(saved["suspect"])
             running = _running(layer.module)
             if "initial" in saved and running:
                 layer.initial = saved["initial"].to(running[0].device)
@@ -606,9 +609,19 @@ class BNTap:
         self._trace = None
 
     def _record_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Remember which module returned each tensor. A module with children (Sequential, a
+        block) that returns a tensor one of its modules already returned does not replace it:
+        forward hooks fire innermost first, so ``Sequential(conv, Dropout)`` leaves the Dropout
+        as the producer. Leaf modules do replace (``ReLU(inplace=True)`` returns the conv's
+        tensor, and it is the ReLU that feeds the next layer). Functional calls
+        (``F.dropout``, ``x + bias``) are not modules and cannot be seen."""
         traced = self._trace is not None and id(module) in self._model_modules
         if traced and isinstance(output, Tensor):
             assert self._trace is not None
+            if module._modules:
+                entry = self._trace.get(id(output))
+                if entry is not None and entry[0]() is output:
+                    return
             self._trace[id(output)] = (weakref.ref(output), module)
 
     def _note_producer(self, layer: _Layer, x: Any) -> None:

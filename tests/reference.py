@@ -109,10 +109,14 @@ class Reference:
             for n, m in self.bns.items()
             if m.affine
         }
+        # the warm-up reference, known for sure only for a layer seen before any update (the
+        # tap may have seen a layer earlier than a reference made late)
         self.initial = {
-            n: (m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked))
+            n: (m.running_mean.clone(), m.running_var.clone(), 0)
             for n, m in self.bns.items()
-            if m.running_mean is not None and m.num_batches_tracked is not None
+            if m.running_mean is not None
+            and m.num_batches_tracked is not None
+            and int(m.num_batches_tracked) == 0
         }
         self.active = False
         self.seen: set[str] = set()
