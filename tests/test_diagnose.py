@@ -1192,6 +1192,9 @@ def test_report_prints_one_section_per_run_and_never_merges_them() -> None:
     assert [r["counts"]["warning"] for r in doc["runs"]] == [0, 1]
     assert {f["run"] for f in doc["findings"]} == {"b/tf"}
     assert exit_code(diagnose(df), "warning") == 1
+    # findings a caller made without their run are still printed, in a section of their own
+    loose = Finding("bias_before_bn", "info", L1, "loose finding", "a", 0, {})
+    assert "loose finding" in format_report(df, [loose])
 
 
 def test_report_text_is_honest_about_what_was_watched() -> None:

@@ -74,6 +74,10 @@ def format_report(
     ]
     if single:
         return sections[0]
+    names = {s["run"] for s in summaries}
+    stray = [f for f in found if f.run not in names]
+    if stray:  # findings given by the caller without the run they belong to
+        sections.append("Findings not tied to one of these runs\n\n" + _findings_text(stray, {}))
     overall = (
         f"{len(summaries)} runs, judged each on its own. Findings over all runs: "
         + _count_text(counts)
@@ -209,7 +213,7 @@ def _summary_text(s: dict[str, Any]) -> str:
 def _findings_text(findings: Sequence[Finding], s: dict[str, Any]) -> str:
     counts = _counts(findings)
     if not findings:
-        if not s["layers"]:
+        if not s.get("layers"):
             return "No findings: there was no BatchNorm layer to judge."
         if not _measured(s):
             return "No findings: nothing was measured yet, so nothing could be judged."
