@@ -22,6 +22,12 @@ from tests import replicas as R
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 
+def seeded() -> None:
+    """The nets are built before ``R.fit`` seeds: seed their init too, so that a fit does not
+    depend on which tests ran before it."""
+    torch.manual_seed(0)
+
+
 def probe() -> BNProbe:
     return BNProbe(every_n_steps=1, save_dir=False, histograms=False, summary=False)
 
@@ -45,6 +51,7 @@ class Fitted:
 @pytest.fixture(scope="module")
 def zero_init() -> Fitted:
     """A healthy zero-init ResNet (gamma = 0 in every block's last BN), 30 steps."""
+    seeded()
     data = R.image_data(batches=10)
     return Fitted(R.fit(R.ZeroInitResNet(), data, 30, probe()), data)
 
@@ -53,6 +60,7 @@ def zero_init() -> Fitted:
 def depthwise() -> Fitted:
     """The stock MobileNetV3-like net (torchvision init, BN eps 1e-3, momentum 0.01), 40 steps:
     67% of the initial running statistics are left, its eval mode is broken."""
+    seeded()
     data = R.image_data(batches=10)
     return Fitted(R.fit(R.DepthwiseNet(), data, 40, probe()), data)
 
@@ -61,12 +69,14 @@ def depthwise() -> Fitted:
 def shifted() -> Fitted:
     """Validation set shifted by 4 standard deviations and scaled by 3; validation after 20
     training steps (12% of the initial statistics left at momentum 0.1)."""
+    seeded()
     data = R.image_data(batches=20, val_shift=4.0, val_scale=3.0)
     return Fitted(R.fit(R.ZeroInitResNet(zero_init=False), data, 20, probe()), data)
 
 
 @pytest.fixture(scope="module")
 def wrapped() -> Fitted:
+    seeded()
     data = R.image_data(batches=5)
     return Fitted(R.fit(R.WrappedDropoutNet(), data, 5, probe()), data)
 
@@ -177,7 +187,15 @@ def test_diagnose_stays_the_function(zero_init: Fitted) -> None:
 def raw255() -> Fitted:
     """0..255 inputs; ReLU channel 0 before ``bn1`` dies at step 10 (batch variance exactly 0)."""
     data = R.raw255_data(batches=10)
-    return Fitted(R.fit(R.Raw255Net(die_at=10), data, 30, probe(), momentum=0.0), data)
+    x = next(iter(data.train))[0]
+    for seed in range(20):  # an init without a ReLU channel that is dead from the start
+        torch.manual_seed(seed)
+        net = R.Raw255Net(die_at=10)
+        with torch.no_grad():
+            alive = torch.relu(net.conv1(x)).amax(dim=(0, 2, 3)) > 0
+        if bool(alive.all()):
+            break
+    return Fitted(R.fit(net, data, 30, probe(), momentum=0.0), data)
 
 
 def test_a_channel_that_dies_mid_run_is_a_variance_collapse_from_then_on(raw255: Fitted) -> None:
@@ -193,6 +211,7 @@ def test_a_channel_that_dies_mid_run_is_a_variance_collapse_from_then_on(raw255:
 
 @pytest.fixture(scope="module")
 def frozen() -> Fitted:
+    seeded()
     data = R.image_data(batches=10)
     net = R.FrozenBNFinetune()
     net.pretrain([x for x, _ in data.train])
@@ -211,14 +230,15 @@ def test_frozen_bn_fine_tuning_names_each_frozen_layer_and_nothing_else(frozen: 
 
 
 def test_a_gap_that_recalibration_closes_is_reported_with_its_size() -> None:
-    """A ResNet whose BN momentum is 0.05: after 30 steps 21% of the initial statistics are
+    """A ResNet whose BN momentum is 0.02: after 30 steps 55% of the initial statistics are
     left, eval accuracy lags the batch-statistics accuracy, and re-estimated statistics would
     change a share of the predictions that the finding quotes."""
+    seeded()
     data = R.image_data(batches=10)
     net = R.ZeroInitResNet(zero_init=False)
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = 0.05
+            m.momentum = 0.02
     fitted = Fitted(R.fit(net, data, 30, probe()), data)
     f = of(fitted.findings, "train_eval_gap")["<model>"]
     change = float(f.evidence["recal_pred_change"])

@@ -63,8 +63,12 @@ def variance_levels(run: Run) -> pd.DataFrame:
     ) | (np.nan_to_num(frac) > th.var_small_channel_frac)
     zero = np.nan_to_num(out["zero_over_eps"].to_numpy(float), nan=np.inf) < th.var_zero_eps_factor
     dropped = np.nan_to_num(out["var_drop"].to_numpy(float), nan=np.inf) < th.var_collapse_drop
+    small_at_first = (
+        pd.Series(small, index=out.index).groupby([out["rank"], out["layer"]]).transform("first")
+    ).to_numpy(dtype=bool)
     fell = small & (
-        (np.nan_to_num(fall, nan=np.inf) < th.var_collapse_fall)
+        ~small_at_first
+        | (np.nan_to_num(fall, nan=np.inf) < th.var_collapse_fall)
         | (np.nan_to_num(out["frac_rise"].to_numpy(float)) > th.var_small_channel_frac)
     )
     return out.assign(
@@ -122,6 +126,12 @@ def rule_variance_collapse(run: Run) -> list[Finding]:
             fold = f", a {fmt(peak / bvw, '.0f')}-fold drop" if bvw > 0 else ""
             what = (
                 f"the variance of its input fell from {fmt(peak, '.3g')} to {fmt(bvw, '.3g')}{fold}"
+            )
+        elif bool(worst["fell"]) and not get(worst, "collapsed_frac") > th.var_small_channel_frac:
+            what = (
+                f"the variance of its input fell to {fmt(bvw, '.2g')} ("
+                f"{fmt(get(worst, 'var_over_eps'), '.2g')} x eps = {e:g}), from "
+                f"{fmt(get(worst, 'first_batch_var'), '.3g')} at its first measurement"
             )
         elif bool(worst["fell"]):
             what = (
@@ -195,7 +205,8 @@ def rule_small_input_variance(run: Run) -> list[Finding]:
             "scale 1/sqrt(var + eps) instead of normalizing, in train and eval mode alike; "
             "eval mode stays faithful as long as the running variance follows the batch "
             "variance. Likely cause: a depthwise conv initialized with "
-            "kaiming_normal_(mode='fan_out')."
+            "kaiming_normal_(mode='fan_out'); for a share of channels at exactly 0, ReLU "
+            "channels dead from the start."
         )
         ev: Evidence = evidence(
             latest,
