@@ -343,7 +343,7 @@ def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.
             invalid, n, r,
         )  # fmt: skip
         out: dict[str, np.ndarray] = dict(zip(_MEANS, sums / c, strict=True))
-        out["running_invalid"] = out["running_invalid"] * c  # a count, not a fraction
+        out["running_invalid"] = np.rint(out["running_invalid"] * c)  # a count, not a fraction
         peaks = np.maximum.reduceat(np.stack([ad, av, kl, ag, adx, avx]), starts, axis=1)
         out |= dict(zip(("mean_shift_max", "var_shift_max", "kl_max"), peaks[:3], strict=True))
         out["mean_shift_excess_max"], out["var_shift_excess_max"] = peaks[4], peaks[5]

@@ -168,13 +168,16 @@ def test_warmup_and_excess_on_momentum_001(tmp_path) -> None:
     raw one on the depthwise layers."""
     df, _, _ = _run(lambda: R.DepthwiseNet(momentum=0.01), R.image_data(), 12, tmp_path)
     agg = df[(df["stage"] == "train") & df["channel"].isna()]
-    layer = agg[agg["layer"] == "net.blocks.1.block.1.1"].pivot(
-        index="step", columns="metric", values="value"
-    )
+    layer_name = "net.blocks.1.block.1.1"
+    layer = agg[agg["layer"] == layer_name].pivot(index="step", columns="metric", values="value")
     assert layer["num_batches_tracked"].tolist() == list(range(12))
     assert layer["warmup_residual"].to_numpy() == pytest.approx(0.99 ** np.arange(12))
     late = layer.loc[6:]
     assert (late["var_shift_excess"] < 0.25 * late["var_shift"]).all()
+    val = df[(df["stage"] == "val") & df["channel"].isna() & (df["layer"] == layer_name)]
+    val = val.set_index("metric")["value"]  # after epoch 1: 8 updates
+    assert val["num_batches_tracked"] == 8
+    assert val["warmup_residual"] == pytest.approx(0.99**8)
 
 
 def test_check_mismatch_rows_carry_update_count_and_leave_state_bit_identical(tmp_path) -> None:
@@ -205,3 +208,31 @@ def test_check_mismatch_rows_carry_update_count_and_leave_state_bit_identical(tm
         1 - got["<model>", "pred_agreement"], abs=0.1
     )
     assert rows.equals(check_mismatch(net, data.probe_batch))  # same state, same numbers
+
+
+@pytest.mark.parametrize(
+    "make",
+    [R.ZeroInitResNet, R.DepthwiseNet, R.FusedNet, R.WrappedDropoutNet, R.Raw255Net,
+     R.FrozenBNFinetune],
+)  # fmt: skip
+def test_check_mismatch_on_every_replica_is_finite_and_leaves_it_bit_identical(make) -> None:
+    torch.manual_seed(0)
+    net = make()
+    raw = make is R.Raw255Net
+    data = R.raw255_data() if raw else R.image_data()
+    net.train()
+    with torch.no_grad():
+        for x, _ in data.train:  # 8 training-mode forwards: running statistics of the data
+            net(x)
+    if isinstance(net, R.Raw255Net):
+        net.on_step(10)  # channel 0 of conv1 dies: bn1's input is 0 there, running var is not
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    flags = [m.training for m in net.modules()]
+    rows = check_mismatch(net, data.probe_batch, recal_batches=[next(iter(data.val or []))])
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert [m.training for m in net.modules()] == flags
+    assert np.isfinite(rows["value"]).all()
+    got = rows.set_index(["layer", "metric"])["value"]
+    first = next(n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d))
+    assert got[first, "local_gap"] == pytest.approx(got[first, "output_gap"], rel=1e-5)
+    assert (rows[rows["metric"] == "running_invalid"]["value"] == 0).all()

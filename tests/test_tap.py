@@ -342,3 +342,24 @@ def test_recovery_error_bound_holds_on_real_updates(momentum) -> None:
     assert ill[:8].all()  # dead and tiny channels are ill-conditioned
     if momentum == 0.5:
         assert not ill[-8:].any()  # large ones, at a large factor, are not
+
+
+def test_warmup_metrics_follow_the_update_count_for_cumulative_and_momentum_layers() -> None:
+    """momentum=None (cumulative average): r = 1 before the first update, 0 after; momentum
+    0.1: r = 0.9**n. The excess shifts are 0 while r = 1 and equal the plain shifts at r = 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(5, momentum=None), nn.BatchNorm1d(5, momentum=0.1))
+    got = []
+    with BNTap(model) as tap:
+        for step in range(3):
+            tap.start()
+            model(torch.randn(16, 5) * 3 + 2)
+            got.append(tap.collect(step=step).rows.set_index(["layer", "metric"])["value"])
+    assert [g["0", "num_batches_tracked"] for g in got] == [0, 1, 2]
+    assert [g["0", "warmup_residual"] for g in got] == [1.0, 0.0, 0.0]
+    assert [g["1", "warmup_residual"] for g in got] == pytest.approx([1.0, 0.9, 0.81])
+    assert got[0]["0", "var_shift_excess"] == 0 and got[0]["0", "mean_shift"] > 0.5
+    for g in got[1:]:
+        assert g["0", "mean_shift_excess"] == pytest.approx(g["0", "mean_shift"], rel=1e-12)
+        assert g["0", "var_shift_excess_max"] == pytest.approx(g["0", "var_shift_max"], rel=1e-12)
+    assert all(g[layer, "running_invalid"] == 0 for g in got for layer in ("0", "1"))
