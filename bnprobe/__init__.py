@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# ``diagnose`` is both a submodule and a function: import the function eagerly so that the
-# package attribute stays the function even after ``import bnprobe.diagnose`` (cheap: pandas).
-from bnprobe.diagnose import Finding, diagnose
+# The diagnosis lives in the package ``bnprobe.diagnosis``, so ``bnprobe.diagnose`` is the function
+# and no submodule can shadow it. Imported eagerly (cheap: pandas).
+from bnprobe.diagnosis import Finding, Kind, Severity, Thresholds, diagnose
 
 _EXPORTS = {
     "BNProbe": "bnprobe.callback",
@@ -28,6 +28,9 @@ __all__ = [
     "BNProbe",
     "BNTap",
     "Finding",
+    "Kind",
+    "Severity",
+    "Thresholds",
     "check_mismatch",
     "diagnose",
     "load",

@@ -31,7 +31,7 @@ from bnprobe.store import STORE_NAME, Store
 from bnprobe.tap import BNTap, LayerSelection, Snapshot, find_layers
 
 if TYPE_CHECKING:
-    from bnprobe.diagnose import Finding
+    from bnprobe.diagnosis import Finding
 
 RECAL_HELD = 3
 """Validation batches (the first of each epoch) that the probe also re-estimates the running
@@ -191,13 +191,13 @@ class BNProbeBase:
 
     def findings(self) -> list[Finding]:
         """What is wrong with the BN layers so far, in plain words (:func:`bnprobe.diagnose`)."""
-        from bnprobe.diagnose import diagnose
+        from bnprobe.diagnosis import diagnose
 
         return diagnose(self.to_dataframe())
 
     def report(self) -> str:
         """A readable summary: latest key metrics per layer, then findings with advice."""
-        from bnprobe.diagnose import diagnose, format_report
+        from bnprobe.diagnosis import diagnose, format_report
 
         df = self.to_dataframe()
         return format_report(df, diagnose(df))

@@ -226,7 +226,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from bnprobe.diagnose import diagnose, exit_code, format_report
+    from bnprobe.diagnosis import diagnose, exit_code, format_report
 
     runs = read_run(args.run, args.run_name)
     df = runs.table()

@@ -11,14 +11,14 @@ problems are available as ``bnprobe demo --pathology NAME``.
 
 ``--calibrate`` trains healthy runs (the demo at its ``bnprobe demo`` defaults and short, small
 BatchNorm1d MLPs with Adam and SGD at several batch sizes, a small residual conv net) and prints,
-for every threshold of bnprobe.diagnose, the worst value seen on those runs: the table in
+for every threshold of bnprobe.diagnosis.Thresholds, the worst value seen on those runs (measured
+by bnprobe.diagnosis.worst_values, which calls the rules' own functions): the table in
 docs/diagnosis.md. Takes a few minutes on a laptop CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import sys
 import time
@@ -33,10 +33,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnprobe import BNProbe
+from bnprobe import diagnosis as dg
 from bnprobe.demo import DemoDataModule, DemoModule
 from bnprobe.pathologies import EXPECTED, PATHOLOGIES, apply_pathology
-
-dg = importlib.import_module("bnprobe.diagnose")  # the module (its thresholds), not the function
 
 
 def trainer(epochs: int, probe: BNProbe, root: str) -> pl.Trainer:
@@ -224,8 +223,8 @@ def calibrate(root: str = "bnprobe_zoo") -> None:
     print("\n| measured (warmed-up steps) | healthy worst | threshold | run |")
     print("|---|---|---|---|")
     for name, (constant, direction) in dg.CALIBRATION.items():
-        limit = getattr(dg, constant)
-        sign = "≥" if constant == "TF_MOMENTUM_MIN" else ">" if direction == "max" else "<"
+        limit = getattr(dg.DEFAULT_THRESHOLDS, constant)
+        sign = "≥" if constant == "tf_momentum_min" else ">" if direction == "max" else "<"
         value, title = worst.get(name, (math.nan, "-"))
         shown = "-" if math.isnan(value) else f"{value:.3g}"
         print(

@@ -247,10 +247,14 @@ def test_demo_net_shapes() -> None:
 
 
 def test_diagnose_stays_the_function_after_the_submodule_is_imported() -> None:
-    import bnprobe.diagnose  # binds the submodule on the package unless __init__ guards it
+    from pathlib import Path
+
+    import bnprobe.diagnosis  # the package is named so that it cannot shadow the function
     from bnprobe.store import empty_frame
 
     assert callable(bnprobe.diagnose) and bnprobe.diagnose(empty_frame()) == []
+    assert bnprobe.diagnose is bnprobe.diagnosis.diagnose
+    assert not (Path(bnprobe.__file__).parent / "diagnose.py").exists()
 
 
 def test_public_api_names() -> None:

@@ -3,7 +3,6 @@ right layer, and the healthy demo reports no warning or error."""
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -14,12 +13,11 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from bnprobe import diagnosis as dg
 from bnprobe.callback import BNProbe
 from bnprobe.demo import DemoDataModule, DemoModule
-from bnprobe.diagnose import Finding, diagnose, worst_values
+from bnprobe.diagnosis import Finding, Thresholds, diagnose, worst_values
 from bnprobe.pathologies import EXPECTED, PATHOLOGIES, EvalOnlyBatchNorm2d, apply_pathology
-
-dg = importlib.import_module("bnprobe.diagnose")
 
 Runner = Callable[[str | None, int], pd.DataFrame]
 
@@ -82,7 +80,7 @@ def test_healthy_demo_has_no_warning_or_error_with_margin(run: Runner) -> None:
     # and what the rules compare stays well inside each threshold (the calibration margin)
     worst = worst_values(df)
     for name, (constant, direction) in dg.CALIBRATION.items():
-        limit, value = getattr(dg, constant), worst[name]
+        limit, value = getattr(Thresholds(), constant), worst[name]
         if math.isnan(value):
             continue
         if direction == "max":
@@ -110,7 +108,7 @@ def test_each_pathology_is_reported_on_the_right_layer(run: Runner, name: str) -
     assert sorted(f.layer for f in found) == sorted(layers), [str(f) for f in diagnose(df)]
     for f in found:
         assert f.message and f.layer in f.message
-        assert f.advice.endswith(f"See docs/diagnosis.md#{kind}.")
+        assert f.advice.endswith(f"See {dg.DOCS_URL}#{kind}.")
         expected = "error" if kind == "nonfinite" else "info" if kind in _INFO else "warning"
         assert f.severity == expected
 
