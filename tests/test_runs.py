@@ -104,7 +104,7 @@ def test_diagnose_judges_each_run_on_its_own(runs: Path) -> None:
     by_run: dict[str, set[str]] = {}
     for f in findings:
         if f.severity in ("warning", "error"):
-            by_run.setdefault(str(f.evidence["run"]), set()).add(f.severity)
+            by_run.setdefault(str(f.run), set()).add(f.severity)
     assert by_run == {"nan_input/version_0": {"error"}, "tf_momentum/version_0": {"warning"}}
 
 
