@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+import warnings
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import pandas as pd
 import torch
@@ -40,7 +41,7 @@ from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from bnprobe import stats, store
+from bnprobe import distributed, stats, store
 from bnprobe.tap import LayerSelection, find_layers
 
 __all__ = ["check_mismatch", "recalibrate"]
@@ -183,6 +184,14 @@ def check_mismatch(
     )
 
 
+FrozenSelection: TypeAlias = Literal["auto"] | bool | LayerSelection
+"""Which BN layers keep their running statistics: ``"auto"`` (those in eval mode while the model
+is in training mode), ``False`` (none), or names, glob patterns or a predicate as for ``layers``."""
+
+ForwardFn: TypeAlias = Callable[[nn.Module, Any], Any]
+"""``forward_fn(model, batch)`` runs the model on one batch (already moved to its device)."""
+
+
 def recalibrate(
     model: nn.Module,
     batches: Iterable[Any],
@@ -190,6 +199,10 @@ def recalibrate(
     apply: bool = True,
     *,
     layers: LayerSelection = None,
+    frozen: FrozenSelection = "auto",
+    unbiased: bool = True,
+    forward_fn: ForwardFn | None = None,
+    sync_ranks: bool | None = None,
     progress: bool = True,
     step: int = 0,
     epoch: int = 0,
@@ -203,27 +216,43 @@ def recalibrate(
     layer therefore sees its input as it sees it in training: this is the distribution the
     running statistics are meant to summarise, and the same convention as fvcore's PreciseBN and
     ``torch.optim.swa_utils.update_bn``. (Eval-mode inputs would depend on the old, possibly bad,
-    running statistics of earlier layers.) Each batch is unpacked like in :func:`check_mismatch`.
+    running statistics of earlier layers.) Each batch is unpacked like in :func:`check_mismatch`,
+    or handed to ``forward_fn(model, batch)`` for models whose forward takes a structured batch.
 
-    A forward pre-hook reduces each BN input to per-channel ``(n, mean, M2)`` in float64 (every
-    dimension but dim 1 counts as samples: N·H·W for 2d layers) and pools the batches exactly with
-    Chan's parallel formula, so each batch weighs by its sample count::
+    **Frozen layers** keep their statistics and normalize with them in every pass, as they do in
+    training: with ``frozen="auto"`` those BN layers that are in eval mode while the model itself
+    is in training mode (the usual fine-tuning set-up; a model put wholly in eval mode has none),
+    or the layers ``frozen`` names (names, glob patterns or a predicate); ``frozen=False``
+    re-estimates every layer. Frozen layers get the single row ``frozen`` = 1.
+
+    A forward pre-hook reduces each BN input to per-channel ``(n, mean, biased var)`` in the
+    activation's own precision (float32 for float32 input, half precision upcast to float32;
+    ``torch.var_mean`` is accurate to about 1e-7 relative even at large offsets), and the batches
+    are pooled in float64 with Chan's parallel formula, so each batch weighs by its sample count::
 
         n = n_a + n_b,  δ = m_b − m_a,  m = m_a + δ·n_b/n,  M2 = M2_a + M2_b + δ²·n_a·n_b/n
 
-    Population variance var_pop = M2 / n (biased, what BN normalizes with). With ``apply=True``
-    ``running_mean`` ← m and ``running_var`` ← M2 / (n − 1): PyTorch's ``running_var`` stores the
-    *unbiased* variance (BN normalizes with the biased batch variance but its running update uses
-    the Bessel-corrected one). ``num_batches_tracked`` is left as it is: it counts training
-    updates. With ``apply=False`` the model is left bit for bit as it was. Layers that never ran,
-    or saw a single sample per channel, are not written.
+    Under ``torch.distributed`` (``sync_ranks=None`` means: when a process group of more than one
+    process is initialized) every rank contributes its ``(n, mean, M2)`` per channel through one
+    ``all_gather`` and pools all ranks in rank order, so every rank writes the same statistics,
+    those of one process recalibrating on the union of the shards. Every rank must call
+    ``recalibrate`` then; a rank whose batches fail still joins the collective and every rank
+    raises, instead of the others waiting for the process-group timeout.
+
+    With ``apply=True`` ``running_mean`` ← m and ``running_var`` ← M2 / (n − 1) (``unbiased``,
+    the default: what PyTorch's own running update stores, the Bessel-corrected batch variance)
+    or M2 / n (``unbiased=False``: the biased population variance BN normalizes with, fvcore's
+    convention). ``num_batches_tracked`` is left as it is: it counts training updates. With
+    ``apply=False`` the model is left bit for bit as it was. Layers that never ran, or saw a
+    single sample per channel, are not written. A warning says when the batches ran out before
+    ``num_batches``.
 
     Rows (stage ``recalibrate``, one per layer and metric), with
-    d = (m − μ_R)/sqrt(var_R + eps) and v = log((var_pop + eps)/(var_R + eps)) per channel:
-    ``samples`` (n), ``mean_shift_before``/``mean_shift_max_before`` (mean/max over channels of
-    |d|), ``var_shift_before``/``var_shift_max_before`` (of |v|) against the old running moments,
-    and, when applied, the same four ``*_after`` against the moments written (≈ 0; the variance
-    part is ≈ 1/n because of the unbiased correction).
+    d = (m − μ_R)/sqrt(var_R + eps) and v = log((M2/n + eps)/(var_R + eps)) per channel:
+    ``samples`` (n, all ranks together), ``mean_shift_before``/``mean_shift_max_before`` (mean/max
+    over channels of |d|), ``var_shift_before``/``var_shift_max_before`` (of |v|) against the old
+    running moments, and, when applied, the same four ``*_after`` against the moments written
+    (≈ 0; with ``unbiased`` the variance part is ≈ 1/n).
 
     Training flags, ``track_running_stats``, hooks and the torch RNG state are restored in
     ``finally``; momentum is never touched. ``progress`` shows a tqdm bar (hidden when the
@@ -237,12 +266,17 @@ def recalibrate(
             f"got {num_batches!r}"
         )
     all_bn = _all_batchnorm(model, "recalibrate")
-    selected = {n: m for n, m in _select(model, layers).items() if _has_running_stats(m)}
+    frozen_names = _frozen(model, all_bn, frozen, "recalibrate")
+    selected = {
+        n: m
+        for n, m in _select(model, layers).items()
+        if _has_running_stats(m) and n not in frozen_names
+    }
     if not selected:
         raise ValueError(
-            "recalibrate: no selected BatchNorm layer has running statistics "
-            "(track_running_stats=False everywhere, or `layers` picked only such layers); "
-            "there is nothing to recalibrate"
+            "recalibrate: no selected BatchNorm layer has running statistics to re-estimate "
+            "(track_running_stats=False, frozen, or not picked by `layers`); pass frozen=False "
+            "to re-estimate frozen layers too"
         )
     try:
         iterator: Iterator[Any] = iter(batches)
@@ -259,15 +293,16 @@ def recalibrate(
         total = length if total is None else min(total, length)
     except TypeError:
         pass
+    sync = distributed.is_distributed() if sync_ranks is None else bool(sync_ranks)
 
     device = _model_device(model)
-    moments: dict[str, stats.Moments] = {}  # pooled exactly (Chan et al.), in float64
+    moments: dict[str, stats.Moments] = {}  # per batch in the input's precision, pooled in float64
 
     def pre_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0] if args else None
             if isinstance(x, Tensor) and x.dim() >= 2 and x.numel():
-                batch = stats.batch_moments(x.detach().to(torch.float64))
+                batch = _input_moments(x.detach())
                 pooled = moments.get(name)
                 moments[name] = batch if pooled is None else stats.combine(pooled, batch)
 
@@ -284,22 +319,43 @@ def recalibrate(
         leave=False,
     )
     seen = 0
+    failure: BaseException | None = None
     try:
         with torch.no_grad():
-            _set_modes(state, all_bn, bn_batch_stats=True)
+            _set_modes(state, all_bn, bn_batch_stats=True, frozen=frozen_names)
             handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in selected.items()]
             for batch in bar:
-                inp = _to_device(_model_input(batch, "recalibrate"), device)
-                _run(model, inp, batch, "recalibrate", index=seen)
+                _forward(model, batch, device, forward_fn, "recalibrate", index=seen)
                 seen += 1
+    except Exception as exc:
+        if not sync:
+            raise
+        failure = exc  # join the collective below, so that no other rank waits for us
     finally:
         bar.close()
         _remove(handles)
         state.restore()
-    if seen == 0:
+    if sync:
+        channels = {n: int(m.num_features) for n, m in selected.items()}
+        error = None if failure is None else f"{type(failure).__name__}: {failure}"
+        try:
+            moments = distributed.pool_moments_across_ranks(
+                list(selected), moments, channels, error
+            )
+        except RuntimeError as exc:
+            raise exc from failure
+    if seen == 0 and not moments:
         raise ValueError(
             "recalibrate got no batches: pass an iterable that yields at least one batch, "
             "e.g. the train DataLoader (an iterator that was already consumed yields nothing)"
+        )
+    if num_batches is not None and seen < num_batches:
+        warnings.warn(
+            f"recalibrate: asked for num_batches={num_batches} but the batches ran out after "
+            f"{seen}; the statistics pool those {seen} (an exhausted iterator, or a drop_last "
+            "sampler?)",
+            UserWarning,
+            stacklevel=2,
         )
 
     frames = []
@@ -312,21 +368,25 @@ def recalibrate(
                 rows.update(_shifts(pop, bn.running_mean, bn.running_var, bn.eps, "before"))
                 if apply and pop.n > 1:
                     bn.running_mean.copy_(pop.mean.to(bn.running_mean))
-                    unbiased = pop.var * (pop.n / (pop.n - 1))  # what running_var stores
-                    bn.running_var.copy_(unbiased.to(bn.running_var))
+                    correction = pop.n / (pop.n - 1) if unbiased else 1.0
+                    bn.running_var.copy_((pop.var * correction).to(bn.running_var))
                     rows.update(_shifts(pop, bn.running_mean, bn.running_var, bn.eps, "after"))
-            frames.append(
-                store.make_rows(
-                    step=step,
-                    epoch=epoch,
-                    stage="recalibrate",
-                    rank=rank,
-                    layers=[name] * len(rows),
-                    metrics=list(rows),
-                    values=list(rows.values()),
-                )
-            )
+            frames.append(_rows(name, rows, step, epoch, rank))
+        for name in frozen_names:
+            frames.append(_rows(name, {"frozen": 1.0}, step, epoch, rank))
     return store.concat(frames)
+
+
+def _rows(layer: str, rows: dict[str, float], step: int, epoch: int, rank: int) -> pd.DataFrame:
+    return store.make_rows(
+        step=step,
+        epoch=epoch,
+        stage="recalibrate",
+        rank=rank,
+        layers=[layer] * len(rows),
+        metrics=list(rows),
+        values=list(rows.values()),
+    )
 
 
 # --------------------------------------------------------------------------- maths
@@ -344,6 +404,31 @@ def _shifts(
         f"var_shift_{when}": float(v.mean().item()),
         f"var_shift_max_{when}": float(v.max().item()),
     }
+
+
+OFFSET_REFINE = 16.0
+"""A batch mean larger than this many standard deviations is refined by a second pass."""
+
+
+def _input_moments(x: Tensor) -> stats.Moments:
+    """Per-channel moments of one BN input in its own precision, refined where the mean dominates.
+
+    ``torch.var_mean`` in float32 is accurate to about 1e-7 relative on CPU (it accumulates in
+    double), but the mean it returns is rounded to float32: 6e-8·|mean| off, and pooling batches
+    turns that into an error of the between-batch spread, ~|mean|/std·6e-8 relative in the
+    variance (4e-6 at inputs like ``1000 + 1.4·N(0, 1)``); GPUs accumulate in float32, where the
+    variance itself loses precision at such offsets. Where a mean is more than ``OFFSET_REFINE``
+    standard deviations, the moments are taken again of ``x − mean`` (small, so accurate) and the
+    mean added back in float64. Un-normalized inputs pay that pass; everything else nothing.
+    """
+    m = stats.batch_moments(x)
+    if bool((m.mean.abs() > OFFSET_REFINE * m.var.sqrt()).any()):
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        shift = m.mean.to(xf.dtype)
+        rest = stats.batch_moments(xf - shift.view(shape))
+        m = stats.Moments(shift.double() + rest.mean, rest.var, m.n)
+    return m
 
 
 def _sq_norm(t: Tensor) -> float:
@@ -405,12 +490,22 @@ class _ModelState:
         self.restore_rng()
 
 
-def _set_modes(state: _ModelState, bns: dict[str, _BatchNorm], *, bn_batch_stats: bool) -> None:
-    """Non-BN modules to eval; BN layers to batch stats without updates, or to running stats."""
+def _set_modes(
+    state: _ModelState,
+    bns: dict[str, _BatchNorm],
+    *,
+    bn_batch_stats: bool,
+    frozen: Collection[str] = (),
+) -> None:
+    """Non-BN modules to eval; BN layers to batch stats without updates, or to running stats.
+
+    Layers named in ``frozen`` normalize with their running statistics in both cases.
+    """
     for mod, _ in state.training:
         mod.training = False
+    frozen_modules = {id(bns[n]) for n in frozen if n in bns}
     for bn, track in state.track:
-        if bn_batch_stats:
+        if bn_batch_stats and id(bn) not in frozen_modules:
             bn.training = True
             bn.track_running_stats = False  # forward then passes no buffers: nothing is updated
         else:
@@ -494,6 +589,43 @@ def _describe(obj: Any, depth: int = 0) -> str:
     if depth < 2 and isinstance(obj, dict):
         return f"dict with keys {list(obj)[:8]}"
     return type(obj).__name__
+
+
+def _frozen(model: nn.Module, bns: dict[str, _BatchNorm], frozen: object, who: str) -> set[str]:
+    """Names of the BN layers that keep their running statistics (see :func:`recalibrate`)."""
+    if frozen is False or frozen is None:
+        return set()
+    if frozen is True:
+        raise ValueError(
+            f'{who}: frozen must be "auto", False, or layer names, glob patterns or a predicate; '
+            "got True"
+        )
+    if frozen == "auto":
+        if not model.training:
+            return set()
+        return {n for n, m in bns.items() if not m.training and _has_running_stats(m)}
+    return set(_select(model, frozen))  # type: ignore[arg-type]
+
+
+def _forward(
+    model: nn.Module,
+    batch: Any,
+    device: torch.device | None,
+    forward_fn: ForwardFn | None,
+    who: str,
+    index: int | None = None,
+) -> Any:
+    """Run the model on one batch: ``forward_fn(model, batch)``, or the model on its input."""
+    if forward_fn is None:
+        return _run(model, _to_device(_model_input(batch, who), device), batch, who, index)
+    try:
+        return forward_fn(model, _to_device(batch, device))
+    except Exception as exc:
+        which = "the batch" if index is None else f"batch {index}"
+        raise ValueError(
+            f"{who}: forward_fn failed on {which}: {type(exc).__name__}: {exc}. It got "
+            f"{_describe(batch)}; forward_fn(model, batch) must run the model on one batch."
+        ) from exc
 
 
 def _run(model: nn.Module, inp: Any, batch: Any, who: str, index: int | None = None) -> Any:
