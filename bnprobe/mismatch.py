@@ -406,29 +406,27 @@ def _shifts(
     }
 
 
-OFFSET_REFINE = 16.0
-"""A batch mean larger than this many standard deviations is refined by a second pass."""
-
-
 def _input_moments(x: Tensor) -> stats.Moments:
-    """Per-channel moments of one BN input in its own precision, refined where the mean dominates.
+    """Per-channel moments of one BN input, in its own precision, by the corrected two-pass method.
 
-    ``torch.var_mean`` in float32 is accurate to about 1e-7 relative on CPU (it accumulates in
-    double), but the mean it returns is rounded to float32: 6e-8·|mean| off, and pooling batches
-    turns that into an error of the between-batch spread, ~|mean|/std·6e-8 relative in the
-    variance (4e-6 at inputs like ``1000 + 1.4·N(0, 1)``); GPUs accumulate in float32, where the
-    variance itself loses precision at such offsets. Where a mean is more than ``OFFSET_REFINE``
-    standard deviations, the moments are taken again of ``x − mean`` (small, so accurate) and the
-    mean added back in float64. Un-normalized inputs pay that pass; everything else nothing.
+    ``m = mean(x)``, ``δ = x − m``, then ``mean = m + Σδ/n`` and ``var = Σδ²/n − (Σδ/n)²``
+    (Chan, Golub and LeVeque's corrected two-pass algorithm): the sums of the small residuals are
+    accurate in float32 whatever the offset, so the moments are within about 3e-7 of a float64
+    computation even for inputs like ``1000 + N(0, 1)``, where ``var_mean``'s float32 mean alone
+    would be 6e-8·|mean| off. Half precision is upcast to float32. On CPU this is about 8x faster
+    than ``torch.var_mean`` over the batch and spatial dimensions (0.8 ms against 6 ms on a
+    32x32x28x28 activation, one thread), and it never converts the activation to float64.
     """
-    m = stats.batch_moments(x)
-    if bool((m.mean.abs() > OFFSET_REFINE * m.var.sqrt()).any()):
-        shape = (1, -1, *([1] * (x.dim() - 2)))
-        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        shift = m.mean.to(xf.dtype)
-        rest = stats.batch_moments(xf - shift.view(shape))
-        m = stats.Moments(shift.double() + rest.mean, rest.var, m.n)
-    return m
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    dims = stats.reduce_dims(xf)
+    n = xf.numel() / xf.shape[1] if xf.shape[1] else 0.0
+    first = xf.mean(dim=dims, keepdim=True)
+    resid = xf - first
+    correction = resid.sum(dim=dims).double() / n
+    square = resid.mul_(resid).sum(dim=dims).double() / n
+    mean = first.flatten().double() + correction
+    var = (square - correction * correction).clamp_min(0.0)
+    return stats.Moments(mean, var, float(n))
 
 
 def _sq_norm(t: Tensor) -> float:

@@ -255,3 +255,55 @@ def test_a_rank_that_fails_makes_every_rank_raise_instead_of_hanging(ddp_recal: 
         text = (ddp_recal / f"failure{rank}.txt").read_text()
         assert "recalibrate failed on rank(s) [1]" in text, text
     assert "RuntimeError: boom on rank 1" in (ddp_recal / "failure1.txt").read_text()
+
+
+# --------------------------------------------------------------------------- after SWA
+
+
+def test_checking_a_swa_run_finds_stale_statistics_and_recalibrate_repairs_them(
+    tmp_path: Path,
+) -> None:
+    """docs/mismatch.md's SWA recipe on a real Lightning StochasticWeightAveraging fit."""
+    import copy
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import StochasticWeightAveraging
+
+    from tests.reference import Lit, loader, mlp1d, trainer
+
+    class KeepBuffers(pl.Callback):
+        """The BN buffers before averaging starts: what a skipped SWA BN update leaves."""
+
+        def __init__(self) -> None:
+            self.buffers: dict[str, Tensor] = {}
+
+        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            if trainer.current_epoch == 1:
+                self.buffers = {k: v.clone() for k, v in module.net.named_buffers()}
+
+    torch.manual_seed(0)
+    net = mlp1d()
+    data = loader((6,), n=128, batch_size=16)
+    keep = KeepBuffers()
+    swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2)
+    trainer(tmp_path, max_epochs=4, callbacks=[swa, keep], logger=False).fit(Lit(net, 0.05), data)
+
+    stale = copy.deepcopy(net)
+    for name, buf in keep.buffers.items():
+        stale.get_buffer(name).copy_(buf)
+    net.train()
+    stale.train()
+    shift = "mean_shift_before"
+    fresh_rows = recalibrate(net, data, apply=False, progress=False)
+    stale_rows = recalibrate(stale, data, apply=False, progress=False)
+    ok = fresh_rows.set_index("metric")["value"][shift]
+    bad = stale_rows.set_index("metric")["value"][shift]
+    assert ok < 0.1  # Lightning's own BN pass after averaging is close to the population
+    assert bad > 3 * ok  # statistics of the pre-average weights are visibly off
+
+    x = next(iter(data))
+    before = check_mismatch(stale, x).set_index(["layer", "metric"])["value"]
+    after_rows = recalibrate(stale, data, progress=False).set_index("metric")["value"]
+    after = check_mismatch(stale, x).set_index(["layer", "metric"])["value"]
+    assert after_rows["mean_shift_after"] < 1e-5
+    assert after[("1", "local_gap")] < before[("1", "local_gap")]
