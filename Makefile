@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test check lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,14 @@ lint: setup
 	$(BIN)/ruff format --check bnprobe tests examples benchmarks docs/*.py
 	$(BIN)/mypy
 
+# The whole suite, two test files at a time (tests are independent; each uses its own tmp_path;
+# --dist loadfile keeps a module on one worker, so its module-scoped fixture runs once).
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
+
+# ruff, mypy and the fast half of the suite: before every commit.
+check: lint
+	$(BIN)/pytest -n 2 --dist loadfile -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py

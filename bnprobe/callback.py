@@ -7,10 +7,13 @@ same class body serves ``pytorch_lightning`` (here) and ``lightning.pytorch``
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
+import shlex
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,10 +23,11 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from bnprobe import store as _store
 from bnprobe import tbfast
 from bnprobe import tensorboard as tb
 from bnprobe.distributed import RankGather
-from bnprobe.store import Store
+from bnprobe.store import STORE_NAME, Store
 from bnprobe.tap import BNTap, LayerSelection, Snapshot, find_layers
 
 if TYPE_CHECKING:
@@ -32,6 +36,27 @@ if TYPE_CHECKING:
 FLUSH_EVERY_S = 30.0
 """The store writes a part file at most this often while training (and always at the end of each
 epoch, at the end of fit and when fit fails)."""
+
+LOG_TO: tuple[str, ...] = ("tensorboard", "all")
+"""Values of ``BNProbe(log_to=...)``."""
+NO_LOGGER_DIR = "bnprobe_logs"
+"""Where the store goes when the trainer has no logger with a ``log_dir``:
+``<default_root_dir>/bnprobe_logs/version_<N>/bnprobe_store``."""
+
+
+def scalar_metric_names() -> tuple[str, ...]:
+    """Every metric name ``BNProbe(scalars=...)`` may name, in the store's order."""
+    names = (
+        *_store.MOMENT_METRICS,
+        *_store.SHIFT_METRICS,
+        *_store.COUNT_METRICS,
+        *_store.AFFINE_METRICS,
+        *_store.STRUCTURE_METRICS,
+        *_store.TRACE_METRICS,
+        *_store.PROBE_METRICS,
+        "rank_divergence",
+    )
+    return tuple(dict.fromkeys(names))
 
 
 class BNProbeBase:
@@ -46,11 +71,22 @@ class BNProbeBase:
         histograms: log per-channel histograms of gamma, beta, d and v to TensorBoard.
         per_channel: also keep one row per channel in the table.
         probe_batch: the batch for the train/eval probe (default: the first validation batch).
-        save_dir: where the parquet store goes; default ``<trainer.log_dir>/bnprobe``;
-            False: no store.
-        summary: at the end of fit, print the findings of severity warning or error (rank 0).
+        save_dir: where the parquet store goes. Default: ``<log_dir>/bnprobe_store`` of the
+            trainer's first logger when it has a ``log_dir`` (TensorBoardLogger, CSVLogger),
+            else ``<default_root_dir>/bnprobe_logs/version_<N>/bnprobe_store`` (a new N per
+            run; a resumed run keeps its folder). False: no store.
+        summary: at the end of fit, print what was watched and the findings of severity
+            warning or error (rank 0).
+        log_to: which loggers get bnprobe's scalars: ``"tensorboard"`` (default: the
+            trainer's TensorBoard loggers only; a layer-by-metric flood of keys is what
+            TensorBoard's Custom Scalars charts are made for, and what a CSV file, W&B or
+            MLflow is not) or ``"all"`` (every logger of the trainer).
+        scalars: which metrics are logged as scalars: None (every metric), or metric names and
+            glob patterns (``["mean_shift*", "kl"]``). The table and the store keep every
+            metric whatever this says.
 
-    Logged keys (scalars, through every logger of the trainer, rank zero only), one per BN layer:
+    Logged keys (scalars, through the TensorBoard loggers, or every logger with
+    ``log_to="all"``; rank zero only), one per BN layer:
 
     - ``bnprobe/train/<metric>/<layer>`` for ``batch_mean``, ``batch_var``, ``running_mean``,
       ``running_var``, ``mean_shift``, ``mean_shift_max``, ``var_shift``, ``var_shift_max``,
@@ -59,8 +95,13 @@ class BNProbeBase:
       ``beta_drift``, ``gamma_small_frac``, and the structural ``forward_calls``, ``train_mode``,
       ``model_train_mode``, ``momentum``, ``has_running_stats`` (``input_bias`` and
       ``input_dropout`` at the first measured step);
-    - histograms ``bnprobe/train/hist/{gamma,beta,d,v}/<layer>`` (TensorBoard only).
+    - ``bnprobe/val/<metric>/<layer>`` and ``bnprobe/probe/<metric>/<layer>`` after each
+      validation, ``bnprobe/<stage>/epoch`` with every logging step;
+    - histograms ``bnprobe/train/hist/{gamma,beta,d,v}/<layer>`` and figures
+      ``bnprobe/<stage>/figure/<name>`` (TensorBoard only).
 
+    With a logger made with ``prefix="exp"`` every key starts with ``exp-bnprobe/`` instead,
+    histograms, figures and the Custom Scalars layout included.
     docs/metrics.md defines each metric.
     """
 
@@ -74,6 +115,8 @@ class BNProbeBase:
         probe_batch: Any = None,
         save_dir: str | os.PathLike[str] | bool | None = None,
         summary: bool = True,
+        log_to: str = "tensorboard",
+        scalars: str | Sequence[str] | None = None,
     ) -> None:
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool)
@@ -96,9 +139,14 @@ class BNProbeBase:
             save_dir is None or save_dir is False or isinstance(save_dir, str | os.PathLike)
         ):
             raise ValueError(
-                "BNProbe(save_dir=...) must be a folder path, None (<trainer.log_dir>/bnprobe) "
+                "BNProbe(save_dir=...) must be a folder path, None (<log_dir>/bnprobe_store) "
                 f"or False (do not save); got {save_dir!r}"
             )
+        if not isinstance(log_to, str) or log_to not in LOG_TO:
+            raise ValueError(
+                f"BNProbe(log_to=...) must be one of {', '.join(map(repr, LOG_TO))}; got {log_to!r}"
+            )
+        self._scalar_metrics = _check_scalars(scalars)
         self.every_n_steps = every_n_steps
         self.layers = layers
         self.histograms = histograms
@@ -106,6 +154,8 @@ class BNProbeBase:
         self.probe_batch = probe_batch
         self.save_dir = save_dir
         self.summary = summary
+        self.log_to = log_to
+        self.scalars = scalars
         self.tap: BNTap | None = None
         self.store = Store(None)
         self._every = every_n_steps or 1
@@ -114,6 +164,10 @@ class BNProbeBase:
         self._traced = False
         self._references: dict[str, dict[str, torch.Tensor]] = {}
         self._broken: set[str] = set()
+        self._failures: dict[str, str] = {}  # part of the probe switched off -> why
+        self._restored_dir: Path | None = None  # the store folder of the checkpointed run
+        self._fallback_dir = False  # the store went to <default_root_dir>/bnprobe_logs
+        self._world_size = 1
         self._last_flush = time.monotonic()
         self._writes = False
         self._validating = False
@@ -140,6 +194,20 @@ class BNProbeBase:
         return format_report(df, diagnose(df))
 
     @property
+    def store_dir(self) -> Path | None:
+        """The folder the parquet store is written to (None: not saved, or not set up yet)."""
+        return self.store.save_dir
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run folder to give ``bnprobe report`` or ``bnprobe.load``: the store folder's
+        parent when it has the default name, else the store folder (None: not saved)."""
+        folder = self.store.save_dir
+        if folder is None:
+            return None
+        return folder.parent if folder.name == STORE_NAME else folder
+
+    @property
     def layer_names(self) -> list[str]:
         """Qualified names of the BN layers being measured."""
         return [layer.name for layer in self.tap.layers] if self.tap is not None else []
@@ -155,7 +223,8 @@ class BNProbeBase:
                 "(no torch.nn.modules.batchnorm._BatchNorm); the probe does nothing."
             )
             return
-        distributed = int(getattr(trainer, "world_size", 1)) > 1
+        self._world_size = int(getattr(trainer, "world_size", 1))
+        distributed = self._world_size > 1
         self.tap = BNTap(
             pl_module,
             self.layers,
@@ -174,12 +243,16 @@ class BNProbeBase:
             return
         self.tap.load_references(self._references)
         self.tap.attach()
+        if self._fallback_dir and self._restored_dir is not None and self._writes:
+            self.store.save_dir = self._restored_dir  # a resumed run appends to its own store
         if self._writes:
             writers = _tensorboard_writers(trainer)
-            if any(tbfast.summary_writer(writer) is not None for writer in writers):
+            if any(tbfast.summary_writer(writer) is not None for writer, _ in writers):
                 self._guard("speeding up TensorBoard's checksums", tbfast.speed_up_checksums)
-            for writer in writers:
-                self._guard("writing the TensorBoard layout", partial(tb.write_layout, writer))
+            charts = self._charts(trainer)
+            for writer, root in writers:
+                write = partial(tb.write_layout, writer, tuple(charts), charts, root)
+                self._guard("writing the TensorBoard layout", write)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -266,14 +339,62 @@ class BNProbeBase:
             self._guard("summarizing findings", self._print_summary)
 
     def _print_summary(self) -> None:
+        print(self.summary_text())
+
+    def summary_text(self) -> str:
+        """What the end-of-fit summary prints: what was watched and for how long, what was
+        switched off and why, the findings of severity warning or error, and where to look."""
+        df = self.to_dataframe()
+        steps = df.loc[df["stage"] == "train", "step"]
+        layers = len(self.layer_names)
+        watched = f"bnprobe watched {_plural(layers, 'BatchNorm layer')}"
+        if steps.empty:
+            lines = [f"{watched} but measured no training step, so there is nothing to judge."]
+        else:
+            first, last = int(steps.min()), int(steps.max())
+            span = f"step {first}" if first == last else f"steps {first}..{last}"
+            lines = [
+                f"{watched} at {_plural(steps.nunique(), 'training step')} ({span}, every "
+                f"{self._every})"
+                + "".join(
+                    f", {_plural(df.loc[df['stage'] == stage, 'step'].nunique(), what)}"
+                    for stage, what in (("val", "validation"), ("probe", "train/eval probe"))
+                    if (df["stage"] == stage).any()
+                )
+                + "."
+            ]
+        off = self._switched_off()
+        for what, why in off.items():
+            lines.append(f"  switched off after an error: {what} ({why})")
         serious = [f for f in self.findings() if f.severity in ("warning", "error")]
-        if not serious:
-            print("bnprobe: no BatchNorm problem of severity warning or error found.")
-            return
-        print(f"bnprobe: {len(serious)} BatchNorm problem(s) found:")
-        for finding in serious:
-            print(f"  - {finding}")
-        print("  Call BNProbe.report() or run `bnprobe report <run folder>` for advice.")
+        if serious:
+            lines.append(f"{_plural(len(serious), 'BatchNorm problem')} found:")
+            lines += [f"  - {finding}" for finding in serious]
+        elif not steps.empty:
+            partly = " in what was measured" if off else ""
+            lines.append(f"No BatchNorm problem of severity warning or error found{partly}.")
+        run = self.run_dir
+        where = f"run `bnprobe report {shlex.quote(str(run))}`" if run is not None else ""
+        if serious or off:
+            lines.append(
+                "  Call BNProbe.report()" + (f" or {where}" if where else "") + " for advice."
+            )
+        return "\n".join(lines)
+
+    def _switched_off(self) -> dict[str, str]:
+        """Parts of the probe switched off after an error, and why (layers included)."""
+        off = dict(self._failures)
+        if self.tap is not None:
+            why = {}
+            for line in self.tap.failures:  # "... layer 'x' (Type) failed with Error: msg. ..."
+                found = re.search(r"layer '(.*?)' .*? failed with (.*?)\. This layer", line)
+                if found:
+                    why[found.group(1)] = found.group(2)
+            for layer in self.tap.layers:
+                if layer.failed:
+                    reason = why.get(layer.name, "its hook failed")
+                    off.setdefault(f"measuring layer {layer.name!r}", reason)
+        return off
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close()
@@ -286,12 +407,20 @@ class BNProbeBase:
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         refs = self.tap.references() if self.tap is not None else self._references
-        return {"references": refs, "last_step": self._last_step, "traced": self._traced}
+        folder = self.store.save_dir
+        return {
+            "references": refs,
+            "last_step": self._last_step,
+            "traced": self._traced,
+            "store_dir": None if folder is None else str(folder),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._references = dict(state_dict.get("references", {}))
         self._last_step = int(state_dict.get("last_step", -1))
         self._traced = bool(state_dict.get("traced", False))
+        folder = state_dict.get("store_dir")
+        self._restored_dir = Path(folder) if isinstance(folder, str) else None
         if self.tap is not None:
             self.tap.load_references(self._references)
 
@@ -318,12 +447,16 @@ class BNProbeBase:
             self.store.append(part)
         # One TensorBoard event per logging step for all scalars and one for all histograms:
         # add_scalar per key costs ~60 us each (bnprobe.tbfast).
+        keep = self._scalar_metrics
         for logger in trainer.loggers:
+            if self.log_to == "tensorboard" and not _is_tensorboard(logger):
+                continue
             name = f"logging to {type(logger).__name__}"
-            self._guard(name, partial(tbfast.log_snapshot, logger, snap))
+            self._guard(name, partial(tbfast.log_snapshot, logger, snap, keep))
         if self.histograms and snap.channels:
-            for writer in _tensorboard_writers(trainer):
-                write = partial(tbfast.add_histograms, writer, stage, step, snap.channels)
+            for writer, root in _tensorboard_writers(trainer):
+                channels = snap.channels
+                write = partial(tbfast.add_histograms, writer, stage, step, channels, root=root)
                 self._guard("writing TensorBoard histograms", write)
         if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
             self._flush()
@@ -351,8 +484,24 @@ class BNProbeBase:
         writers = _tensorboard_writers(trainer) if self._writes else []
         if writers:
             df = self.store.select(tb.FIGURE_METRICS)
-            for writer in writers:
-                tb.add_figures(writer, df, int(trainer.global_step))
+            with warnings.catch_warnings():  # matplotlib's, on odd data: the figure says it
+                warnings.simplefilter("ignore", RuntimeWarning)
+                for writer, root in writers:
+                    tb.add_figures(writer, df, int(trainer.global_step), root)
+
+    def _charts(self, trainer: pl.Trainer) -> dict[str, tuple[str, ...]]:
+        """The Custom Scalars charts per stage: the metrics logged as scalars; rank_divergence
+        only in a multi-process run (the only kind that has it)."""
+        charts: dict[str, tuple[str, ...]] = {}
+        for stage in ("train", "val", "probe"):
+            metrics = tb.METRICS_BY_STAGE[stage]
+            if self._world_size <= 1:
+                metrics = tuple(m for m in metrics if m != "rank_divergence")
+            if self._scalar_metrics is not None:
+                metrics = tuple(m for m in metrics if m in self._scalar_metrics)
+            if metrics:
+                charts[stage] = metrics
+        return charts
 
     def _flush(self) -> None:
         self._last_flush = time.monotonic()
@@ -365,11 +514,21 @@ class BNProbeBase:
             self.tap.detach()
 
     def _resolve_save_dir(self, trainer: pl.Trainer) -> Path | None:
+        """``save_dir``, or ``<log_dir>/bnprobe_store`` of the first logger that has a log_dir,
+        or a new ``<default_root_dir>/bnprobe_logs/version_<N>/bnprobe_store``: never a folder
+        named like the package, which Python would import in its place."""
+        self._fallback_dir = False
         if self.save_dir is False:
             return None
         if self.save_dir is not None:
             return Path(os.fspath(self.save_dir))
-        return Path(trainer.log_dir or trainer.default_root_dir) / "bnprobe"
+        loggers = list(getattr(trainer, "loggers", []))
+        log_dir = getattr(loggers[0], "log_dir", None) if loggers else None
+        if isinstance(log_dir, str | os.PathLike):
+            return Path(os.fspath(log_dir)) / STORE_NAME
+        self._fallback_dir = True
+        base = Path(os.fspath(trainer.default_root_dir)) / NO_LOGGER_DIR
+        return base / f"version_{_next_version(base)}" / STORE_NAME
 
     def _guard(self, what: str, fn: Callable[[], object]) -> None:
         """Run one part of the probe; on error warn once, switch that part off, never raise."""
@@ -379,6 +538,7 @@ class BNProbeBase:
             fn()
         except Exception as err:
             self._broken.add(what)
+            self._failures[what] = f"{type(err).__name__}: {err}"
             _warn(
                 f"BNProbe: {what} failed with {type(err).__name__}: {err}. "
                 "That part of the probe is now off; training goes on."
@@ -404,9 +564,50 @@ def _check_layers(layers: object) -> None:
         )
 
 
-def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
-    writers = (getattr(lg, "experiment", None) for lg in trainer.loggers)
-    return [w for w in writers if hasattr(w, "add_histogram")]
+def _check_scalars(scalars: object) -> frozenset[str] | None:
+    """The metric names ``BNProbe(scalars=...)`` selects (None: every metric)."""
+    if scalars is None:
+        return None
+    known = scalar_metric_names()
+    patterns = [scalars] if isinstance(scalars, str) else scalars
+    if not isinstance(patterns, Collection) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(
+            "BNProbe(scalars=...) must be None (every metric) or metric names / glob patterns "
+            f"from: {', '.join(known)}; got {scalars!r}"
+        )
+    chosen: set[str] = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(known, pattern)
+        if not hits:
+            raise ValueError(
+                f"BNProbe(scalars=...) names no metric with {pattern!r}; the metrics are: "
+                f"{', '.join(known)}"
+            )
+        chosen.update(hits)
+    return frozenset(chosen)
+
+
+def _is_tensorboard(logger: Any) -> bool:
+    """A logger that writes TensorBoard event files (Lightning's, or one around tensorboardX)."""
+    return hasattr(getattr(logger, "experiment", None), "add_histogram")
+
+
+def _tensorboard_writers(trainer: pl.Trainer) -> list[tuple[Any, str]]:
+    """(writer, tag root) of every TensorBoard logger: the root carries the logger's prefix."""
+    return [
+        (getattr(logger, "experiment", None), tbfast.logger_root(logger))
+        for logger in trainer.loggers
+        if _is_tensorboard(logger)
+    ]
+
+
+def _next_version(base: Path) -> int:
+    found = [re.fullmatch(r"version_(\d+)", p.name) for p in base.glob("version_*")]
+    return max((int(m.group(1)) + 1 for m in found if m), default=0)
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
 
 def _check_hooks_fired(tap: BNTap, pl_module: nn.Module) -> None:
@@ -446,4 +647,4 @@ def _warn(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=3)
 
 
-__all__ = ["FLUSH_EVERY_S", "BNProbe", "BNProbeBase"]
+__all__ = ["FLUSH_EVERY_S", "LOG_TO", "BNProbe", "BNProbeBase", "scalar_metric_names"]

@@ -108,7 +108,9 @@ def gap_bars(df: pd.DataFrame) -> Figure:
 
     gap = ‖y_train − y_eval‖ / ‖y_train‖: ``local_gap`` for the layer alone on the same input,
     ``output_gap`` at its output with the whole model switched. The title adds the whole-model
-    ``logits_gap`` and ``pred_agreement`` when they were measured at that step.
+    ``logits_gap`` and ``pred_agreement`` when they were measured at that step. A NaN or
+    infinite gap (a model that produced NaN) gets no bar but its value written in its place;
+    the axis is scaled to the finite values.
     """
     from matplotlib.figure import Figure
 
@@ -133,15 +135,28 @@ def gap_bars(df: pd.DataFrame) -> Figure:
     y = np.arange(len(layers), dtype=np.float64)
     width = 0.4
     colors = {"local_gap": "#4c72b0", "output_gap": "#dd8452"}
+    values = grid.to_numpy(dtype=np.float64)
+    present = (
+        latest.assign(one=1.0)
+        .pivot(index="layer", columns="metric", values="one")
+        .reindex(index=layers, columns=list(GAP_METRICS))
+        .notna()
+        .to_numpy()
+    )
+    finite = np.isfinite(values)
+    top = float(values[finite].max()) if finite.any() else 0.0
+    right = top * 1.15 if top > 0 else 1.0
     for i, metric in enumerate(GAP_METRICS):
-        vals = grid[metric].to_numpy(dtype=np.float64)
-        ax.barh(
-            y + (i - 0.5) * width,
-            np.nan_to_num(vals, nan=0.0),
-            height=width,
-            color=colors[metric],
-            label=metric,
-        )
+        vals = values[:, i]
+        ok = finite[:, i]
+        pos = y + (i - 0.5) * width
+        ax.barh(pos, np.where(ok, vals, 0.0), height=width, color=colors[metric], label=metric)
+        # NaN and inf are written where the bar would start: a bar cannot show them, and
+        # drawing inf (or nan_to_num's 1.8e308) overflows matplotlib's transforms.
+        for where, value, measured in zip(pos[~ok], vals[~ok], present[~ok, i], strict=True):
+            text = _nonfinite_text(float(value)) if measured else "not measured"
+            ax.text(0.0, where, f" {text}", va="center", fontsize=8, color=colors[metric])
+    ax.set_xlim(0.0, right)
     ax.set_ylim(len(layers) - 0.5, -0.5)  # first layer on top
     _label_layers(ax, layers)
     ax.set_xlabel("relative gap ‖y_train − y_eval‖ / ‖y_train‖")
@@ -158,3 +173,9 @@ def gap_bars(df: pd.DataFrame) -> Figure:
         title += "\n" + ", ".join(extras)
     ax.set_title(title)
     return fig
+
+
+def _nonfinite_text(value: float) -> str:
+    if np.isnan(value):
+        return "nan"
+    return "inf" if value > 0 else "-inf"

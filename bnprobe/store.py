@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -322,23 +323,168 @@ class Store:
         return final
 
 
-def load(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read the saved store of a run (its ``bnprobe`` folder, or a run folder holding one).
+STORE_NAME = "bnprobe_store"
+"""The folder a run's store goes in by default (``<log_dir>/bnprobe_store``): a name that
+cannot be imported as the package, unlike the ``bnprobe`` folder of bnprobe 0.1."""
+STORE_NAMES: tuple[str, ...] = (STORE_NAME, "bnprobe")
+"""Folder names of a store inside its run folder (the second: stores written before 0.2)."""
 
-    Returns every flushed row with the SPEC schema. Where a resumed run measured a step again,
-    the row written last wins, so a key appears once.
+
+class StoreError(ValueError):
+    """A store that exists but could not be read (every part damaged, or not a bnprobe table)."""
+
+
+def load(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read the saved store of a run, or of every run in a folder of runs.
+
+    ``path`` is a store folder (the one holding ``part-*.parquet`` files, by default
+    ``<log_dir>/bnprobe_store``), a run folder holding one, a folder of runs, or one part file.
+    A run is the folder of a store (its parent when the store folder has the default name
+    ``bnprobe_store``, or ``bnprobe`` for stores written before 0.2). When ``path`` holds
+    several runs, each keeps its own rows and a last column ``run`` holds the run folder's path
+    relative to ``path`` (posix separators), the same names :func:`bnprobe.read_tensorboard`
+    gives the runs' event files: runs are never merged.
+
+    Within a run, where a resumed run measured a step again, the row written last wins, so a
+    key appears once. A part file that cannot be read (truncated, empty, not parquet) is
+    skipped with one warning naming it; the other parts load.
+
+    Raises FileNotFoundError when ``path`` does not exist or holds no store, ValueError when
+    ``path`` is a file that is not a parquet table, and :class:`StoreError` when no part of
+    the store could be read.
+    """
+    frames = load_runs(path)
+    if len(frames) == 1:
+        return next(iter(frames.values()))
+    return with_runs(frames)
+
+
+def load_runs(path: str | os.PathLike[str]) -> dict[str, pd.DataFrame]:
+    """What :func:`load` reads, as ``{run: table}`` (each table without a ``run`` column).
+
+    Runs are named as in :func:`load` (``"."`` for ``path`` itself); the same errors and
+    warnings as :func:`load`.
     """
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"no bnprobe store at {str(root)!r}: the path does not exist")
-    parts = _find_parts(root)
-    if not parts:
+    if root.is_file():
+        table = _load_file(root)
+        if "run" not in table.columns:
+            return {".": table}
+        return {
+            str(run): part.drop(columns="run").reset_index(drop=True)
+            for run, part in table.groupby("run", sort=False)
+        }
+    runs = find_runs(root)
+    if not runs:
         raise FileNotFoundError(
-            f"no bnprobe store at {str(root)!r}: no {PART_GLOB} files in it or in a 'bnprobe' "
-            "folder below it. Pass the folder BNProbe saved to (default <log_dir>/bnprobe)."
+            f"no bnprobe store at {str(root)!r}: no {PART_GLOB} files in it or in a folder "
+            f"below it. Pass a run folder (the logger's version folder, holding "
+            f"{STORE_NAME}), a folder of runs, or the store folder itself."
         )
-    df = concat(pd.read_parquet(p) for p in parts)
-    return dedupe(df)
+    frames: dict[str, pd.DataFrame] = {}
+    unreadable: list[Path] = []
+    for run, parts in runs.items():
+        tables: list[pd.DataFrame] = []
+        for part in parts:
+            read = _read_part(part)
+            if read is None:
+                unreadable.append(part)
+            else:
+                tables.append(read)
+        if tables:
+            frames[run] = dedupe(concat(tables))
+    if not frames:
+        what = str(unreadable[0]) if len(unreadable) == 1 else f"{len(unreadable)} part files"
+        raise StoreError(
+            f"the bnprobe store at {str(root)!r} could not be read: {what} unreadable "
+            "(truncated or not parquet)"
+        )
+    return frames
+
+
+def with_runs(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One table of several runs' tables, with a last column ``run`` (object dtype)."""
+    out = pd.concat([f.assign(run=run) for run, f in frames.items() if len(f)], ignore_index=True)
+    out["run"] = out["run"].astype(object)
+    return out
+
+
+def find_runs(root: Path) -> dict[str, list[Path]]:
+    """``{run: part files}`` of every store at or below ``root``, runs in name order.
+
+    A folder holding part files is a store; its run is its parent when it is named like a
+    store (:data:`STORE_NAMES`), else the store folder itself. Several stores of one run (an
+    old ``bnprobe`` and a new ``bnprobe_store`` folder) are one run. Hidden folders and the
+    temporary names of parts being written are skipped.
+    """
+    stores = sorted({p.parent for p in root.rglob(PART_GLOB) if not _hidden(p, root)})
+    runs: dict[str, list[Path]] = {}
+    for folder in stores:
+        run_dir = folder.parent if folder.name in STORE_NAMES and folder != root else folder
+        run = run_dir.relative_to(root).as_posix()
+        runs.setdefault(run, []).extend(sorted(folder.glob(PART_GLOB)))
+    return dict(sorted(runs.items()))
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _read_part(part: Path) -> pd.DataFrame | None:
+    """One part file as a table, or None with a warning when it cannot be read."""
+    try:
+        table = pd.read_parquet(part)
+        return conform(table)
+    except Exception as err:  # a damaged file must not hide the others
+        warnings.warn(
+            f"bnprobe.load: skipped the unreadable part {str(part)!r} "
+            f"({type(err).__name__}: {_first_line(err)})",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _load_file(path: Path) -> pd.DataFrame:
+    """A single parquet file: one part of a store, or a table written by ``bnprobe export``."""
+    try:
+        table = pd.read_parquet(path)
+    except Exception as err:
+        if path.suffix != ".parquet":
+            raise ValueError(
+                f"{str(path)!r} is {_kind_of_file(path)}, not a bnprobe store. Pass a run "
+                f"folder (the logger's version folder, holding {STORE_NAME}), a folder of runs, "
+                "the store folder, or one of its part-*.parquet files."
+            ) from None
+        raise StoreError(
+            f"{str(path)!r} could not be read as parquet ({type(err).__name__}: "
+            f"{_first_line(err)}): the file is damaged or truncated"
+        ) from None
+    try:
+        out = conform(table)
+    except ValueError as err:
+        raise StoreError(f"{str(path)!r} is parquet but not a bnprobe table: {err}") from None
+    if "run" in table.columns:  # an export of several runs keeps them apart
+        out["run"] = table["run"].astype(object).to_numpy()
+        return pd.concat(
+            [dedupe(part) for _, part in out.groupby("run", sort=False)], ignore_index=True
+        )
+    return dedupe(out)
+
+
+def _kind_of_file(path: Path) -> str:
+    if path.name.startswith("events.out.tfevents."):
+        return "a TensorBoard event file"
+    if path.suffix.lower() == ".csv":
+        return "a CSV file"
+    return f"a {path.suffix} file" if path.suffix else "a file"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else ""
 
 
 def dedupe(df: pd.DataFrame) -> pd.DataFrame:
@@ -346,16 +492,3 @@ def dedupe(df: pd.DataFrame) -> pd.DataFrame:
     keyed = df.assign(channel=df["channel"].fillna(-1))
     keep = ~keyed.duplicated(subset=KEY, keep="last")
     return df.loc[keep.to_numpy()].reset_index(drop=True)
-
-
-def _find_parts(root: Path) -> list[Path]:
-    if root.is_file():
-        return [root]
-    direct = sorted(root.glob(PART_GLOB))
-    if direct:
-        return direct
-    nested = sorted(p.parent for p in root.rglob(PART_GLOB))
-    if not nested:
-        return []
-    # A run folder: take the store folders below it, in name order (each sorts its own parts).
-    return [p for d in dict.fromkeys(nested) for p in sorted(d.glob(PART_GLOB))]

@@ -123,20 +123,35 @@ def log_metrics(logger: Any, metrics: Mapping[str, float], step: int) -> None:
     write_scalars(writer, {f"{prefix}{k}": v for k, v in metrics.items()}, step)
 
 
-def log_snapshot(logger: Any, snapshot: Any) -> None:
+def log_snapshot(logger: Any, snapshot: Any, keep: frozenset[str] | None = None) -> None:
     """Log the layer aggregates of a :class:`bnprobe.tap.Snapshot` (rank 0; the tags of
     :func:`snapshot_metrics`) through ``logger``: for a TensorBoardLogger one event straight
-    from the snapshot's plain columns, for any other logger through its ``log_metrics``."""
+    from the snapshot's plain columns, for any other logger through its ``log_metrics``.
+    ``keep``: the metrics to log (None: all)."""
     agg = snapshot.aggregates
     writer = _logger_writer(logger)
     if agg is None or writer is None:
-        for step, metrics in snapshot_metrics(snapshot).items():
+        for step, metrics in snapshot_metrics(snapshot, keep).items():
             log_metrics(logger, metrics, step)
         return
     if agg.rank != 0 or not agg.metrics:
         return
-    tags = _aggregate_tags(_prefix(logger), agg.stage, tuple(agg.layers), tuple(agg.metrics))
-    _write_summary(writer, tags, itertools.chain((agg.epoch,), agg.values), agg.step)
+    names = tuple(agg.metrics)
+    tags = _aggregate_tags(_prefix(logger), agg.stage, tuple(agg.layers), names)
+    values: Iterable[float] = itertools.chain((agg.epoch,), agg.values)
+    if keep is not None:
+        index = _kept(names, keep)
+        if len(index) == 1:  # nothing but the epoch
+            return
+        tags = tuple(tags[i] for i in index)
+        values = np.asarray(list(values), dtype=np.float64)[index]
+    _write_summary(writer, tags, values, agg.step)
+
+
+@lru_cache(maxsize=8)
+def _kept(metrics: tuple[str, ...], keep: frozenset[str]) -> np.ndarray:
+    """Indices into (epoch, *metrics) of the epoch and the kept metrics."""
+    return np.array([0, *(i + 1 for i, m in enumerate(metrics) if m in keep)], dtype=np.int64)
 
 
 @lru_cache(maxsize=8)
@@ -145,6 +160,13 @@ def _aggregate_tags(
 ) -> tuple[str, ...]:
     tags = (tb.scalar_tag(stage, m, layer) for m, layer in zip(metrics, layers, strict=True))
     return tuple(f"{prefix}{tag}" for tag in (tb.epoch_tag(stage), *tags))
+
+
+def logger_root(logger: Any) -> str:
+    """The tag root of everything bnprobe writes through ``logger``: ``bnprobe``, or
+    ``<prefix>-bnprobe`` for a Lightning logger made with ``prefix=...`` (the root its
+    ``log_metrics`` gives the scalars, used for histograms, figures and the layout too)."""
+    return f"{_prefix(logger)}{tb.PREFIX}"
 
 
 def _logger_writer(logger: Any) -> Any | None:
@@ -158,18 +180,27 @@ def _prefix(logger: Any) -> str:
     return f"{prefix}{getattr(logger, 'LOGGER_JOIN_CHAR', '-')}" if prefix else ""
 
 
-def snapshot_metrics(snapshot: Any) -> dict[int, dict[str, float]]:
+def snapshot_metrics(
+    snapshot: Any, keep: frozenset[str] | None = None
+) -> dict[int, dict[str, float]]:
     """``{step: {tag: value}}`` of a :class:`bnprobe.tap.Snapshot`, like
     :func:`bnprobe.tensorboard.scalar_metrics` of its rows, but straight from its plain
-    columns (``aggregates``) when it has them (no pandas)."""
+    columns (``aggregates``) when it has them (no pandas). ``keep``: the metrics to log."""
     agg = snapshot.aggregates
     if agg is None:
-        return tb.scalar_metrics(snapshot.rows)
+        rows = snapshot.rows
+        if keep is not None:
+            rows = rows[rows["metric"].isin(list(keep)).to_numpy()]
+        return tb.scalar_metrics(rows)
     if agg.rank != 0 or not agg.metrics:
         return {}
-    tags = _aggregate_tags("", agg.stage, tuple(agg.layers), tuple(agg.metrics))
-    values = map(float, itertools.chain((agg.epoch,), agg.values))
-    return {int(agg.step): dict(zip(tags, values, strict=True))}
+    metrics = tuple(agg.metrics)
+    tags = _aggregate_tags("", agg.stage, tuple(agg.layers), metrics)
+    values = list(map(float, itertools.chain((agg.epoch,), agg.values)))
+    index = range(len(tags)) if keep is None else _kept(metrics, keep).tolist()
+    if len(index) == 1:
+        return {}
+    return {int(agg.step): {tags[i]: values[i] for i in index}}
 
 
 def histogram_protos(vectors: Mapping[str, np.ndarray], bins: int = tb.HIST_BINS) -> dict[str, Any]:
@@ -230,16 +261,18 @@ def add_histograms(
     step: int,
     channels: Mapping[str, Mapping[str, np.ndarray]],
     names: tuple[str, ...] = tb.HIST_NAMES,
+    root: str = tb.PREFIX,
 ) -> list[str]:
-    """Histograms ``bnprobe/<stage>/hist/<name>/<layer>`` of every layer's per-channel vectors
+    """Histograms ``<root>/<stage>/hist/<name>/<layer>`` of every layer's per-channel vectors
     (``channels``: layer -> {name: vector}, as in ``Snapshot.channels``) in one event.
+    ``root``: :func:`logger_root` of the logger (``bnprobe`` without a prefix).
 
     The same tags and binning as :func:`bnprobe.tensorboard.add_histograms`; returns the tags
     written. Only for a ``torch.utils.tensorboard.SummaryWriter``: other writers go through
     :func:`bnprobe.tensorboard.add_histograms`.
     """
     vectors = {
-        tb.hist_tag(stage, name, layer): per[name]
+        tb.hist_tag(stage, name, layer, root): per[name]
         for layer, per in channels.items()
         for name in names
         if name in per
@@ -249,7 +282,7 @@ def add_histograms(
         written: list[str] = []
         for layer, per in channels.items():
             values = {name: per[name] for name in names if name in per}
-            written += tb.add_histograms(writer, stage, layer, step, values)
+            written += tb.add_histograms(writer, stage, layer, step, values, root)
         return written
     from tensorboard.compat.proto.summary_pb2 import Summary
 
@@ -425,6 +458,7 @@ __all__ = [
     "histogram_protos",
     "log_metrics",
     "log_snapshot",
+    "logger_root",
     "masked_crc32c",
     "snapshot_metrics",
     "speed_up_checksums",

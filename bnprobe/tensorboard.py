@@ -9,6 +9,11 @@ Tags (one run = one folder of event files)::
     bnprobe/<stage>/figure/<name>         image: a matplotlib figure (see bnprobe.figures)
     custom_scalars__config__              the Custom Scalars layout (:func:`write_layout`)
 
+The tag root is ``bnprobe``, or ``<prefix>-bnprobe`` for a Lightning logger made with
+``prefix=...`` (what its ``log_metrics`` turns ``bnprobe/...`` keys into): scalars, histograms,
+figures and the layout's regexes all use the same root (:func:`tag_root`), and the reader
+accepts any root that ends in ``bnprobe`` after a separator.
+
 ``<layer>`` is the qualified name from ``named_modules()``, written as is, except the
 whole-model layer ``<model>``, which is spelled ``_model_`` (what tag sanitizers such as
 tensorboardX's turn it into anyway, and safe in URLs and regexes). A module literally named
@@ -65,6 +70,14 @@ METRICS_BY_STAGE: dict[str, tuple[str, ...]] = {
 
 _RESERVED_METRICS = ("hist", "figure", "epoch")
 _MODEL_ESCAPED = re.compile(r"_model_+")
+_ROOT = re.compile(rf"(?:.*[\W_])?{PREFIX}")
+"""A tag root: ``bnprobe``, or it with a logger's prefix and a separator before it."""
+
+
+def tag_root(prefix: str = "", join: str = "-") -> str:
+    """The root of every bnprobe tag written through a logger with this ``prefix``:
+    ``bnprobe``, or ``<prefix><join>bnprobe`` (Lightning's ``LOGGER_JOIN_CHAR`` is ``-``)."""
+    return f"{prefix}{join}{PREFIX}" if prefix else PREFIX
 
 
 class Tag(NamedTuple):
@@ -123,32 +136,47 @@ def epoch_tag(stage: str) -> str:
     return f"{PREFIX}/{stage}/epoch"
 
 
-def hist_tag(stage: str, name: str, layer: str) -> str:
-    """The tag of a per-channel histogram: ``bnprobe/<stage>/hist/<name>/<layer>``."""
+def hist_tag(stage: str, name: str, layer: str, root: str = PREFIX) -> str:
+    """The tag of a per-channel histogram: ``<root>/<stage>/hist/<name>/<layer>``."""
     _check_part("stage", stage)
     _check_part("histogram name", name)
-    return f"{PREFIX}/{stage}/hist/{name}/{_layer_to_tag(layer)}"
+    return f"{root}/{stage}/hist/{name}/{_layer_to_tag(layer)}"
 
 
-def figure_tag(stage: str, name: str) -> str:
-    """The tag of a figure image: ``bnprobe/<stage>/figure/<name>``."""
+def figure_tag(stage: str, name: str, root: str = PREFIX) -> str:
+    """The tag of a figure image: ``<root>/<stage>/figure/<name>``."""
     _check_part("stage", stage)
     _check_part("figure name", name)
-    return f"{PREFIX}/{stage}/figure/{name}"
+    return f"{root}/{stage}/figure/{name}"
+
+
+def _after_root(tag: str) -> list[str] | None:
+    """The parts of ``tag`` after its root (the first leading parts that make a root: a
+    logger's prefix may hold '/'), or None when no root starts it."""
+    if PREFIX not in tag:
+        return None
+    parts = tag.split("/")
+    for i in range(len(parts)):
+        if parts[i].endswith(PREFIX) and _ROOT.fullmatch("/".join(parts[: i + 1])):
+            return parts[i + 1 :]
+    return None
 
 
 def _match_scalar(tag: str) -> Tag | None:
-    parts = tag.split("/", 3)
-    if len(parts) != 4 or parts[0] != PREFIX or not all(parts[1:]):
+    rest = _after_root(tag)
+    if rest is None or len(rest) < 3:
         return None
-    _, stage, metric, layer = parts
+    stage, metric, layer = rest[0], rest[1], "/".join(rest[2:])
+    if not (stage and metric and layer):
+        return None
     if metric in _RESERVED_METRICS:
         return None
     return Tag(stage, metric, _layer_from_tag(layer))
 
 
 def parse_tag(tag: str) -> Tag:
-    """Invert :func:`scalar_tag`: ``parse_tag(scalar_tag(s, m, l)) == (s, m, l)``.
+    """Invert :func:`scalar_tag`: ``parse_tag(scalar_tag(s, m, l)) == (s, m, l)``; the same
+    for a tag written through a logger with a prefix (``<prefix>-bnprobe/...``).
 
     Raises ValueError for any other tag (histograms, figures, the epoch scalar, foreign tags).
     """
@@ -193,12 +221,13 @@ _LAYOUT_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
 def layout(
     stages: Sequence[str] = ("train", "val", "probe"),
     metrics_by_stage: Mapping[str, Sequence[str]] | None = None,
+    root: str = PREFIX,
 ) -> dict[str, dict[str, list[Any]]]:
     """The Custom Scalars layout as ``SummaryWriter.add_custom_scalars`` takes it.
 
-    One category ``bnprobe/<stage>`` per stage; in it one multiline chart per metric whose
-    regex ``^bnprobe/<stage>/<metric>/`` matches that metric's tag for every layer, so all
-    layers overlay in one chart.
+    One category ``<root>/<stage>`` per stage; in it one multiline chart per metric whose
+    regex ``^<root>/<stage>/<metric>/`` matches that metric's tag for every layer, so all
+    layers overlay in one chart. ``root``: :func:`tag_root` of the logger's prefix.
     """
     chosen = METRICS_BY_STAGE if metrics_by_stage is None else metrics_by_stage
     if isinstance(stages, str):
@@ -214,9 +243,9 @@ def layout(
         charts: dict[str, list[Any]] = {}
         for metric in chosen[stage]:
             _check_part("metric", metric)
-            regex = "^" + re.escape(f"{PREFIX}/{stage}/{metric}/")
+            regex = "^" + re.escape(f"{root}/{stage}/{metric}/")
             charts[metric] = ["Multiline", [regex]]
-        out[f"{PREFIX}/{stage}"] = charts
+        out[f"{root}/{stage}"] = charts
     return out
 
 
@@ -224,13 +253,14 @@ def write_layout(
     writer: SummaryWriter,
     stages: Sequence[str] = ("train", "val", "probe"),
     metrics_by_stage: Mapping[str, Sequence[str]] | None = None,
+    root: str = PREFIX,
 ) -> bool:
     """Write the Custom Scalars layout (see :func:`layout`) once per writer.
 
     Returns True when it wrote the layout, False when this writer already has it (a second
     call is a no-op; TensorBoard merges identical layouts of several runs into one).
     """
-    spec = layout(stages, metrics_by_stage)
+    spec = layout(stages, metrics_by_stage, root)
     if writer in _LAYOUT_WRITTEN:
         return False
     writer.add_custom_scalars(spec)
@@ -251,6 +281,7 @@ def add_histograms(
     layer: str,
     step: int,
     values: Mapping[str, torch.Tensor | np.ndarray | Sequence[float]],
+    root: str = PREFIX,
 ) -> list[str]:
     """Log one histogram per per-channel vector (gamma, beta, d, v) of one layer.
 
@@ -262,7 +293,7 @@ def add_histograms(
     for name, vec in values.items():
         arr = _as_numpy(vec)
         arr = arr[np.isfinite(arr)]
-        tag = hist_tag(stage, name, layer)
+        tag = hist_tag(stage, name, layer, root)
         if arr.size == 0:
             continue
         writer.add_histogram(tag, arr, global_step=int(step), bins=HIST_BINS)
@@ -280,12 +311,17 @@ def render(fig: Figure) -> np.ndarray:
     return np.asarray(rgba)[:, :, :3].copy()
 
 
-FIGURE_METRICS: tuple[str, ...] = ("mean_shift", "local_gap", "output_gap")
-"""The metrics :func:`add_figures` draws."""
+FIGURE_METRICS: tuple[str, ...] = (
+    "mean_shift", "local_gap", "output_gap", "logits_gap", "pred_agreement"
+)  # fmt: skip
+"""The metrics :func:`add_figures` draws (the whole-model two go into the gap chart's title)."""
 
 
-def add_figures(writer: SummaryWriter, df: pd.DataFrame, step: int) -> list[str]:
-    """Log the figures for which ``df`` has data, as images at ``step``; return their tags.
+def add_figures(
+    writer: SummaryWriter, df: pd.DataFrame, step: int, root: str = PREFIX
+) -> list[str]:
+    """Log the figures for which ``df`` has data, as images at ``step``; return their tags
+    (under ``root``, :func:`tag_root`).
 
     - ``bnprobe/train/figure/mean_shift`` and ``bnprobe/val/figure/mean_shift``: layers x steps
       heatmaps of ``mean_shift`` (:func:`bnprobe.figures.shift_heatmap`);
@@ -300,9 +336,10 @@ def add_figures(writer: SummaryWriter, df: pd.DataFrame, step: int) -> list[str]
     drawn: list[tuple[str, Figure]] = []
     for stage in ("train", "val"):
         if figures.has_rows(agg, stage, ("mean_shift",)):
-            drawn.append((figure_tag(stage, "mean_shift"), figures.shift_heatmap(agg, stage)))
-    if figures.has_rows(agg, "probe", ("local_gap", "output_gap")):
-        drawn.append((figure_tag("probe", "gaps"), figures.gap_bars(agg)))
+            heatmap = figures.shift_heatmap(agg, stage)
+            drawn.append((figure_tag(stage, "mean_shift", root), heatmap))
+    if figures.has_rows(agg, "probe", figures.GAP_METRICS):
+        drawn.append((figure_tag("probe", "gaps", root), figures.gap_bars(agg)))
     for tag, fig in drawn:
         writer.add_image(tag, render(fig), global_step=int(step), dataformats="HWC")
     return [tag for tag, _ in drawn]
@@ -346,9 +383,9 @@ def _run_frame(acc: Any) -> pd.DataFrame:
     epochs: dict[str, dict[int, int]] = {}
     series: list[tuple[Tag, list[int], list[float]]] = []
     for tag, steps, values in _scalar_series(acc):
-        parts = tag.split("/")
-        if len(parts) == 3 and parts[0] == PREFIX and parts[2] == "epoch":
-            epochs[parts[1]] = {s: round(v) for s, v in zip(steps, values, strict=True)}
+        rest = _after_root(tag)
+        if rest is not None and len(rest) == 2 and rest[1] == "epoch":
+            epochs[rest[0]] = {s: round(v) for s, v in zip(steps, values, strict=True)}
             continue
         parsed = _match_scalar(tag)
         if parsed is not None:
@@ -387,14 +424,24 @@ def read_tensorboard(path: str | os.PathLike[str]) -> pd.DataFrame:
 
     Uses TensorBoard's own reader (``EventMultiplexer``, every scalar kept). A run is a folder
     with event files directly in it. Returns one row per ``bnprobe/<stage>/<metric>/<layer>``
-    scalar event: rank 0, channel NA, epoch from ``bnprobe/<stage>/epoch`` at the same step
-    (-1 where it was not logged), value as TensorBoard stored it (float32). When several runs
-    hold bnprobe scalars, a last column ``run`` holds each run folder's path relative to
-    ``path`` (posix separators; ``.`` for ``path`` itself).
+    scalar event (also ``<prefix>-bnprobe/...``, written through a logger with a prefix):
+    rank 0, channel NA, epoch from ``bnprobe/<stage>/epoch`` at the same step (-1 where it was
+    not logged), value as TensorBoard stored it (float32). When several runs hold bnprobe
+    scalars, a last column ``run`` holds each run folder's path relative to ``path`` (posix
+    separators), the same names :func:`bnprobe.load` gives the runs' stores.
 
     Raises FileNotFoundError naming ``path`` when it does not exist, holds no event files, or
     its event files hold no bnprobe scalars.
     """
+    frames = read_runs(path)
+    if len(frames) == 1:  # one run with bnprobe data: the plain SPEC table
+        return next(iter(frames.values()))
+    return store.with_runs(frames)
+
+
+def read_runs(path: str | os.PathLike[str]) -> dict[str, pd.DataFrame]:
+    """What :func:`read_tensorboard` reads, as ``{run: table}`` (``"."``: ``path`` itself);
+    runs without bnprobe scalars are left out. The same errors."""
     from tensorboard.backend.event_processing import event_accumulator, event_multiplexer
 
     root = Path(path)
@@ -416,17 +463,11 @@ def read_tensorboard(path: str | os.PathLike[str]) -> pd.DataFrame:
             "parent."
         )
     frames = {run: _run_frame(acc) for run, acc in accs.items()}
-    frames = {run: f for run, f in frames.items() if len(f)}
+    frames = {run: store.conform(f) for run, f in frames.items() if len(f)}
     if not frames:
         raise FileNotFoundError(
             f"no bnprobe scalars at {str(root)!r}: its event files ({len(accs)} run(s)) have no "
-            f"'{PREFIX}/<stage>/<metric>/<layer>' tags. Was BNProbe attached with a "
-            "TensorBoardLogger?"
+            f"'{PREFIX}/<stage>/<metric>/<layer>' tags (nor '<prefix>-{PREFIX}/...'). Was "
+            "BNProbe attached with a TensorBoardLogger?"
         )
-    if len(frames) == 1:  # one run with bnprobe data: the plain SPEC table
-        return store.conform(next(iter(frames.values())))
-    out = pd.concat(
-        [store.conform(f).assign(run=run) for run, f in frames.items()], ignore_index=True
-    )
-    out["run"] = out["run"].astype(object)
-    return out
+    return dict(sorted(frames.items()))

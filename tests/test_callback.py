@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 import bnprobe
 from bnprobe import BNProbe, load
-from bnprobe.store import COLUMNS
+from bnprobe import tensorboard as tb
+from bnprobe.store import COLUMNS, KEY, STORE_NAME
 from tests.reference import INPUT_SHAPES, Lit, Reference, loader, make_model, trainer
 
 
@@ -137,7 +142,7 @@ def test_store_is_saved_under_log_dir_and_loads_back(tmp_path) -> None:
     logger = TensorBoardLogger(tmp_path, name="run")
     tr = trainer(tmp_path, callbacks=[probe], logger=logger)
     tr.fit(Lit(make_model("mlp1d")), loader((6,)))
-    saved = load(f"{logger.log_dir}/bnprobe")
+    saved = load(f"{logger.log_dir}/bnprobe_store")
     pd.testing.assert_frame_equal(saved, probe.to_dataframe())
     assert saved["channel"].notna().any()
     assert str(saved["channel"].dtype) == "Int64"
@@ -161,6 +166,11 @@ def test_default_every_n_steps_is_the_trainers(tmp_path) -> None:
         ({"layers": 5}, r"layers.*name or glob pattern.*got 5"),
         ({"layers": ["bn", 3]}, r"layers.*got \['bn', 3\]"),
         ({"save_dir": True}, r"save_dir.*folder path.*got True"),
+        ({"log_to": "wandb"}, r"log_to.*'tensorboard', 'all'; got 'wandb'"),
+        ({"log_to": None}, r"log_to.*got None"),
+        ({"scalars": ["mean_shift", "nope*"]}, r"scalars.*'nope\*'.*mean_shift"),
+        ({"scalars": 5}, r"scalars.*metric names.*got 5"),
+        ({"scalars": ["kl", 3]}, r"scalars.*got \['kl', 3\]"),
     ],
 )
 def test_bad_options_are_refused(options, message) -> None:
@@ -258,3 +268,190 @@ def test_no_warnings_from_a_normal_run(tmp_path) -> None:
             Lit(make_model("res2d")), loader((3, 8, 8))
         )
     assert not probe.tap.failures if probe.tap else True
+
+
+# -- where the store goes ------------------------------------------------------------------------
+def test_without_a_logger_the_store_cannot_shadow_the_package(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # Trainer's default_root_dir is the working folder
+    for _ in range(2):
+        probe = BNProbe(every_n_steps=1, summary=False)
+        trainer(tmp_path, callbacks=[probe], default_root_dir=None, max_epochs=1).fit(
+            Lit(make_model("mlp1d")), loader((6,))
+        )
+    assert probe.store_dir == tmp_path / "bnprobe_logs" / "version_1" / STORE_NAME
+    assert probe.run_dir == tmp_path / "bnprobe_logs" / "version_1"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("bnprobe") and
+                p.name != "bnprobe_logs"]  # fmt: skip
+    found = subprocess.run(
+        [sys.executable, "-c", "import bnprobe; print(bnprobe.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert Path(found.stdout.strip()) == Path(bnprobe.__file__)  # not the data folder
+    runs = load(tmp_path / "bnprobe_logs")
+    assert sorted(runs["run"].unique()) == ["version_0", "version_1"]  # two runs, not merged
+    pd.testing.assert_frame_equal(load(probe.run_dir), probe.to_dataframe())
+
+
+def test_resume_without_a_logger_appends_to_the_same_store(tmp_path) -> None:
+    def run(max_epochs: int, ckpt: str | None = None) -> tuple[BNProbe, pl.Trainer]:
+        pl.seed_everything(7)
+        probe = BNProbe(every_n_steps=1, summary=False)
+        tr = trainer(tmp_path, callbacks=[probe], max_epochs=max_epochs)
+        tr.fit(Lit(make_model("mlp1d")), loader((6,)), ckpt_path=ckpt)
+        return probe, tr
+
+    first, tr = run(2)
+    ckpt = str(tmp_path / "mid.ckpt")
+    tr.save_checkpoint(ckpt)
+    resumed, _ = run(4, ckpt)
+    assert (
+        resumed.store_dir == first.store_dir == tmp_path / "bnprobe_logs" / "version_0" / STORE_NAME
+    )
+    assert [p.name for p in (tmp_path / "bnprobe_logs").iterdir()] == ["version_0"]
+    parts = sorted(first.store_dir.glob("part-*.parquet"))
+    raw = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    assert not raw.assign(channel=raw["channel"].fillna(-1)).duplicated(KEY).any()
+    assert sorted(load(first.run_dir)["step"].unique()) == list(range(16))
+
+
+# -- TensorBoard: the logger's prefix, where scalars go, which ones --------------------------
+def _fit_logged(tmp_path, loggers: list[Any], **options: Any) -> BNProbe:
+    pl.seed_everything(0)
+    probe = BNProbe(every_n_steps=2, summary=False, **options)
+    trainer(tmp_path, callbacks=[probe], logger=loggers, max_epochs=1).fit(
+        Lit(make_model("res2d")), loader((3, 8, 8)), loader((3, 8, 8), seed=1)
+    )
+    return probe
+
+
+def _events(log_dir: str) -> EventAccumulator:
+    sizes = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
+    acc = EventAccumulator(log_dir, size_guidance=sizes)
+    acc.Reload()
+    return acc
+
+
+def _layout(acc: EventAccumulator) -> Any:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (event,) = acc.Tensors("custom_scalars__config__")
+    return layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+
+
+def test_a_logger_prefix_gives_one_tag_root_end_to_end(tmp_path) -> None:
+    import re
+
+    logger = TensorBoardLogger(tmp_path, name="run", prefix="exp")
+    probe = _fit_logged(tmp_path, [logger])
+    acc = _events(logger.log_dir)
+    tags = acc.Tags()
+    ours = [t for kind in ("scalars", "histograms", "images") for t in tags[kind] if "bnprobe" in t]
+    assert ours and all(t.startswith("exp-bnprobe/") for t in ours), ours
+    assert {t.split("/")[2] for t in tags["images"]} == {"figure"}
+    assert "exp-bnprobe/train/hist/d/net.bn1" in tags["histograms"]
+    layout = _layout(acc)
+    assert [c.title for c in layout.category] == [
+        f"exp-bnprobe/{s}" for s in ("train", "val", "probe")
+    ]
+    for category in layout.category:
+        stage = category.title.split("/")[1]
+        assert "rank_divergence" not in [c.title for c in category.chart]  # one process
+        for chart in category.chart:
+            (regex,) = chart.multiline.tag
+            hits = {t for t in tags["scalars"] if re.match(regex, t)}
+            prefix = f"exp-bnprobe/{stage}/{chart.title}/"
+            assert hits == {t for t in tags["scalars"] if t.startswith(prefix)}
+            assert hits or chart.title in ("nonfinite",), chart.title
+    back = bnprobe.read_tensorboard(logger.log_dir)
+    memory = probe.to_dataframe()
+    memory = memory[memory["channel"].isna()]
+    assert len(back) == len(memory)
+    key = ["stage", "layer", "metric", "step"]
+    got = back.sort_values(key)["value"].to_numpy()
+    assert got == pytest.approx(memory.sort_values(key)["value"].to_numpy(), rel=1e-6, nan_ok=True)
+
+
+def test_scalars_go_to_tensorboard_only_unless_asked_and_only_those_chosen(tmp_path) -> None:
+    tb_logger = TensorBoardLogger(tmp_path, name="tb")
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    probe = _fit_logged(tmp_path / "a", [tb_logger, csv_logger])
+    metrics_csv = Path(csv_logger.log_dir) / "metrics.csv"
+    columns = pd.read_csv(metrics_csv).columns if metrics_csv.exists() else []
+    assert not [c for c in columns if c.startswith("bnprobe/")]
+    assert any(t.startswith("bnprobe/") for t in _events(tb_logger.log_dir).Tags()["scalars"])
+    assert "kl" in set(probe.to_dataframe()["metric"])
+
+    tb_logger = TensorBoardLogger(tmp_path, name="tb2")
+    csv_logger = CSVLogger(tmp_path, name="csv2")
+    probe = _fit_logged(
+        tmp_path / "b", [tb_logger, csv_logger], log_to="all", scalars=["mean_shift*"]
+    )
+    layers = probe.layer_names
+    chosen = {
+        tb.scalar_tag(stage, metric, layer)
+        for stage in ("train", "val") for metric in ("mean_shift", "mean_shift_max")
+        for layer in layers
+    } | {tb.epoch_tag(s) for s in ("train", "val")}  # fmt: skip
+    columns = set(pd.read_csv(Path(csv_logger.log_dir) / "metrics.csv").columns)
+    assert {c for c in columns if c.startswith("bnprobe/")} == chosen
+    acc = _events(tb_logger.log_dir)
+    assert {t for t in acc.Tags()["scalars"] if t.startswith("bnprobe/")} == chosen
+    layout = _layout(acc)
+    assert {c.title: [ch.title for ch in c.chart] for c in layout.category} == {
+        "bnprobe/train": ["mean_shift", "mean_shift_max"],
+        "bnprobe/val": ["mean_shift", "mean_shift_max"],
+    }
+    df = probe.to_dataframe()  # the table keeps every metric
+    assert {"kl", "gamma_drift", "output_gap", "logits_gap"} <= set(df["metric"])
+    pd.testing.assert_frame_equal(load(tb_logger.log_dir), df)
+
+
+# -- the end-of-fit summary ----------------------------------------------------------------------
+class _DeadServer(Logger):
+    """A real logger whose log_metrics fails (a tracking server that went away)."""
+
+    @property
+    def name(self) -> str:
+        return "dead"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        raise ConnectionError("the tracking server went away")
+
+
+def test_summary_says_what_was_watched_and_what_was_switched_off(tmp_path, capsys) -> None:
+    store = tmp_path / "my store"
+    probe = BNProbe(every_n_steps=1, save_dir=store, log_to="all")
+    with pytest.warns(UserWarning, match="logging to _DeadServer failed"):
+        trainer(tmp_path, callbacks=[probe], logger=[_DeadServer()]).fit(
+            Lit(make_model("mlp1d")), loader((6,))
+        )
+    out = capsys.readouterr().out
+    assert "bnprobe watched 1 BatchNorm layer at 8 training steps (steps 0..7, every 1)." in out
+    assert (
+        "switched off after an error: logging to _DeadServer "
+        "(ConnectionError: the tracking server went away)"
+    ) in out
+    assert "No BatchNorm problem of severity warning or error found in what was measured." in out
+    assert f"bnprobe report '{store}'" in out  # the real path, quoted for the shell
+    assert "no problem found" not in out.lower()
+
+
+def test_summary_of_a_healthy_run_points_at_nothing_it_does_not_need(tmp_path, capsys) -> None:
+    logger = TensorBoardLogger(tmp_path, name="run")
+    probe = BNProbe(every_n_steps=1)
+    trainer(tmp_path, callbacks=[probe], logger=logger).fit(Lit(make_model("mlp1d")), loader((6,)))
+    out = capsys.readouterr().out
+    assert "bnprobe watched 1 BatchNorm layer at 8 training steps" in out
+    assert "No BatchNorm problem of severity warning or error found." in out
+    assert "switched off" not in out
+    assert probe.run_dir == Path(logger.log_dir)

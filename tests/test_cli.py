@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
 from bnprobe import load
+from bnprobe.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,11 +27,25 @@ def bnprobe_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Any:
+    """``bnprobe ARGS`` in this process (``bnprobe.cli.main``): the exit code, stdout and stderr
+    that the subprocess gives, without a new interpreter's ~10 s of imports."""
+
+    def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["bnprobe", *args], code, out, err)
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     out = tmp_path_factory.mktemp("demo")
     done = bnprobe_cli(
-        "demo", "--epochs", "1", "--train-size", "512", "--val-size", "128", "--out", str(out),
+        "demo", "--epochs", "1", "--num-train", "512", "--num-val", "128", "--out", str(out),
         cwd=out,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -46,23 +62,23 @@ def test_demo_prints_where_the_logs_are_and_a_report(demo_run) -> None:
     assert list(run.glob("events.out.tfevents.*"))
 
 
-def test_report_text_json_and_fail_on(demo_run, tmp_path) -> None:
+def test_report_text_json_and_fail_on(demo_run, tmp_path, cli) -> None:
     run, _ = demo_run
-    text = bnprobe_cli("report", str(run), cwd=tmp_path)
+    text = cli("report", str(run), cwd=tmp_path)
     assert text.returncode == 0 and "net.features.5" in text.stdout
-    as_json = bnprobe_cli("report", str(run), "--format", "json", cwd=tmp_path)
+    as_json = cli("report", str(run), "--format", "json", cwd=tmp_path)
     doc = json.loads(as_json.stdout)
     assert isinstance(doc, dict) and "findings" in doc
     serious = [f for f in doc["findings"] if f["severity"] in ("warning", "error")]
-    gate = bnprobe_cli("report", str(run), "--fail-on", "warning", cwd=tmp_path)
+    gate = cli("report", str(run), "--fail-on", "warning", cwd=tmp_path)
     assert gate.returncode == (1 if serious else 0)
 
 
-def test_export_parquet_and_csv_match_the_store(demo_run, tmp_path) -> None:
+def test_export_parquet_and_csv_match_the_store(demo_run, tmp_path, cli) -> None:
     run, _ = demo_run
     store = load(run)
     for name in ("table.parquet", "table.csv"):
-        done = bnprobe_cli("export", str(run), "-o", str(tmp_path / name), cwd=tmp_path)
+        done = cli("export", str(run), "-o", str(tmp_path / name), cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         assert f"wrote {len(store)} rows" in done.stdout
     pd.testing.assert_frame_equal(load(tmp_path / "table.parquet"), store)  # schema kept
@@ -71,13 +87,13 @@ def test_export_parquet_and_csv_match_the_store(demo_run, tmp_path) -> None:
     assert csv["value"].to_numpy() == pytest.approx(store["value"].to_numpy(), nan_ok=True)
 
 
-def test_export_from_event_files_when_there_is_no_store(demo_run, tmp_path) -> None:
+def test_export_from_event_files_when_there_is_no_store(demo_run, tmp_path, cli) -> None:
     run, _ = demo_run
     events_only = tmp_path / "events_only"
     events_only.mkdir()
     for f in run.glob("events.out.tfevents.*"):
         (events_only / f.name).write_bytes(f.read_bytes())
-    done = bnprobe_cli("export", str(events_only), "-o", str(tmp_path / "t.csv"), cwd=tmp_path)
+    done = cli("export", str(events_only), "-o", str(tmp_path / "t.csv"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     exported = pd.read_csv(tmp_path / "t.csv")
     store = load(run)
@@ -85,25 +101,25 @@ def test_export_from_event_files_when_there_is_no_store(demo_run, tmp_path) -> N
 
 
 @pytest.mark.parametrize("command", ["report", "export"])
-def test_missing_or_empty_run_is_a_one_line_error(tmp_path, command) -> None:
+def test_missing_or_empty_run_is_a_one_line_error(tmp_path, command, cli) -> None:
     extra = ["-o", str(tmp_path / "x.csv")] if command == "export" else []
     for run in (tmp_path / "nope", tmp_path):
-        done = bnprobe_cli(command, str(run), *extra, cwd=tmp_path)
+        done = cli(command, str(run), *extra, cwd=tmp_path)
         assert done.returncode == 2
         assert "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert str(run) in done.stderr
 
 
-def test_export_refuses_an_unknown_extension(demo_run, tmp_path) -> None:
+def test_export_refuses_an_unknown_extension(demo_run, tmp_path, cli) -> None:
     run, _ = demo_run
-    done = bnprobe_cli("export", str(run), "-o", str(tmp_path / "t.xlsx"), cwd=tmp_path)
+    done = cli("export", str(run), "-o", str(tmp_path / "t.xlsx"), cwd=tmp_path)
     assert done.returncode == 2 and ".parquet or .csv" in done.stderr
 
 
-def test_demo_lists_pathologies_and_refuses_an_unknown_one(tmp_path) -> None:
-    listed = bnprobe_cli("demo", "--list", cwd=tmp_path)
+def test_demo_lists_pathologies_and_refuses_an_unknown_one(tmp_path, cli) -> None:
+    listed = cli("demo", "--list", cwd=tmp_path)
     assert listed.returncode == 0 and "shifted_val" in listed.stdout
-    bad = bnprobe_cli("demo", "--pathology", "nope", cwd=tmp_path)
+    bad = cli("demo", "--pathology", "nope", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "unknown pathology 'nope'" in bad.stderr and "shifted_val" in bad.stderr

@@ -151,3 +151,19 @@ def test_gather_without_a_process_group_is_a_no_op() -> None:
     )
     snap = Snapshot([rows], {"bn": {"running_mean": np.zeros(2), "running_var": np.ones(2)}})
     assert RankGather({"bn": 1e-5}).gather(snap, step=3, epoch=0) is None
+
+
+def test_multi_process_layout_has_a_rank_divergence_chart(ddp_out: Path) -> None:
+    """The chart exists where the metric does: in multi-process runs (single-process runs
+    have none, tests/test_callback.py)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (run,) = {p.parent for p in (ddp_out / "broadcast" / "tb").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    acc.Reload()
+    (event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    train = next(c for c in layout.category if c.title == "bnprobe/train")
+    assert "rank_divergence" in [chart.title for chart in train.chart]
+    assert any(t.startswith("bnprobe/train/rank_divergence/") for t in acc.Tags()["scalars"])

@@ -314,6 +314,9 @@ def test_layer_the_probe_cannot_read_is_switched_off_and_training_unchanged(tmp_
     _assert_same(plain, probed)
     df = probe.to_dataframe()
     assert set(df["layer"]) == {"net.tuple_bn"}  # the tuple-returning layer is measured
+    summary = probe.summary_text()  # what the end of fit prints: what is off, and why
+    assert "switched off after an error: measuring layer 'net.dict_bn' (TypeError: " in summary
+    assert "found in what was measured." in summary
     assert sorted(df["step"].unique()) == list(range(8))
     assert (df[df["metric"] == "forward_calls"]["value"] == 1).all()
 
@@ -332,7 +335,7 @@ def test_unwritable_save_dir_warns_once_and_keeps_the_table(tmp_path) -> None:
 def test_logger_that_raises_warns_once_and_the_rest_goes_on(tmp_path) -> None:
     BrokenLogger.calls = 0
     store = tmp_path / "store"
-    probe = BNProbe(every_n_steps=1, save_dir=store, summary=False)
+    probe = BNProbe(every_n_steps=1, save_dir=store, summary=False, log_to="all")
     match = r"logging to BrokenLogger failed with ConnectionError: the tracking server went away"
     with pytest.warns(UserWarning, match=match) as record:
         plain, probed = _fit_pair(
@@ -364,7 +367,7 @@ def test_full_disk_warns_once_and_training_is_unchanged(tmp_path) -> None:
 # -- ecosystem -----------------------------------------------------------------------------------
 def test_csv_logger_gets_the_scalars_and_the_store_is_saved(tmp_path) -> None:
     pl.seed_everything(0)
-    probe = BNProbe(every_n_steps=2, summary=False)
+    probe = BNProbe(every_n_steps=2, summary=False, log_to="all")  # default: TensorBoard only
     logger = CSVLogger(tmp_path, name="csv")
     trainer(tmp_path, callbacks=[probe], logger=logger).fit(Lit(make_model("mlp1d")), loader((6,)))
     csv = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
@@ -375,7 +378,7 @@ def test_csv_logger_gets_the_scalars_and_the_store_is_saved(tmp_path) -> None:
     want = df[(df["metric"] == "mean_shift")].set_index("step")["value"]
     assert list(logged.index) == [0, 2, 4, 6]
     assert logged.to_numpy() == pytest.approx(want.loc[logged.index].to_numpy(), rel=1e-6)
-    pd.testing.assert_frame_equal(load(Path(logger.log_dir) / "bnprobe"), df)
+    pd.testing.assert_frame_equal(load(Path(logger.log_dir) / "bnprobe_store"), df)
 
 
 def test_no_logger_still_fills_the_table_and_the_store(tmp_path) -> None:
@@ -383,7 +386,7 @@ def test_no_logger_still_fills_the_table_and_the_store(tmp_path) -> None:
     trainer(tmp_path, callbacks=[probe], logger=False).fit(Lit(make_model("mlp1d")), loader((6,)))
     df = probe.to_dataframe()
     assert sorted(df["step"].unique()) == list(range(8))
-    pd.testing.assert_frame_equal(load(tmp_path / "bnprobe"), df)
+    pd.testing.assert_frame_equal(load(tmp_path / "bnprobe_logs" / "version_0"), df)
 
 
 def test_lightning_pytorch_users_get_an_equivalent_callback(tmp_path) -> None:
@@ -423,7 +426,7 @@ def test_lightning_pytorch_users_get_an_equivalent_callback(tmp_path) -> None:
     step0 = df[df["step"] == 0].set_index("metric")["value"]
     for metric, value in ref.metrics["net.1"].items():
         assert step0[metric] == pytest.approx(value, rel=2e-4, abs=1e-7), metric
-    pd.testing.assert_frame_equal(load(tmp_path / "bnprobe"), df)
+    pd.testing.assert_frame_equal(load(tmp_path / "bnprobe_logs" / "version_0"), df)
 
 
 def test_lightning_cli_config_adds_the_probe(tmp_path, monkeypatch) -> None:
@@ -458,4 +461,4 @@ def test_lightning_cli_config_adds_the_probe(tmp_path, monkeypatch) -> None:
     df = probe.to_dataframe()
     assert sorted(df[df["stage"] == "train"]["step"].unique()) == [0, 1, 2]
     assert set(df[df["stage"] == "train"]["layer"]) == {"net.features.1", "net.features.5"}
-    assert len(load(Path(cli.trainer.log_dir) / "bnprobe")) == len(df)
+    assert len(load(Path(cli.trainer.log_dir) / "bnprobe_store")) == len(df)

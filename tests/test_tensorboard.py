@@ -394,6 +394,23 @@ def test_layout_rejects_unknown_stage() -> None:
     assert custom == {"bnprobe/val": {"mean_shift": ["Multiline", ["^bnprobe/val/mean_shift/"]]}}
 
 
+def test_a_logger_prefix_gives_one_tag_root_that_reads_back() -> None:
+    root = tb.tag_root("exp")
+    assert root == "exp-bnprobe"
+    assert tb.hist_tag("train", "d", "net.bn", root) == "exp-bnprobe/train/hist/d/net.bn"
+    assert tb.figure_tag("probe", "gaps", root) == "exp-bnprobe/probe/figure/gaps"
+    spec = tb.layout(stages=("train",), metrics_by_stage={"train": ["kl"]}, root=root)
+    ((regex,),) = [chart[1] for chart in spec["exp-bnprobe/train"].values()]
+    assert re.match(regex, "exp-" + tb.scalar_tag("train", "kl", "net.bn"))
+    assert not re.match(regex, tb.scalar_tag("train", "kl", "net.bn"))
+    for prefix in ("exp-", "a/b-", "team_"):
+        tag = prefix + tb.scalar_tag("val", "mean_shift", store.MODEL)
+        assert tb.parse_tag(tag) == ("val", "mean_shift", store.MODEL)
+    for other in ("mybnprobe/train/kl/bn", "exp-bnprobe/train/hist/d/bn", "bnprobe/train/epoch"):
+        with pytest.raises(ValueError, match="not a bnprobe scalar tag"):
+            tb.parse_tag(other)
+
+
 # --------------------------------------------------------------------------- histograms
 
 
@@ -473,6 +490,37 @@ def test_gap_bars_show_the_latest_probe() -> None:
     assert [t.get_text() for t in ax.get_yticklabels()] == LAYERS
     title = ax.get_title()
     assert "step 16" in title and "logits_gap" in title and "pred_agreement" in title
+
+
+def test_gap_bars_write_nan_and_inf_instead_of_drawing_them() -> None:
+    import warnings
+
+    df = _table()
+    probe = (df.stage == "probe") & (df.step == 16)
+    df.loc[probe & (df.metric == "local_gap") & (df.layer == LAYERS[0]), "value"] = np.nan
+    df.loc[probe & (df.metric == "output_gap") & (df.layer == LAYERS[1]), "value"] = np.inf
+    df.loc[probe & (df.metric == "logits_gap"), "value"] = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's overflow warnings included
+        fig = figures.gap_bars(df)
+        tb.render(fig)
+    ax = fig.axes[0]
+    texts = [t.get_text().strip() for t in ax.texts]
+    assert sorted(texts) == ["inf", "nan"]
+    widths = [p.get_width() for c in ax.containers for p in c]
+    assert all(np.isfinite(widths)) and ax.get_xlim()[1] < 1e6
+    assert "logits_gap inf" in ax.get_title()
+
+
+def test_gap_figure_gets_the_whole_model_rows_the_callback_selects(
+    fitted: tuple[Path, bnprobe.BNProbe],
+) -> None:
+    """The callback draws from ``store.select(FIGURE_METRICS)``: it must hold the whole-model
+    rows, or the chart loses its logits_gap / pred_agreement line."""
+    _, probe = fitted
+    fig = figures.gap_bars(probe.store.select(tb.FIGURE_METRICS))
+    title = fig.axes[0].get_title()
+    assert "logits_gap" in title and "pred_agreement" in title
 
 
 def test_figures_reject_missing_data() -> None:
@@ -686,7 +734,9 @@ def test_tensorboard_server_serves_the_run(
         titles = [c["title"] for c in layout["category"]]
         assert titles == ["bnprobe/train", "bnprobe/val", "bnprobe/probe"]
         train = layout["category"][0]["chart"]
-        assert [c["title"] for c in train] == list(tb.METRICS_BY_STAGE["train"])
+        # rank_divergence only has a chart in multi-process runs
+        single = [m for m in tb.METRICS_BY_STAGE["train"] if m != "rank_divergence"]
+        assert [c["title"] for c in train] == single
         regex = train[0]["multiline"]["tag"][0]
         assert regex == "^bnprobe/train/mean_shift/"
         # the chart's regex makes the server send the series of every layer
