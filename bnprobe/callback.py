@@ -33,6 +33,10 @@ from bnprobe.tap import BNTap, LayerSelection, Snapshot, find_layers
 if TYPE_CHECKING:
     from bnprobe.diagnose import Finding
 
+RECAL_HELD = 3
+"""Validation batches (the first of each epoch) that the probe also re-estimates the running
+statistics on for ``recal_pred_change``/``recal_logits_shift`` (docs/mismatch.md)."""
+
 FLUSH_EVERY_S = 30.0
 """The store writes a part file at most this often while training (and always at the end of each
 epoch, at the end of fit and when fit fails)."""
@@ -90,7 +94,9 @@ class BNProbeBase:
 
     - ``bnprobe/train/<metric>/<layer>`` for ``batch_mean``, ``batch_var``, ``running_mean``,
       ``running_var``, ``mean_shift``, ``mean_shift_max``, ``var_shift``, ``var_shift_max``,
-      ``kl``, ``kl_max``, ``outlier_frac``, ``samples_per_channel``, ``nonfinite``,
+      ``kl``, ``kl_max``, ``outlier_frac``, ``mean_shift_excess``, ``mean_shift_excess_max``,
+      ``var_shift_excess``, ``var_shift_excess_max``, ``running_invalid``,
+      ``num_batches_tracked``, ``warmup_residual``, ``samples_per_channel``, ``nonfinite``,
       ``gamma_mean``, ``gamma_std``, ``beta_mean``, ``beta_std``, ``gamma_drift``,
       ``beta_drift``, ``gamma_small_frac``, and the structural ``forward_calls``, ``train_mode``,
       ``model_train_mode``, ``momentum``, ``has_running_stats`` (``input_bias`` and
@@ -172,6 +178,9 @@ class BNProbeBase:
         self._writes = False
         self._validating = False
         self._first_val_batch: Any = None
+        self._recal_batches: list[Any] = []
+        """Up to ``RECAL_HELD`` validation batches of this epoch for the probe's re-estimate
+        (``recal_pred_change``), released after the probe."""
         self._ranks: RankGather | None = None
         self._checked_hooks = False
 
@@ -311,6 +320,8 @@ class BNProbeBase:
     ) -> None:
         if self._validating and self._first_val_batch is None and batch_idx == dataloader_idx == 0:
             self._first_val_batch = batch  # kept as is: the default probe batch
+        if self._validating and dataloader_idx == 0 and len(self._recal_batches) < RECAL_HELD:
+            self._recal_batches.append(batch)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.tap is None or not self._validating:
@@ -328,6 +339,7 @@ class BNProbeBase:
         batch = self.probe_batch if self.probe_batch is not None else self._first_val_batch
         if batch is not None:
             self._guard("the train/eval probe", partial(self._probe, trainer, pl_module, batch))
+        self._recal_batches = []
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._guard("drawing figures", partial(self._figures, trainer))
@@ -475,6 +487,7 @@ class BNProbeBase:
                 step=step,
                 epoch=int(trainer.current_epoch),
                 rank=int(trainer.global_rank),
+                recal_batches=[b for b in self._recal_batches if b is not batch],
             )
         finally:
             self.tap.active = paused
@@ -509,6 +522,7 @@ class BNProbeBase:
 
     def _close(self) -> None:
         self._measuring, self._validating, self._first_val_batch = None, False, None
+        self._recal_batches = []
         self._flush()
         if self.tap is not None:
             self.tap.detach()

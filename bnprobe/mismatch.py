@@ -34,7 +34,6 @@ from typing import Any, Literal, TypeAlias
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
@@ -47,7 +46,13 @@ from bnprobe.tap import LayerSelection, find_layers
 __all__ = ["check_mismatch", "recalibrate"]
 
 PROBE_METRICS: tuple[str, ...] = ("output_gap", "local_gap")
-MODEL_METRICS: tuple[str, ...] = ("logits_gap", "pred_agreement")
+WARMUP_METRICS: tuple[str, ...] = ("num_batches_tracked", "warmup_residual", "running_invalid")
+MODEL_METRICS: tuple[str, ...] = (
+    "logits_gap",
+    "pred_agreement",
+    "recal_pred_change",
+    "recal_logits_shift",
+)
 
 
 # --------------------------------------------------------------------------- public functions
@@ -58,9 +63,10 @@ def check_mismatch(
     batch: Any,
     *,
     layers: LayerSelection = None,
-    step: int = 0,
+    step: int | None = None,
     epoch: int = 0,
     rank: int = 0,
+    recal_batches: Iterable[Any] = (),
 ) -> pd.DataFrame:
     """Measure the train/eval mismatch of every BN layer on one batch (rows of stage ``probe``).
 
@@ -75,15 +81,35 @@ def check_mismatch(
 
     * ``output_gap`` = ||y_train − y_eval|| / ||y_train|| at the layer's output: the cumulative
       mismatch of the model up to and including this layer.
-    * ``local_gap`` = ||BN_batch(x) − BN_running(x)|| / ||BN_batch(x)||, both computed with
-      ``F.batch_norm`` (same weight, bias, eps) on the same input x: the input the layer sees in the
-      *train pass*. That input is what the running statistics are meant to summarise, and it does
-      not depend on the running statistics of earlier layers, so a layer with bad running stats
-      shows a large ``local_gap`` while the layers before *and after* it stay near 0.
+    * ``local_gap`` = ||BN_batch(x) − BN_running(x)|| / ||BN_batch(x)||, both the layer's *own*
+      forward (so whatever a subclass adds after the normalization, e.g. timm's
+      ``BatchNormAct2d`` activation, is in both) on the same input x: the input the layer sees in
+      the *train pass*. That input is what the running statistics are meant to summarise, and it
+      does not depend on the running statistics of earlier layers, so a layer with bad running
+      stats shows a large ``local_gap`` while the layers before *and after* it stay near 0. At
+      the first BN layer (same input in both passes) it equals ``output_gap``. Non-finite
+      running statistics give a NaN gap, never 0.
+    * ``num_batches_tracked`` (the layer's buffer: how many training updates its running
+      statistics have had; the ``step`` given when the layer has no such buffer),
+      ``warmup_residual`` r = (1 − momentum)**n (``momentum=None``: 1 if n = 0 else 0), the share
+      of the initial buffers (mean 0, variance 1) still in the running statistics, and
+      ``running_invalid``, the number of channels whose running mean or variance is non-finite
+      or whose running variance is negative.
 
     For layer ``"<model>"``: ``logits_gap`` (the same relative gap of the model outputs; for a
     tuple, list or dict output the first tensor) and ``pred_agreement`` (fraction of rows whose
-    argmax over the last dimension agrees; only when the output has at least 2 dimensions).
+    argmax over the last dimension agrees; only when the output has at least 2 dimensions), and
+    what recalibrating would buy: the running statistics of every BN layer are re-estimated
+    (PreciseBN, as :func:`recalibrate` does: exact pooled moments of each layer's train-pass
+    input) on the batch and the ``recal_batches``, written into the buffers for a third,
+    eval-mode pass, and put back. ``recal_logits_shift`` = ||y_recal − y_eval|| / ||y_eval|| and
+    ``recal_pred_change`` = fraction of rows whose argmax changes (with at least 2 dimensions).
+    Estimated on the probe batch alone, y_recal is close to the train pass (it is in-sample);
+    held batches (``recal_batches``) make it a fairer estimate of what
+    ``recalibrate(model, loader)`` would change.
+
+    ``step``: the step column; by default the largest ``num_batches_tracked`` of the model's BN
+    layers (so that rows of a trained model carry its update count).
 
     ``batch``: a tuple or list is taken as ``(input, target, ...)`` and only its first element is
     passed to the model; anything else is passed as is, ``model(batch)``. If neither is what your
@@ -100,25 +126,38 @@ def check_mismatch(
     all_bn = _all_batchnorm(model, "check_mismatch")
     selected = {n: m for n, m in _select(model, layers).items() if _has_running_stats(m)}
     inp = _to_device(_model_input(batch, "check_mismatch"), _model_device(model))
+    device = _model_device(model)
+    with_running = {n: m for n, m in all_bn.items() if _has_running_stats(m)}
+    tracked = {n: _buffer_value(m, "num_batches_tracked") for n, m in selected.items()}
+    if step is None:
+        counts = [_buffer_value(m, "num_batches_tracked") for m in with_running.values()]
+        step = int(max((c for c in counts if c is not None), default=0))
 
     train_out: dict[str, list[Tensor]] = {n: [] for n in selected}
     local_sq: dict[str, list[float]] = {n: [0.0, 0.0] for n in selected}  # ||diff||², ||y_b||²
     output_sq: dict[str, list[float]] = {n: [0.0, 0.0] for n in selected}
     eval_calls: dict[str, int] = dict.fromkeys(selected, 0)
+    moments: dict[str, stats.Moments] = {}  # train-pass inputs, pooled: the re-estimate
 
     def train_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
                 return
             bn = selected[name]
-            x = args[0]
-            y_batch = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-            y_run = F.batch_norm(
-                x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
-            )
-            local_sq[name][0] += _sq_norm(y_batch - y_run)
-            local_sq[name][1] += _sq_norm(y_batch)
+            y_run = _own_forward_eval(bn, args[0], state)  # same input, running statistics
+            local_sq[name][0] += _sq_norm(output - y_run)
+            local_sq[name][1] += _sq_norm(output)
             train_out[name].append(output.detach().clone())  # clone: in-place ops may follow
+
+        return hook
+
+    def moments_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            if isinstance(x, Tensor) and x.dim() >= 2 and x.numel():
+                pooled = moments.get(name)
+                batch_m = stats.batch_moments(x.detach().to(torch.float64))
+                moments[name] = batch_m if pooled is None else stats.combine(pooled, batch_m)
 
         return hook
 
@@ -138,10 +177,14 @@ def check_mismatch(
 
     state = _ModelState.capture(model)
     handles: list[RemovableHandle] = []
+    y_recal: Tensor | None = None
     try:
         with torch.no_grad():
             _set_modes(state, all_bn, bn_batch_stats=True)
             handles = [m.register_forward_hook(train_hook(n)) for n, m in selected.items()]
+            handles += [
+                m.register_forward_pre_hook(moments_hook(n)) for n, m in with_running.items()
+            ]
             y_train = _first_tensor(_run(model, inp, batch, "check_mismatch"))
             if y_train is not None:
                 y_train = y_train.detach().clone()
@@ -151,6 +194,24 @@ def check_mismatch(
             _set_modes(state, all_bn, bn_batch_stats=False)
             handles = [m.register_forward_hook(eval_hook(n)) for n, m in selected.items()]
             y_eval = _first_tensor(_run(model, inp, batch, "check_mismatch"))
+            _remove(handles)
+            if y_eval is not None:
+                y_eval = y_eval.detach().clone()  # the next pass reuses the model's buffers
+
+                # what recalibration would buy: re-estimated statistics (held batches too)
+                _set_modes(state, all_bn, bn_batch_stats=True)
+                handles = [
+                    m.register_forward_pre_hook(moments_hook(n)) for n, m in with_running.items()
+                ]
+                for i, extra in enumerate(recal_batches):
+                    extra_inp = _to_device(_model_input(extra, "check_mismatch"), device)
+                    _run(model, extra_inp, extra, "check_mismatch (recal_batches)", index=i)
+                _remove(handles)
+                for name, bn in with_running.items():
+                    _write_population(bn, moments.get(name))
+                state.restore_rng()
+                _set_modes(state, all_bn, bn_batch_stats=False)
+                y_recal = _first_tensor(_run(model, inp, batch, "check_mismatch"))
     finally:
         _remove(handles)
         state.restore()
@@ -158,12 +219,16 @@ def check_mismatch(
     names: list[str] = []
     metrics: list[str] = []
     values: list[float] = []
-    for name in selected:
-        if not train_out[name]:
-            continue  # the layer did not run
-        names += [name, name]
-        metrics += list(PROBE_METRICS)
-        values += [_ratio(*output_sq[name]), _ratio(*local_sq[name])]
+    for name, bn in selected.items():
+        warmup = _warmup_rows(bn, tracked[name], step)
+        if not train_out[name]:  # the layer did not run: only what its buffers say
+            names += [name] * len(warmup)
+            metrics += list(warmup)
+            values += list(warmup.values())
+            continue
+        names += [name] * (2 + len(warmup))
+        metrics += [*PROBE_METRICS, *warmup]
+        values += [_ratio(*output_sq[name]), _ratio(*local_sq[name]), *warmup.values()]
     if y_train is not None and y_eval is not None and y_train.shape == y_eval.shape:
         names.append(store.MODEL)
         metrics.append("logits_gap")
@@ -173,6 +238,15 @@ def check_mismatch(
             names.append(store.MODEL)
             metrics.append("pred_agreement")
             values.append(float(agree.double().mean().item()))
+    if y_recal is not None and y_eval is not None and y_recal.shape == y_eval.shape:
+        names.append(store.MODEL)
+        metrics.append("recal_logits_shift")
+        values.append(_ratio(_sq_norm(y_recal - y_eval), _sq_norm(y_eval)))
+        if y_eval.dim() >= 2:
+            change = y_recal.argmax(dim=-1) != y_eval.argmax(dim=-1)
+            names.append(store.MODEL)
+            metrics.append("recal_pred_change")
+            values.append(float(change.double().mean().item()))
     return store.make_rows(
         step=step,
         epoch=epoch,
@@ -434,10 +508,58 @@ def _sq_norm(t: Tensor) -> float:
 
 
 def _ratio(diff_sq: float, ref_sq: float) -> float:
-    """sqrt(diff_sq / ref_sq); 0 when both are 0, inf when only the reference is 0."""
+    """sqrt(diff_sq / ref_sq); 0 when both are 0, inf when only the reference is 0, NaN when
+    either is NaN (a NaN gap is never reported as 0)."""
+    if math.isnan(diff_sq) or math.isnan(ref_sq):
+        return math.nan
     if ref_sq > 0:
         return math.sqrt(diff_sq / ref_sq)
     return 0.0 if diff_sq == 0 else math.inf
+
+
+def _own_forward_eval(bn: _BatchNorm, x: Tensor, state: _ModelState) -> Tensor:
+    """The layer's own forward (a subclass's additions included) on ``x`` with its running
+    statistics, called as ``bn.forward`` (no hooks re-entered); the layer goes back to the
+    batch-statistics mode of the train pass. Its buffers are not written in eval mode."""
+    track = dict((id(m), t) for m, t in state.track)[id(bn)]
+    bn.training, bn.track_running_stats = False, track
+    try:
+        out = bn.forward(x)
+    finally:
+        bn.training, bn.track_running_stats = True, False
+    if not isinstance(out, Tensor):
+        raise TypeError(f"expected the BN layer to return a tensor, got {type(out).__name__}")
+    return out
+
+
+def _buffer_value(bn: _BatchNorm, name: str) -> int | None:
+    buf = bn._buffers.get(name)
+    return int(buf.item()) if buf is not None and buf.numel() == 1 else None
+
+
+def _warmup_rows(bn: _BatchNorm, count: int | None, step: int) -> dict[str, float]:
+    """``num_batches_tracked``, ``warmup_residual`` (initial buffers (0, 1) at n0 = 0 assumed)
+    and ``running_invalid`` of a layer with running statistics."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    n = count if count is not None else step
+    m = bn.momentum
+    r = float(n == 0) if m is None else (1.0 - float(m)) ** max(n, 0)
+    mean, var = bn.running_mean.detach(), bn.running_var.detach()
+    invalid = ~(torch.isfinite(mean) & torch.isfinite(var)) | (var < 0)
+    return {
+        "num_batches_tracked": float(n),
+        "warmup_residual": min(max(r, 0.0), 1.0),
+        "running_invalid": float(invalid.sum().item()),
+    }
+
+
+def _write_population(bn: _BatchNorm, pop: stats.Moments | None) -> None:
+    """PreciseBN's write (:func:`recalibrate`): mean and unbiased variance into the buffers."""
+    if pop is None or pop.n <= 1:
+        return
+    assert bn.running_mean is not None and bn.running_var is not None
+    bn.running_mean.copy_(pop.mean.to(bn.running_mean))
+    bn.running_var.copy_((pop.var * (pop.n / (pop.n - 1))).to(bn.running_var))
 
 
 # --------------------------------------------------------------------------- model state

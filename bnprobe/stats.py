@@ -78,7 +78,7 @@ def recover_moments(
     factor: float | np.ndarray,
     count: float | np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Batch moments ``(mu_B, biased var_B)`` recovered exactly from one running-stat update.
+    """Batch moments ``(mu_B, biased var_B)`` recovered from one running-stat update.
 
     BN updates ``mu_R <- (1-f) mu_R + f mu_B`` and ``var_R <- (1-f) var_R + f var_B_unbiased``
     with ``f = momentum`` (or ``1/num_batches_tracked`` when momentum is None), so
@@ -87,15 +87,89 @@ def recover_moments(
         var_B = (var_R_new - (1-f) var_R_old) / f * (n-1)/n     # back to the biased variance
 
     ``factor`` and ``count`` (elements per channel, n) are scalars or per-channel arrays; where
-    n <= 1 the variance is left unbiased. The error is the float32 rounding of the new buffers
-    times 1/f: about 1e-6 relative for f=0.1.
+    n <= 1 the variance is left unbiased. The buffers are float32: their rounding, amplified by
+    1/f, is the error (:func:`recovery_bounds`). A variance within its bound of 0 (or below 0)
+    is returned as exactly 0: the update cannot tell it from 0, and 0 is what a dead or
+    constant channel has. Direct moments pass through unchanged with ``f = n = 1`` and zero old
+    buffers (their bound, 4 ulp of var_B, is never above a positive var_B).
     """
     count = np.asarray(count, dtype=np.float64)
     bessel = np.where(count > 1, (count - 1.0) / np.maximum(count, 1.0), 1.0)
     with np.errstate(all="ignore"):
         mean = mean_old + (mean_new - mean_old) / factor
         var = (var_new - (1.0 - factor) * var_old) / factor * bessel
+        bound = ULPS * _ulp32(np.maximum(np.abs(var_old), np.abs(var_new))) / factor * bessel
+        var = np.where(var <= bound, 0.0, var)  # NaN stays NaN
     return mean, var
+
+
+def _ulp32(x: np.ndarray) -> np.ndarray:
+    """The spacing of float32 numbers at abs(x) (x itself given in float64)."""
+    with np.errstate(all="ignore"):
+        out: np.ndarray = np.spacing(np.abs(x).astype(np.float32)).astype(np.float64)
+    return out
+
+
+ULPS = 4.0
+"""The error of a new running buffer, in float32 ulps, that :func:`recovery_bounds` allows:
+rounding to float32 (half an ulp), the device's float32 arithmetic of the update and of
+``1 - f`` (about an ulp), and the batch variance's own float32 computation inside BN; the
+largest seen on real CPU updates (tests/test_tap.py) was 2.2."""
+
+RECOVERY_VAR_RTOL = 1e-4
+"""A layer's recovered var_B must be within this fraction of var_B in every channel ..."""
+RECOVERY_MEAN_TOL = 2e-5
+"""... and its mu_B within this many batch standard deviations; otherwise the tap computes the
+layer's moments directly at its next measured step (:func:`recovery_ill_conditioned`)."""
+
+
+def recovery_bounds(
+    mean_old: np.ndarray,
+    var_old: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    factor: float | np.ndarray,
+    count: float | np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Worst-case error of recovered ``(mu_B, var_B)`` for a channel with these moments.
+
+    The update stores ``mu_R_new`` and ``var_R_new`` in float32: rounding to the nearest
+    (half an ulp), plus the float32 rounding of ``f`` and of the products where the device
+    computes the update in float32, plus BN's own float32 batch moments (``ULPS`` = 4 in
+    all). The recovery divides that by f, so
+
+        err(mu_B)  <= 4 ulp(max(|mu_R_old|, |mu_R_new|)) / f
+        err(var_B) <= 4 ulp(max(var_R_old, var_R_new)) / f * (n-1)/n
+
+    with ulp the float32 spacing; the new buffers are predicted from the old ones and the
+    batch moments, so the bound is known for a layer measured directly too.
+    """
+    count = np.asarray(count, dtype=np.float64)
+    bessel = np.where(count > 1, (count - 1.0) / np.maximum(count, 1.0), 1.0)
+    with np.errstate(all="ignore"):
+        mean_new = (1.0 - factor) * mean_old + factor * mean
+        var_new = (1.0 - factor) * var_old + factor * var / bessel
+        err_mean = ULPS * _ulp32(np.maximum(np.abs(mean_old), np.abs(mean_new))) / factor
+        err_var = ULPS * _ulp32(np.maximum(np.abs(var_old), np.abs(var_new))) / factor * bessel
+    return err_mean, err_var
+
+
+def recovery_ill_conditioned(
+    mean_old: np.ndarray,
+    var_old: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    factor: float | np.ndarray,
+    count: float | np.ndarray,
+) -> np.ndarray:
+    """Per channel: recovering these moments would not be accurate to ``RECOVERY_VAR_RTOL``
+    (relative, var_B) and ``RECOVERY_MEAN_TOL`` (batch standard deviations, mu_B). Dead
+    channels (var_B = 0) always are."""
+    err_mean, err_var = recovery_bounds(mean_old, var_old, mean, var, factor, count)
+    with np.errstate(all="ignore"):
+        ok = (err_var <= RECOVERY_VAR_RTOL * var) & (err_mean <= RECOVERY_MEAN_TOL * np.sqrt(var))
+    ill: np.ndarray = ~ok
+    return ill
 
 
 def shifts(batch: Moments, mu_r: Tensor, var_r: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -143,6 +217,18 @@ class Segments:
     beta: np.ndarray
     gamma0: np.ndarray
     beta0: np.ndarray
+    running: np.ndarray | None = None
+    """bool per channel: the layer has running statistics (None: every layer has)."""
+    mean0: np.ndarray | None = None
+    """The initial running mean / variance (the warm-up reference) and ``num_batches_tracked``
+    then (``n0``) and now, before this batch's update (``n``); NaN where unknown."""
+    var0: np.ndarray | None = None
+    n0: np.ndarray | None = None
+    n: np.ndarray | None = None
+    momentum: np.ndarray | None = None
+    """The layer's momentum per channel; negative for ``momentum=None`` (cumulative average)."""
+    ill_conditioned: np.ndarray | None = None
+    """Per layer: recovering its moments from the update is (or would be) inaccurate."""
 
 
 _MEANS = (
@@ -157,8 +243,57 @@ _MEANS = (
     "var_small_frac",
     "gamma_mean",
     "beta_mean",
+    "mean_shift_excess",
+    "var_shift_excess",
+    "running_invalid",
+    "num_batches_tracked",
+    "warmup_residual",
 )
-"""The metrics that are channel means, in the order :func:`segment_metrics` sums them."""
+"""The metrics that are channel means (``running_invalid``: a sum), in the order
+:func:`segment_metrics` sums them."""
+
+
+WARMUP_LEARNED_MIN = 1e-6
+"""Below this 1 - r (nothing of the running statistics comes from data yet) the excess shifts
+are 0."""
+
+
+def warmup_residual(n: np.ndarray, n0: np.ndarray, momentum: np.ndarray) -> np.ndarray:
+    """r: the fraction of the initial running statistics still in them after ``n - n0``
+    updates: (1-m)**(n-n0) for momentum m, and for ``momentum=None`` (negative here; a
+    cumulative average) 1 when n == n0 else 0. Unknown n or n0 (NaN) gives 0."""
+    with np.errstate(all="ignore"):
+        steps = np.maximum(n - n0, 0.0)
+        r = np.where(momentum < 0, (steps == 0).astype(np.float64), (1.0 - momentum) ** steps)
+    return np.where(np.isfinite(r), np.clip(r, 0.0, 1.0), 0.0)
+
+
+def excess_shifts(
+    mean: np.ndarray,
+    var: np.ndarray,
+    mu_r: np.ndarray,
+    var_r: np.ndarray,
+    eps: np.ndarray | float,
+    r: np.ndarray,
+    mean0: np.ndarray,
+    var0: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Signed d* and v*: d and v against warm-up-corrected running statistics
+
+        mu_R* = (mu_R - r mu_0) / (1 - r),   var_R* = max((var_R - r var_0) / (1 - r), 0)
+
+    (Adam-style bias correction: what the running statistics have learned from data, with the
+    initial buffers' share r taken out). 0 where 1 - r < ``WARMUP_LEARNED_MIN``.
+    """
+    with np.errstate(all="ignore"):
+        one = 1.0 - r
+        warm = r > 0
+        mu_s = np.where(warm, (mu_r - r * mean0) / one, mu_r)
+        var_s = np.where(warm, np.maximum((var_r - r * var0) / one, 0.0), var_r)
+        learned = one >= WARMUP_LEARNED_MIN
+        d = np.where(learned, (mean - mu_s) / np.sqrt(var_s + eps), 0.0)
+        v = np.where(learned, np.log((var + eps) / (var_s + eps)), 0.0)
+    return d, v
 
 
 def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -180,20 +315,38 @@ def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.
     def each(x: np.ndarray) -> np.ndarray:  # one value per layer -> one per channel
         return np.repeat(x, seg.channels)
 
+    size = len(seg.mean)
+    nan = np.full(size, np.nan)
+    running = seg.running if seg.running is not None else np.ones(size, dtype=bool)
+    n = seg.n if seg.n is not None else nan
+    n0 = seg.n0 if seg.n0 is not None else nan
+    momentum = seg.momentum if seg.momentum is not None else np.full(size, 0.1)
+    mean0 = seg.mean0 if seg.mean0 is not None else nan
+    var0 = seg.var0 if seg.var0 is not None else nan
     with np.errstate(all="ignore"):
         d = (seg.mean - seg.mu_r) / np.sqrt(seg.var_r + seg.eps)
         v = np.log((seg.var + seg.eps) / (seg.var_r + seg.eps))
         kl = 0.5 * (np.exp(v) + d * d - 1.0 - v)
-        ad, av = np.abs(d), np.abs(v)
+        r = warmup_residual(n, n0, momentum)
+        dx, vx = excess_shifts(seg.mean, seg.var, seg.mu_r, seg.var_r, seg.eps, r, mean0, var0)
+        ad, av, adx, avx = np.abs(d), np.abs(v), np.abs(dx), np.abs(vx)
         g, b = seg.gamma, seg.beta
         ag = np.abs(g)
         outlier = (ad > OUTLIER_MEAN_SHIFT) | (av > OUTLIER_LOG_VAR_RATIO)
-        nonfinite = ~(np.isfinite(seg.mean) & np.isfinite(seg.var))
+        derived = np.isfinite(d) & np.isfinite(v) & np.isfinite(kl)
+        derived &= np.isfinite(dx) & np.isfinite(vx)
+        nonfinite = ~(np.isfinite(seg.mean) & np.isfinite(seg.var)) | (running & ~derived)
+        invalid = ~(np.isfinite(seg.mu_r) & np.isfinite(seg.var_r)) | (seg.var_r < 0)
         small = seg.var < SMALL_VAR_EPS_FACTOR * seg.eps
-        sums = totals(seg.mean, seg.var, seg.mu_r, seg.var_r, ad, av, kl, outlier, small, g, b)
+        sums = totals(
+            seg.mean, seg.var, seg.mu_r, seg.var_r, ad, av, kl, outlier, small, g, b, adx, avx,
+            invalid, n, r,
+        )  # fmt: skip
         out: dict[str, np.ndarray] = dict(zip(_MEANS, sums / c, strict=True))
-        peaks = np.maximum.reduceat(np.stack([ad, av, kl, ag]), starts, axis=1)
+        out["running_invalid"] = np.rint(out["running_invalid"] * c)  # a count, not a fraction
+        peaks = np.maximum.reduceat(np.stack([ad, av, kl, ag, adx, avx]), starts, axis=1)
         out |= dict(zip(("mean_shift_max", "var_shift_max", "kl_max"), peaks[:3], strict=True))
+        out["mean_shift_excess_max"], out["var_shift_excess_max"] = peaks[4], peaks[5]
         gamma_mean, beta_mean = out["gamma_mean"], out["beta_mean"]
         spread_g, spread_b, drift_g, drift_b, ref_g, small_g, bad = totals(
             (g - each(gamma_mean)) ** 2,
@@ -204,11 +357,12 @@ def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.
             ag < SMALL_GAMMA * each(peaks[3]),
             nonfinite,
         )
-        bessel = np.where(c > 1, c - 1.0, np.nan)
+        bessel = np.maximum(c - 1.0, 1.0)  # one channel: std 0
         out["nonfinite"] = bad
         out["gamma_std"] = np.sqrt(spread_g / bessel)
         out["beta_std"] = np.sqrt(spread_b / bessel)
-        out["gamma_drift"] = np.sqrt(drift_g / ref_g)
+        # relative to ||gamma_0||; to sqrt(C), as beta_drift, when gamma_0 = 0 (zero-init)
+        out["gamma_drift"] = np.sqrt(drift_g / np.where(ref_g > 0, ref_g, c))
         out["beta_drift"] = np.sqrt(drift_b / c)
         out["gamma_small_frac"] = small_g / c
-    return out, {"d": d, "v": v, "kl": kl}
+    return out, {"d": d, "v": v, "kl": kl, "d_excess": dx, "v_excess": vx}

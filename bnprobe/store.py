@@ -51,8 +51,15 @@ SHIFT_METRICS: tuple[str, ...] = (
     "var_shift_max",
     "kl_max",
     "outlier_frac",
+    "mean_shift_excess",
+    "var_shift_excess",
+    "mean_shift_excess_max",
+    "var_shift_excess_max",
+    "running_invalid",
 )
 """Metrics that need running statistics (absent for a layer without them)."""
+WARMUP_METRICS: tuple[str, ...] = ("num_batches_tracked", "warmup_residual")
+"""Stages train, val and probe: need a ``num_batches_tracked`` buffer (docs/metrics.md)."""
 COUNT_METRICS: tuple[str, ...] = ("nonfinite", "var_small_frac")
 AFFINE_METRICS: tuple[str, ...] = (
     "gamma_mean",
@@ -77,7 +84,17 @@ STRUCTURE_METRICS: tuple[str, ...] = (
 """What the layer is rather than what its data are; ``samples_per_channel`` also in stage val."""
 TRACE_METRICS: tuple[str, ...] = ("input_bias", "input_dropout")
 """Stage train, first measured step only: what produced the layer's input."""
-PROBE_METRICS: tuple[str, ...] = ("output_gap", "local_gap", "logits_gap", "pred_agreement")
+PROBE_METRICS: tuple[str, ...] = (
+    "output_gap",
+    "local_gap",
+    "num_batches_tracked",
+    "warmup_residual",
+    "running_invalid",
+    "logits_gap",
+    "pred_agreement",
+    "recal_pred_change",
+    "recal_logits_shift",
+)
 RECALIBRATE_METRICS: tuple[str, ...] = (
     "samples",
     *(f"{m}_{when}" for when in ("before", "after") for m in (

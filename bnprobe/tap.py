@@ -38,6 +38,7 @@ from bnprobe.store import (
     COUNT_METRICS,
     MOMENT_METRICS,
     SHIFT_METRICS,
+    WARMUP_METRICS,
     Rows,
     concat,
 )
@@ -115,10 +116,12 @@ class _Layout(NamedTuple):
     """What a layer's raw vector holds: blocks of ``channels`` values each, in this order.
 
     With ``running``: the running mean and variance as the first forward of the step found them
-    (for ``recovered`` layers, before it updated them); with ``affine``: gamma and beta; then two
-    blocks: the running mean and variance after the update (``recovered``: the batch moments
-    follow from it) or else the batch moments mu_B, var_B themselves; with ``affine``: gamma_0,
-    beta_0 last.
+    (for ``recovered`` layers, before it updated them), and with ``tracked`` one value more,
+    ``num_batches_tracked`` then; with ``affine``: gamma and beta; then two blocks: the running
+    mean and variance after the update (``recovered``: the batch moments follow from it) or else
+    the batch moments mu_B, var_B themselves; with ``affine``: gamma_0, beta_0; with
+    ``reference``: the initial running mean and variance (the warm-up reference) and, with
+    ``tracked``, ``num_batches_tracked`` then, last.
     """
 
     channels: int
@@ -129,10 +132,18 @@ class _Layout(NamedTuple):
     samples: float
     """Elements per channel the batch moments are taken over (n)."""
     eps: float
+    tracked: bool = False
+    reference: bool = False
+    momentum: float = -1.0
+    """The layer's momentum; -1 for None (cumulative average)."""
+    recoverable: bool = False
+    """The update gives the batch moments (``recovered`` unless the tap chose to compute them)."""
 
     @property
     def size(self) -> int:
-        return self.channels * (2 * self.running + 2 + 4 * self.affine)
+        blocks = 2 * self.running + 2 + 4 * self.affine + 2 * self.reference
+        scalars = self.tracked * (self.running + self.reference)
+        return self.channels * blocks + scalars
 
 
 @dataclass(eq=False)
@@ -158,6 +169,12 @@ class _Layer:
     producer: tuple[float, float] | None = None
     """(input_bias, input_dropout) of a traced step."""
     pooled: stats.Moments | None = None
+    initial: Tensor | None = None
+    """cat(running_mean, running_var[, num_batches_tracked]) when the tap first saw the layer:
+    the warm-up reference (``warmup_residual``, ``*_excess``)."""
+    suspect: bool = True
+    """Compute the batch moments directly at the next measured step, as recovering them from
+    the update would not be accurate (true until a measured step shows otherwise)."""
 
 
 class BNTap:
@@ -226,20 +243,31 @@ class BNTap:
         self.detach()
 
     def reference(self, layer: _Layer) -> None:
-        """Take gamma_0 and beta_0 (the drift reference) once the layer is initialized."""
+        """Take gamma_0 and beta_0 (the drift reference) and the initial running buffers (the
+        warm-up reference) once the layer is initialized."""
         m = layer.module
+        running = _running(m)
+        if layer.initial is None and running and not any(is_lazy(t) for t in running):
+            layer.initial = torch.cat([*running, *_tracked(m)])
         if layer.gamma0 is not None or not m.affine or is_lazy(m.weight):
             return
         layer.gamma0 = m.weight.detach().clone()
         layer.beta0 = m.bias.detach().clone()
 
     def references(self) -> dict[str, dict[str, Tensor]]:
-        """gamma_0 and beta_0 of each layer, on the CPU (for checkpoints)."""
-        return {
-            layer.name: {"gamma0": layer.gamma0.cpu(), "beta0": layer.beta0.cpu()}
-            for layer in self.layers
-            if layer.gamma0 is not None and layer.beta0 is not None
-        }
+        """gamma_0, beta_0, the initial running buffers and whether the next measured step
+        computes the moments directly, of each layer, on the CPU (for checkpoints)."""
+        out: dict[str, dict[str, Tensor]] = {}
+        for layer in self.layers:
+            refs = {}
+            if layer.gamma0 is not None and layer.beta0 is not None:
+                refs = {"gamma0": layer.gamma0.cpu(), "beta0": layer.beta0.cpu()}
+            if layer.initial is not None:
+                refs["initial"] = layer.initial.cpu()
+            refs["suspect"] = torch.tensor(layer.suspect)  # a resumed run measures as this one
+            if refs:
+                out[layer.name] = refs
+        return out
 
     def load_references(self, refs: dict[str, dict[str, Tensor]]) -> None:
         """Restore gamma_0 and beta_0 saved by :meth:`references` (resumed runs keep drifting
@@ -247,6 +275,13 @@ class BNTap:
         for layer in self.layers:
             saved = refs.get(layer.name)
             if saved is None:
+                continue
+            if "suspect" in saved:
+                layer.suspect = bool(saved["suspect"])
+            running = _running(layer.module)
+            if "initial" in saved and running:
+                layer.initial = saved["initial"].to(running[0].device)
+            if "gamma0" not in saved:
                 continue
             device = layer.module.weight.device if layer.module.affine else None
             layer.gamma0 = saved["gamma0"].to(device)
@@ -344,6 +379,9 @@ class BNTap:
         if lay.affine:
             assert layer.gamma0 is not None and layer.beta0 is not None
             pieces += [layer.gamma0, layer.beta0]
+        if lay.reference:
+            assert layer.initial is not None
+            pieces.append(layer.initial)
         return pieces
 
     def _host_metrics(
@@ -376,9 +414,12 @@ class BNTap:
             return {}
         columns = np.stack([table[name] for name in _ALL_METRICS], axis=1).tolist()
         out: dict[_Layer, tuple[tuple[str, ...], list[float]]] = {}
-        for layer, lay, row in zip(ok, layouts, columns, strict=True):
-            names, index = _metric_index(lay.running, lay.affine)
+        ill = seg.ill_conditioned.tolist() if seg.ill_conditioned is not None else []
+        for i, (layer, lay, row) in enumerate(zip(ok, layouts, columns, strict=True)):
+            names, index = _metric_index(lay.running, lay.affine, lay.tracked)
             out[layer] = (names, [row[i] for i in index])
+            if lay.recoverable and ill:
+                layer.suspect = bool(ill[i])
         if self.keep_channels:
             chan = {"batch_mean": seg.mean, "batch_var": seg.var, "running_mean": seg.mu_r}
             chan |= {"running_var": seg.var_r, "gamma": seg.gamma, "beta": seg.beta, **per}
@@ -473,9 +514,10 @@ class BNTap:
         m, pooled = layer.module, layer.pooled
         assert pooled is not None
         running = m.running_mean is not None and m.running_var is not None
+        tracked = _tracked(m)
         if running:
             assert m.running_mean is not None and m.running_var is not None
-            layer.before = torch.cat([m.running_mean, m.running_var])
+            layer.before = torch.cat([m.running_mean, m.running_var, *tracked])
         layer.after = torch.cat([pooled.mean, pooled.var])
         layer.layout = _Layout(
             channels=pooled.mean.numel(),
@@ -485,6 +527,9 @@ class BNTap:
             factor=0.0,
             samples=pooled.n,
             eps=float(m.eps),
+            tracked=running and bool(tracked),
+            reference=running and _has_initial(layer, pooled.mean.numel(), bool(tracked)),
+            momentum=-1.0 if m.momentum is None else float(m.momentum),
         )
 
     def _before(self, layer: _Layer, m: _BatchNorm, x: Any) -> None:
@@ -505,8 +550,9 @@ class BNTap:
             count, batch_size = count * world, batch_size * world
         layer.batch_size = batch_size
         running = _running(m)
+        tracked = _tracked(m) if running else []
         momentum = m.momentum
-        recovered = (
+        recoverable = (
             bool(running)
             and m.training
             and m.track_running_stats
@@ -514,14 +560,24 @@ class BNTap:
             and momentum >= stats.MIN_RECOVERY_FACTOR
         )
         affine = layer.gamma0 is not None and m.affine
-        blocks = running
+        blocks = [*running, *tracked]  # num_batches_tracked: int64, promoted by the cat
         if affine:
             params = m._parameters  # Module.__getattr__ costs ~0.5 us a call
-            blocks = [*running, params["weight"].detach(), params["bias"].detach()]  # type: ignore[union-attr]
+            blocks += [params["weight"].detach(), params["bias"].detach()]  # type: ignore[union-attr]
         if blocks:
             layer.before = torch.cat(blocks)
         layer.layout = _Layout(
-            channels, recovered, bool(running), affine, float(momentum or 0.0), count, m.eps
+            channels,
+            recoverable and not layer.suspect,
+            bool(running),
+            affine,
+            float(momentum or 0.0),
+            count,
+            m.eps,
+            tracked=bool(tracked),
+            reference=bool(running) and _has_initial(layer, channels, bool(tracked)),
+            momentum=-1.0 if momentum is None else float(momentum),
+            recoverable=recoverable,
         )
 
     def _batch_moments(self, layer: _Layer, x: Any) -> None:
@@ -553,9 +609,19 @@ class BNTap:
         self._trace = None
 
     def _record_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Remember which module returned each tensor. A module with children (Sequential, a
+        block) that returns a tensor one of its modules already returned does not replace it:
+        forward hooks fire innermost first, so ``Sequential(conv, Dropout)`` leaves the Dropout
+        as the producer. Leaf modules do replace (``ReLU(inplace=True)`` returns the conv's
+        tensor, and it is the ReLU that feeds the next layer). Functional calls
+        (``F.dropout``, ``x + bias``) are not modules and cannot be seen."""
         traced = self._trace is not None and id(module) in self._model_modules
         if traced and isinstance(output, Tensor):
             assert self._trace is not None
+            if module._modules:
+                entry = self._trace.get(id(output))
+                if entry is not None and entry[0]() is output:
+                    return
             self._trace[id(output)] = (weakref.ref(output), module)
 
     def _note_producer(self, layer: _Layer, x: Any) -> None:
@@ -577,6 +643,18 @@ def _running(m: _BatchNorm) -> list[Tensor]:
     return [mean, var] if mean is not None and var is not None else []
 
 
+def _tracked(m: _BatchNorm) -> list[Tensor]:
+    """[num_batches_tracked viewed as 1 value] of a BN layer, or [] without that buffer."""
+    nbt = m._buffers.get("num_batches_tracked")
+    return [nbt.view(1)] if nbt is not None else []
+
+
+def _has_initial(layer: _Layer, channels: int, tracked: bool) -> bool:
+    """Whether the layer's warm-up reference fits its layout (2 C values, + 1 if tracked)."""
+    init = layer.initial
+    return init is not None and init.numel() == 2 * channels + int(tracked)
+
+
 def _direct(layout: _Layout | None) -> bool:
     """Whether a measured layer's batch moments are computed rather than recovered."""
     return layout is not None and not layout.recovered
@@ -588,31 +666,43 @@ def _tensor_input(x: Any) -> Tensor:
     return x
 
 
-_ALL_METRICS = (*MOMENT_METRICS, *SHIFT_METRICS, *COUNT_METRICS, *AFFINE_METRICS)
+_ALL_METRICS = (
+    *MOMENT_METRICS,
+    *SHIFT_METRICS,
+    *WARMUP_METRICS,
+    *COUNT_METRICS,
+    *AFFINE_METRICS,
+)
 
 
 @cache
-def _metric_index(running: bool, affine: bool) -> tuple[tuple[str, ...], tuple[int, ...]]:
+def _metric_index(
+    running: bool, affine: bool, tracked: bool = False
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """The metrics a layer has (names, in row order) and their positions in ``_ALL_METRICS``."""
     names = [*MOMENT_METRICS]
     names += SHIFT_METRICS if running else ()
+    names += WARMUP_METRICS if running and tracked else ()
     names += COUNT_METRICS
     names += AFFINE_METRICS if affine else ()
     return tuple(names), tuple(_ALL_METRICS.index(n) for n in names)
 
 
-_SEGMENT_KEYS = ("mo", "vo", "mn", "vn", "mr", "vr", "g", "b", "g0", "b0")
+_SEGMENT_KEYS = ("mo", "vo", "mn", "vn", "mr", "vr", "g", "b", "g0", "b0", "m0", "v0", "n", "n0")
 
 
 @dataclass(frozen=True, eq=False)
 class _Plan:
     """Where each per-channel quantity of a set of layer layouts sits in their concatenated raw
-    vectors: one row of indices into ``[*raw, 0.0, nan]`` per quantity (``_SEGMENT_KEYS``), so
-    that a step's :class:`stats.Segments` take one numpy gather however many layers there are.
+    vectors: one row of indices into ``[*raw, 0.0, nan]`` per quantity (``_SEGMENT_KEYS``; a
+    layer's scalars, ``num_batches_tracked`` then and now, repeated per channel), so that a
+    step's :class:`stats.Segments` take one numpy gather however many layers there are.
 
     Recovered layers get mu_B = m_o + (m_n - m_o)/f and var_B = (v_n - (1-f) v_o)/f · (n-1)/n
     (:func:`bnprobe.stats.recover_moments`); directly measured ones go through the same formula
-    with m_o = v_o = 0 and f = n = 1, which returns them unchanged, bit for bit.
+    with m_o = v_o = 0 and f = n = 1, which returns them unchanged, bit for bit. For every layer
+    whose update could give its moments, :func:`bnprobe.stats.recovery_ill_conditioned` says
+    whether it would do so accurately: the tap measures it directly next time if not.
     """
 
     channels: np.ndarray
@@ -620,11 +710,24 @@ class _Plan:
     factor: np.ndarray
     count: np.ndarray
     eps: np.ndarray
+    running: np.ndarray
+    momentum: np.ndarray
+    recoverable: np.ndarray
+    samples: np.ndarray
+    starts: np.ndarray
 
     def segments(self, raw: np.ndarray) -> stats.Segments:
-        mo, vo, mn, vn, mr, vr, g, b, g0, b0 = np.concatenate([raw, (0.0, np.nan)])[self.index]
+        values = np.concatenate([raw, (0.0, np.nan)])[self.index]
+        mo, vo, mn, vn, mr, vr, g, b, g0, b0, m0, v0, n, n0 = values
         mean, var = stats.recover_moments(mo, vo, mn, vn, self.factor, self.count)
-        return stats.Segments(self.channels, mean, var, mr, vr, self.eps, g, b, g0, b0)
+        seg = stats.Segments(self.channels, mean, var, mr, vr, self.eps, g, b, g0, b0)
+        seg.running, seg.mean0, seg.var0, seg.n0, seg.n = self.running, m0, v0, n0, n
+        seg.momentum = self.momentum
+        if self.recoverable.any():
+            rf = np.where(self.recoverable, self.momentum, 1.0)
+            ill = stats.recovery_ill_conditioned(mr, vr, mean, var, rf, self.samples)
+            seg.ill_conditioned = np.add.reduceat(ill & self.recoverable, self.starts) > 0
+        return seg
 
 
 @lru_cache(maxsize=16)
@@ -635,14 +738,32 @@ def _plan(layouts: tuple[_Layout, ...]) -> _Plan:
     offset = 0
     for lay in layouts:
         c = lay.channels
-        blocks = list(np.arange(offset, offset + lay.size).reshape(-1, c))
+        nblocks = (lay.size - lay.tracked * (lay.running + lay.reference)) // c
         zero, nan = np.full(c, total), np.full(c, total + 1)
+        # the raw vector, in order: running (2 blocks) [n], affine (2), second (2), reference
+        # (2), initial (2) [n0]; blocks of c values and the scalars n and n0
+        blocks: list[np.ndarray] = []
+        scalars: dict[str, np.ndarray] = {"n": nan, "n0": nan}
+        at = offset
+        sequence = ["b", "b", "n"] if lay.running else []
+        sequence += ["b"] * (4 * lay.affine + 2)
+        sequence += ["b", "b", "n0"] if lay.reference else []
+        for part in sequence:
+            if part == "b":
+                blocks.append(np.arange(at, at + c))
+                at += c
+            elif lay.tracked:
+                scalars[part] = np.full(c, at)
+                at += 1
+        assert at - offset == lay.size and len(blocks) == nblocks
         running = [blocks.pop(0), blocks.pop(0)] if lay.running else [nan, nan]
         affine = [blocks.pop(0), blocks.pop(0)] if lay.affine else [nan, nan]
-        second = blocks[:2]
-        reference = blocks[2:] if lay.affine else [nan, nan]
+        second = [blocks.pop(0), blocks.pop(0)]
+        reference = [blocks.pop(0), blocks.pop(0)] if lay.affine else [nan, nan]
+        initial = [blocks.pop(0), blocks.pop(0)] if lay.reference else [nan, nan]
         old = running if lay.recovered else [zero, zero]  # recovered: old and new running
-        quantities = [*old, *second, *running, *affine, *reference]
+        quantities = [*old, *second, *running, *affine, *reference, *initial]
+        quantities += [scalars["n"], scalars["n0"]]
         for key, idx in zip(_SEGMENT_KEYS, quantities, strict=True):
             parts[key].append(idx)
         offset += lay.size
@@ -651,12 +772,20 @@ def _plan(layouts: tuple[_Layout, ...]) -> _Plan:
         "factor": [lay.factor if lay.recovered else 1.0 for lay in layouts],
         "count": [lay.samples if lay.recovered else 1.0 for lay in layouts],  # n <= 1: var as is
         "eps": [lay.eps for lay in layouts],
+        "momentum": [lay.momentum for lay in layouts],
+        "samples": [lay.samples for lay in layouts],
     }
     repeated = {k: np.repeat(np.array(v, dtype=np.float64), channels) for k, v in per_layer.items()}
+    flags = {
+        "running": np.repeat([lay.running for lay in layouts], channels),
+        "recoverable": np.repeat([lay.recoverable for lay in layouts], channels),
+    }
     return _Plan(
         channels=channels,
         index=np.stack([np.concatenate(parts[key]) for key in _SEGMENT_KEYS]),
+        starts=np.concatenate([[0], np.cumsum(channels)[:-1]]),
         **repeated,
+        **flags,
     )
 
 

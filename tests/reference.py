@@ -26,16 +26,22 @@ def reference_metrics(
     beta: Tensor | None = None,
     gamma0: Tensor | None = None,
     beta0: Tensor | None = None,
+    *,
+    nbt: int | None = None,
+    initial: tuple[Tensor, Tensor, int] | None = None,
+    momentum: float | None = 0.1,
 ) -> dict[str, float]:
+    """Every metric from its definition, in float64 torch. ``nbt``: num_batches_tracked before
+    this batch; ``initial``: the warm-up reference (mean_0, var_0, n0)."""
     x = x.double()
     dims = [0, *range(2, x.dim())]
     mu = x.mean(dims)
     var = x.var(dims, unbiased=False)
+    finite = mu.isfinite() & var.isfinite()
     out = {
         "batch_mean": mu.mean().item(),
         "batch_var": var.mean().item(),
         "samples_per_channel": float(x.numel() // x.shape[1]),
-        "nonfinite": float((~(mu.isfinite() & var.isfinite())).sum()),
         "var_small_frac": (var < 10 * eps).double().mean().item(),
     }
     if mu_r is not None and var_r is not None:
@@ -44,6 +50,29 @@ def reference_metrics(
         v = ((var + eps) / (var_r + eps)).log()
         s_b, s_r = (var + eps).sqrt(), (var_r + eps).sqrt()
         kl = (s_r / s_b).log() + (s_b**2 + (mu - mu_r) ** 2) / (2 * s_r**2) - 0.5
+        r = 0.0
+        if nbt is not None and initial is not None:
+            steps = max(nbt - initial[2], 0)
+            r = (1 - momentum) ** steps if momentum is not None else float(steps == 0)
+            out.update(num_batches_tracked=float(nbt), warmup_residual=r)
+        finite &= d.isfinite() & v.isfinite() & kl.isfinite()
+        if initial is not None:  # the excess shifts need the warm-up reference
+            if 1 - r >= 1e-6:
+                m0, v0 = initial[0].double(), initial[1].double()
+                mu_s = (mu_r - r * m0) / (1 - r)
+                var_s = ((var_r - r * v0) / (1 - r)).clamp(min=0)
+                dx = (mu - mu_s) / (var_s + eps).sqrt()
+                vx = ((var + eps) / (var_s + eps)).log()
+            else:
+                dx = vx = torch.zeros_like(mu)
+            finite &= dx.isfinite() & vx.isfinite()
+            out.update(
+                mean_shift_excess=dx.abs().mean().item(),
+                mean_shift_excess_max=dx.abs().max().item(),
+                var_shift_excess=vx.abs().mean().item(),
+                var_shift_excess_max=vx.abs().max().item(),
+            )
+        out["running_invalid"] = float((~(mu_r.isfinite() & var_r.isfinite()) | (var_r < 0)).sum())
         out.update(
             running_mean=mu_r.mean().item(),
             running_var=var_r.mean().item(),
@@ -59,13 +88,14 @@ def reference_metrics(
         g, b, g0, b0 = (t.double() for t in (gamma, beta, gamma0, beta0))
         out.update(
             gamma_mean=g.mean().item(),
-            gamma_std=g.std().item(),
+            gamma_std=g.std().item() if g.numel() > 1 else 0.0,
             beta_mean=b.mean().item(),
-            beta_std=b.std().item(),
-            gamma_drift=((g - g0).norm() / g0.norm()).item(),
+            beta_std=b.std().item() if b.numel() > 1 else 0.0,
+            gamma_drift=((g - g0).norm() / (g0.norm() if g0.norm() > 0 else len(g) ** 0.5)).item(),
             beta_drift=((b - b0).norm() / math.sqrt(b.numel())).item(),
             gamma_small_frac=(g.abs() < 0.01 * g.abs().max()).double().mean().item(),
         )
+    out["nonfinite"] = float((~finite).sum())
     return out
 
 
@@ -79,9 +109,21 @@ class Reference:
             for n, m in self.bns.items()
             if m.affine
         }
+        # the warm-up reference, known for sure only for a layer seen before any update (the
+        # tap may have seen a layer earlier than a reference made late)
+        self.initial = {
+            n: (m.running_mean.clone(), m.running_var.clone(), 0)
+            for n, m in self.bns.items()
+            if m.running_mean is not None
+            and m.num_batches_tracked is not None
+            and int(m.num_batches_tracked) == 0
+        }
         self.active = False
         self.seen: set[str] = set()
         self.metrics: dict[str, dict[str, float]] = {}
+        self.channels: dict[str, dict[str, Tensor]] = {}
+        """Per layer: float64 per-channel ``batch_mean``, ``batch_var`` of the last measured
+        forward."""
         self.handles = [m.register_forward_pre_hook(self._make(n)) for n, m in self.bns.items()]
 
     def _make(self, name: str) -> Any:
@@ -89,8 +131,18 @@ class Reference:
             if not self.active or name in self.seen:
                 return
             self.seen.add(name)
+            x = args[0].detach().double()
+            dims = [0, *range(2, x.dim())]
+            self.channels[name] = {
+                "batch_mean": x.mean(dims),
+                "batch_var": x.var(dims, unbiased=False),
+            }
             has = module.running_mean is not None and module.running_var is not None
             g0b0 = self.g0.get(name, (None, None))
+            nbt = module.num_batches_tracked
+            extra: dict[str, Any] = {"momentum": module.momentum}
+            if has and nbt is not None and name in self.initial:
+                extra.update(nbt=int(nbt), initial=self.initial[name])
             self.metrics[name] = reference_metrics(
                 args[0].detach(),
                 module.running_mean.clone() if has else None,  # type: ignore[union-attr]
@@ -99,12 +151,13 @@ class Reference:
                 module.weight.detach() if module.affine else None,
                 module.bias.detach() if module.affine else None,
                 *g0b0,
+                **extra,
             )
 
         return hook
 
     def start(self) -> None:
-        self.active, self.seen, self.metrics = True, set(), {}
+        self.active, self.seen, self.metrics, self.channels = True, set(), {}, {}
 
     def remove(self) -> None:
         for h in self.handles:

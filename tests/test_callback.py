@@ -387,7 +387,10 @@ def test_scalars_go_to_tensorboard_only_unless_asked_and_only_those_chosen(tmp_p
     tb_logger = TensorBoardLogger(tmp_path, name="tb2")
     csv_logger = CSVLogger(tmp_path, name="csv2")
     probe = _fit_logged(
-        tmp_path / "b", [tb_logger, csv_logger], log_to="all", scalars=["mean_shift*"]
+        tmp_path / "b",
+        [tb_logger, csv_logger],
+        log_to="all",
+        scalars=["mean_shift", "mean_shift_m*"],
     )
     layers = probe.layer_names
     chosen = {

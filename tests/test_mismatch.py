@@ -370,3 +370,90 @@ def test_demo_net_blame_with_dropout_inplace_relu_and_an_idle_tap() -> None:
     assert local[first] < 1e-5
     assert local[second] > 0.3
     assert values(df, "output_gap")[first] < 1e-5
+
+
+# --------------------------------------------------------------------------- issue 11
+
+
+def test_fused_bn_act_local_gap_equals_output_gap_at_the_first_layer() -> None:
+    """timm's BatchNormAct2d (a BatchNorm2d whose forward also applies ReLU): local_gap uses the
+    layer's own forward in both modes, so at the first layer (same input in both passes) it is
+    the output gap, activation included."""
+    from tests.replicas import FusedNet
+
+    torch.manual_seed(0)
+    model = FusedNet()
+    warm_up(model, lambda: torch.randn(8, 3, 8, 8) * 2 + 1)
+    x = torch.randn(8, 3, 8, 8) * 3 - 1  # shifted and scaled: a real gap
+    before = snapshot(model)
+    df = check_mismatch(model, x)
+    assert_unchanged(model, before)
+    local, output = values(df, "local_gap"), values(df, "output_gap")
+    assert local["bn1"] > 0.1
+    assert local["bn1"] == pytest.approx(output["bn1"], rel=1e-6)
+    # the closed form, with the activation: relu(BN_batch(x)) against relu(BN_running(x))
+    bn = model.bn1
+    h = model.conv1(x).detach()
+    y_b = torch.relu(torch.nn.functional.batch_norm(h, None, None, bn.weight, bn.bias, True))
+    y_r = torch.relu(
+        torch.nn.functional.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    )
+    want = float((y_b - y_r).double().norm() / y_b.double().norm())
+    assert local["bn1"] == pytest.approx(want, rel=1e-5)
+
+
+def test_invalid_running_stats_are_counted_on_their_layer_and_never_hidden() -> None:
+    """A NaN running mean in one channel and a negative running variance in another of bn2:
+    running_invalid = 2 there and 0 elsewhere; bn2's local gap is NaN, not 0."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    warm_up(model, lambda: torch.randn(8, 3, 6, 6))
+    with torch.no_grad():
+        model.bn2.running_mean[1] = float("nan")
+        model.bn2.running_var[3] = -0.5
+    x = torch.randn(8, 3, 6, 6)
+    bits = {k: v.clone().view(-1).view(torch.uint8) for k, v in model.state_dict().items()}
+    df = check_mismatch(model, x)
+    after = {k: v.view(-1).view(torch.uint8) for k, v in model.state_dict().items()}
+    assert all(torch.equal(bits[k], after[k]) for k in bits)  # NaN included, bit for bit
+    invalid = values(df, "running_invalid")
+    assert invalid["bn2"] == 2 and invalid["bn1"] == 0
+    assert math.isnan(values(df, "local_gap")["bn2"])
+    assert math.isfinite(values(df, "local_gap")["bn1"])
+
+
+def test_standalone_rows_carry_the_update_count_and_warmup() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    model[5].momentum = None  # cumulative average: r = 0 after the first update
+    warm_up(model, lambda: torch.randn(16, 6))  # a few training forwards
+    n = int(model[1].num_batches_tracked)
+    assert n > 1
+    df = check_mismatch(model, torch.randn(16, 6))
+    assert (df["step"] == n).all()
+    nbt, r = values(df, "num_batches_tracked"), values(df, "warmup_residual")
+    assert nbt == {"1": n, "5": n}
+    assert r["1"] == pytest.approx(0.9**n) and r["5"] == 0.0
+    assert (check_mismatch(model, torch.randn(16, 6), step=7)["step"] == 7).all()
+
+
+def test_recalibration_gain_is_measured_on_a_copy_of_the_buffers() -> None:
+    """Stale running statistics: re-estimating them (what recalibrate would do) moves the
+    logits a lot; on statistics fitted to the batch it moves nothing. recal_batches feed the
+    re-estimate, and the model is bit-identical afterwards."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    warm_up(model, lambda: torch.randn(8, 3, 6, 6))
+    x = torch.randn(16, 3, 6, 6) * 2 + 3
+    held = [torch.randn(16, 3, 6, 6) * 2 + 3 for _ in range(3)]
+    before = snapshot(model)
+    stale = values(check_mismatch(model, x), "recal_logits_shift")[store.MODEL]
+    with_held = check_mismatch(model, x, recal_batches=held)
+    assert_unchanged(model, before)
+    assert stale > 0.2
+    shift = values(with_held, "recal_logits_shift")[store.MODEL]
+    assert shift > 0.2 and shift != stale
+    assert 0 <= values(with_held, "recal_pred_change")[store.MODEL] <= 1
+    recalibrate(model, [x, *held], progress=False)
+    fitted = values(check_mismatch(model, x, recal_batches=held), "recal_logits_shift")
+    assert fitted[store.MODEL] < 1e-5  # the same population: nothing left to gain

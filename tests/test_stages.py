@@ -84,8 +84,12 @@ def test_probe_runs_after_validation_and_records_nothing_in_the_tap(tmp_path) ->
     df = probe.to_dataframe()
     gaps = df[df["stage"] == "probe"]
     assert sorted(gaps["step"].unique()) == [4, 8]
-    assert set(gaps[gaps["layer"] == "<model>"]["metric"]) == {"logits_gap", "pred_agreement"}
-    assert set(gaps[gaps["layer"] != "<model>"]["metric"]) == {"output_gap", "local_gap"}
+    assert set(gaps[gaps["layer"] == "<model>"]["metric"]) == {
+        "logits_gap", "pred_agreement", "recal_pred_change", "recal_logits_shift"
+    }  # fmt: skip
+    assert set(gaps[gaps["layer"] != "<model>"]["metric"]) == {
+        "output_gap", "local_gap", "num_batches_tracked", "warmup_residual", "running_invalid"
+    }  # fmt: skip
     # one train record per step and layer: the probe's forwards were not measured as training
     train_calls = df[(df["stage"] == "train") & (df["metric"] == "forward_calls")]
     assert (train_calls["value"] == 1).all() and len(train_calls) == 8 * 2

@@ -289,3 +289,77 @@ def test_a_failing_layer_warns_once_and_training_goes_on() -> None:
         again = tap.collect(step=1).rows
     assert set(rows["layer"]) == {"ok"} and set(again["layer"]) == {"ok"}
     assert len(tap.failures) == 1
+
+
+def test_trace_finds_producers_wrapped_in_containers() -> None:
+    """Sequential(conv, Dropout(0.3)) and Sequential(biased conv) feeding BN layers: the
+    container returns its child's tensor, and the child stays the producer. A leaf that
+    returns its input's tensor (ReLU(inplace=True)) is the producer of what follows it."""
+    from tests.replicas import WrappedDropoutNet
+
+    net = WrappedDropoutNet().train()
+    relu = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.ReLU(inplace=True), nn.BatchNorm2d(4))
+    for model, x in ((net, torch.randn(4, 3, 8, 8)), (relu, torch.randn(2, 3, 6, 6))):
+        with BNTap(model) as tap:
+            tap.start(trace=True)
+            model(x)
+            rows = tap.collect(step=0).rows.set_index(["layer", "metric"])["value"]
+        if model is net:
+            assert rows["bn1", "input_dropout"] == pytest.approx(0.3)
+            assert rows["bn1", "input_bias"] == 0
+            assert rows["bn2", "input_bias"] == 1 and rows["bn2", "input_dropout"] == 0
+        else:
+            assert rows["2", "input_bias"] == 0  # a ReLU, not the biased conv, feeds the BN
+
+
+@pytest.mark.parametrize("momentum", [0.05, 0.1, 0.5])
+def test_recovery_error_bound_holds_on_real_updates(momentum) -> None:
+    """A real BN update in float32, recovered in float64: the error of mu_B and var_B stays
+    within stats.recovery_bounds, even for channels whose variance is 1e-9 of the running one
+    or exactly 0 (reported as 0, never negative)."""
+    torch.manual_seed(0)
+    c = 64
+    bn = nn.BatchNorm1d(c, momentum=momentum)
+    scale = torch.logspace(-5, 2, c)
+    scale[:4] = 0.0  # constant channels: var_B exactly 0
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c) * 100)
+        bn.running_var.copy_(torch.rand(c) * 1000 + 1)
+        x = torch.randn(32, c) * scale + torch.randn(c) * 10
+        old_m, old_v = bn.running_mean.double(), bn.running_var.double()
+        bn(x)
+    new_m, new_v = bn.running_mean.double(), bn.running_var.double()
+    mean, var = stats.recover_moments(
+        old_m.numpy(), old_v.numpy(), new_m.numpy(), new_v.numpy(), momentum, 32
+    )
+    xd = x.double()
+    true_m, true_v = xd.mean(0).numpy(), xd.var(0, unbiased=False).numpy()
+    err_m, err_v = stats.recovery_bounds(old_m.numpy(), old_v.numpy(), true_m, true_v, momentum, 32)
+    assert (abs(mean - true_m) <= err_m + 1e-6 * abs(true_m)).all()
+    assert (abs(var - true_v) <= err_v + 1e-6 * true_v).all()
+    assert (var >= 0).all() and (var[:4] == 0).all()
+    ill = stats.recovery_ill_conditioned(old_m.numpy(), old_v.numpy(), true_m, true_v, momentum, 32)
+    assert ill[:8].all()  # dead and tiny channels are ill-conditioned
+    if momentum == 0.5:
+        assert not ill[-8:].any()  # large ones, at a large factor, are not
+
+
+def test_warmup_metrics_follow_the_update_count_for_cumulative_and_momentum_layers() -> None:
+    """momentum=None (cumulative average): r = 1 before the first update, 0 after; momentum
+    0.1: r = 0.9**n. The excess shifts are 0 while r = 1 and equal the plain shifts at r = 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(5, momentum=None), nn.BatchNorm1d(5, momentum=0.1))
+    got = []
+    with BNTap(model) as tap:
+        for step in range(3):
+            tap.start()
+            model(torch.randn(16, 5) * 3 + 2)
+            got.append(tap.collect(step=step).rows.set_index(["layer", "metric"])["value"])
+    assert [g["0", "num_batches_tracked"] for g in got] == [0, 1, 2]
+    assert [g["0", "warmup_residual"] for g in got] == [1.0, 0.0, 0.0]
+    assert [g["1", "warmup_residual"] for g in got] == pytest.approx([1.0, 0.9, 0.81])
+    assert got[0]["0", "var_shift_excess"] == 0 and got[0]["0", "mean_shift"] > 0.5
+    for g in got[1:]:
+        assert g["0", "mean_shift_excess"] == pytest.approx(g["0", "mean_shift"], rel=1e-12)
+        assert g["0", "var_shift_excess_max"] == pytest.approx(g["0", "var_shift_max"], rel=1e-12)
+    assert all(g[layer, "running_invalid"] == 0 for g in got for layer in ("0", "1"))
