@@ -58,6 +58,14 @@ MODEL_METRICS: tuple[str, ...] = (
 # --------------------------------------------------------------------------- public functions
 
 
+FrozenSelection: TypeAlias = Literal["auto"] | bool | LayerSelection
+"""Which BN layers keep their running statistics: ``"auto"`` (those in eval mode while the model
+is in training mode), ``False`` (none), or names, glob patterns or a predicate as for ``layers``."""
+
+ForwardFn: TypeAlias = Callable[[nn.Module, Any], Any]
+"""``forward_fn(model, batch)`` runs the model on one batch (already moved to its device)."""
+
+
 def check_mismatch(
     model: nn.Module,
     batch: Any,
@@ -67,6 +75,8 @@ def check_mismatch(
     epoch: int = 0,
     rank: int = 0,
     recal_batches: Iterable[Any] = (),
+    frozen: FrozenSelection = "auto",
+    forward_fn: ForwardFn | None = None,
 ) -> pd.DataFrame:
     """Measure the train/eval mismatch of every BN layer on one batch (rows of stage ``probe``).
 
@@ -113,7 +123,13 @@ def check_mismatch(
 
     ``batch``: a tuple or list is taken as ``(input, target, ...)`` and only its first element is
     passed to the model; anything else is passed as is, ``model(batch)``. If neither is what your
-    model takes, pass the input itself. Tensors are moved to the model's device.
+    model takes, pass the input itself, or ``forward_fn(model, batch)`` that runs the model on
+    one batch. Tensors are moved to the model's device.
+
+    Frozen BN layers (``frozen``, as in :func:`recalibrate`: by default those in eval mode while
+    the model is in training mode, as in fine-tuning) normalize with their running statistics in
+    every pass, as they do in training: their gaps are 0, the layers after them see what they see
+    in training, and the re-estimate leaves their statistics as they are.
 
     BN layers without running statistics (``track_running_stats=False``) behave the same in both
     modes and get no rows. A BN layer that never runs in the forward gets no rows. A layer called
@@ -124,10 +140,12 @@ def check_mismatch(
     initialized, CUDA) RNG state are exactly as before, whatever happens.
     """
     all_bn = _all_batchnorm(model, "check_mismatch")
+    frozen_names = _frozen(model, all_bn, frozen, "check_mismatch")
     selected = {n: m for n, m in _select(model, layers).items() if _has_running_stats(m)}
-    inp = _to_device(_model_input(batch, "check_mismatch"), _model_device(model))
     device = _model_device(model)
-    with_running = {n: m for n, m in all_bn.items() if _has_running_stats(m)}
+    with_running = {
+        n: m for n, m in all_bn.items() if _has_running_stats(m) and n not in frozen_names
+    }
     tracked = {n: _buffer_value(m, "num_batches_tracked") for n, m in selected.items()}
     if step is None:
         counts = [_buffer_value(m, "num_batches_tracked") for m in with_running.values()]
@@ -156,7 +174,7 @@ def check_mismatch(
             x = args[0] if args else None
             if isinstance(x, Tensor) and x.dim() >= 2 and x.numel():
                 pooled = moments.get(name)
-                batch_m = stats.batch_moments(x.detach().to(torch.float64))
+                batch_m = _input_moments(x.detach())
                 moments[name] = batch_m if pooled is None else stats.combine(pooled, batch_m)
 
         return hook
@@ -180,12 +198,12 @@ def check_mismatch(
     y_recal: Tensor | None = None
     try:
         with torch.no_grad():
-            _set_modes(state, all_bn, bn_batch_stats=True)
+            _set_modes(state, all_bn, bn_batch_stats=True, frozen=frozen_names)
             handles = [m.register_forward_hook(train_hook(n)) for n, m in selected.items()]
             handles += [
                 m.register_forward_pre_hook(moments_hook(n)) for n, m in with_running.items()
             ]
-            y_train = _first_tensor(_run(model, inp, batch, "check_mismatch"))
+            y_train = _first_tensor(_forward(model, batch, device, forward_fn, "check_mismatch"))
             if y_train is not None:
                 y_train = y_train.detach().clone()
             _remove(handles)
@@ -193,25 +211,27 @@ def check_mismatch(
             state.restore_rng()  # same random draws in both passes
             _set_modes(state, all_bn, bn_batch_stats=False)
             handles = [m.register_forward_hook(eval_hook(n)) for n, m in selected.items()]
-            y_eval = _first_tensor(_run(model, inp, batch, "check_mismatch"))
+            y_eval = _first_tensor(_forward(model, batch, device, forward_fn, "check_mismatch"))
             _remove(handles)
             if y_eval is not None:
                 y_eval = y_eval.detach().clone()  # the next pass reuses the model's buffers
 
                 # what recalibration would buy: re-estimated statistics (held batches too)
-                _set_modes(state, all_bn, bn_batch_stats=True)
+                _set_modes(state, all_bn, bn_batch_stats=True, frozen=frozen_names)
                 handles = [
                     m.register_forward_pre_hook(moments_hook(n)) for n, m in with_running.items()
                 ]
                 for i, extra in enumerate(recal_batches):
-                    extra_inp = _to_device(_model_input(extra, "check_mismatch"), device)
-                    _run(model, extra_inp, extra, "check_mismatch (recal_batches)", index=i)
+                    who = "check_mismatch (recal_batches)"
+                    _forward(model, extra, device, forward_fn, who, index=i)
                 _remove(handles)
                 for name, bn in with_running.items():
                     _write_population(bn, moments.get(name))
                 state.restore_rng()
                 _set_modes(state, all_bn, bn_batch_stats=False)
-                y_recal = _first_tensor(_run(model, inp, batch, "check_mismatch"))
+                y_recal = _first_tensor(
+                    _forward(model, batch, device, forward_fn, "check_mismatch")
+                )
     finally:
         _remove(handles)
         state.restore()
@@ -256,14 +276,6 @@ def check_mismatch(
         metrics=metrics,
         values=values,
     )
-
-
-FrozenSelection: TypeAlias = Literal["auto"] | bool | LayerSelection
-"""Which BN layers keep their running statistics: ``"auto"`` (those in eval mode while the model
-is in training mode), ``False`` (none), or names, glob patterns or a predicate as for ``layers``."""
-
-ForwardFn: TypeAlias = Callable[[nn.Module, Any], Any]
-"""``forward_fn(model, batch)`` runs the model on one batch (already moved to its device)."""
 
 
 def recalibrate(
