@@ -307,3 +307,26 @@ def test_checking_a_swa_run_finds_stale_statistics_and_recalibrate_repairs_them(
     after = check_mismatch(stale, x).set_index(["layer", "metric"])["value"]
     assert after_rows["mean_shift_after"] < 1e-5
     assert after[("1", "local_gap")] < before[("1", "local_gap")]
+
+
+def test_the_callback_probe_keeps_the_layers_frozen_in_training_frozen() -> None:
+    """After validation the whole model is in eval mode; the probe still knows which BN layers
+    were frozen while the model trained (the tap saw them) and gives them no gap of their own."""
+    from bnprobe import BNProbe
+    from tests.replicas import FrozenBNFinetune, fit, image_data
+
+    data = image_data(batches=4, val_batches=1)
+    net = FrozenBNFinetune(train_convs=True)
+    net.pretrain([x * 2.0 + 1.0 for x, _ in data.train])  # statistics of other data
+    probe = BNProbe(every_n_steps=1, save_dir=False, summary=False)
+    fit(net, data, steps=4, probe=probe)
+    df = probe.to_dataframe()
+    local = df[(df["stage"] == "probe") & (df["metric"] == "local_gap")]
+    assert set(local["layer"]) == {"net.backbone.1", "net.backbone.4"}
+    assert (local["value"] == 0.0).all()
+    # the same model judged standalone, in training mode, agrees; with frozen=False it does not
+    net.train()
+    batch = data.probe_batch
+    assert (check_mismatch(net, batch).query("metric == 'local_gap'")["value"] == 0.0).all()
+    loose = check_mismatch(net, batch, frozen=False).query("metric == 'local_gap'")["value"]
+    assert (loose > 0.1).all()
