@@ -488,6 +488,7 @@ class BNProbeBase:
                 epoch=int(trainer.current_epoch),
                 rank=int(trainer.global_rank),
                 recal_batches=[b for b in self._recal_batches if b is not batch],
+                frozen=self.tap.frozen_layers(),  # the model is in eval mode after validation
             )
         finally:
             self.tap.active = paused

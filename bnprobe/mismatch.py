@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+import warnings
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import pandas as pd
 import torch
@@ -39,7 +40,7 @@ from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from bnprobe import stats, store
+from bnprobe import distributed, stats, store
 from bnprobe.tap import LayerSelection, find_layers
 
 __all__ = ["check_mismatch", "recalibrate"]
@@ -57,6 +58,14 @@ MODEL_METRICS: tuple[str, ...] = (
 # --------------------------------------------------------------------------- public functions
 
 
+FrozenSelection: TypeAlias = Literal["auto"] | bool | LayerSelection
+"""Which BN layers keep their running statistics: ``"auto"`` (those in eval mode while the model
+is in training mode), ``False`` (none), or names, glob patterns or a predicate as for ``layers``."""
+
+ForwardFn: TypeAlias = Callable[[nn.Module, Any], Any]
+"""``forward_fn(model, batch)`` runs the model on one batch (already moved to its device)."""
+
+
 def check_mismatch(
     model: nn.Module,
     batch: Any,
@@ -66,6 +75,8 @@ def check_mismatch(
     epoch: int = 0,
     rank: int = 0,
     recal_batches: Iterable[Any] = (),
+    frozen: FrozenSelection = "auto",
+    forward_fn: ForwardFn | None = None,
 ) -> pd.DataFrame:
     """Measure the train/eval mismatch of every BN layer on one batch (rows of stage ``probe``).
 
@@ -112,7 +123,13 @@ def check_mismatch(
 
     ``batch``: a tuple or list is taken as ``(input, target, ...)`` and only its first element is
     passed to the model; anything else is passed as is, ``model(batch)``. If neither is what your
-    model takes, pass the input itself. Tensors are moved to the model's device.
+    model takes, pass the input itself, or ``forward_fn(model, batch)`` that runs the model on
+    one batch. Tensors are moved to the model's device.
+
+    Frozen BN layers (``frozen``, as in :func:`recalibrate`: by default those in eval mode while
+    the model is in training mode, as in fine-tuning) normalize with their running statistics in
+    every pass, as they do in training: their gaps are 0, the layers after them see what they see
+    in training, and the re-estimate leaves their statistics as they are.
 
     BN layers without running statistics (``track_running_stats=False``) behave the same in both
     modes and get no rows. A BN layer that never runs in the forward gets no rows. A layer called
@@ -123,10 +140,12 @@ def check_mismatch(
     initialized, CUDA) RNG state are exactly as before, whatever happens.
     """
     all_bn = _all_batchnorm(model, "check_mismatch")
+    frozen_names = _frozen(model, all_bn, frozen, "check_mismatch")
     selected = {n: m for n, m in _select(model, layers).items() if _has_running_stats(m)}
-    inp = _to_device(_model_input(batch, "check_mismatch"), _model_device(model))
     device = _model_device(model)
-    with_running = {n: m for n, m in all_bn.items() if _has_running_stats(m)}
+    with_running = {
+        n: m for n, m in all_bn.items() if _has_running_stats(m) and n not in frozen_names
+    }
     tracked = {n: _buffer_value(m, "num_batches_tracked") for n, m in selected.items()}
     if step is None:
         counts = [_buffer_value(m, "num_batches_tracked") for m in with_running.values()]
@@ -155,7 +174,7 @@ def check_mismatch(
             x = args[0] if args else None
             if isinstance(x, Tensor) and x.dim() >= 2 and x.numel():
                 pooled = moments.get(name)
-                batch_m = stats.batch_moments(x.detach().to(torch.float64))
+                batch_m = _input_moments(x.detach())
                 moments[name] = batch_m if pooled is None else stats.combine(pooled, batch_m)
 
         return hook
@@ -179,12 +198,12 @@ def check_mismatch(
     y_recal: Tensor | None = None
     try:
         with torch.no_grad():
-            _set_modes(state, all_bn, bn_batch_stats=True)
+            _set_modes(state, all_bn, bn_batch_stats=True, frozen=frozen_names)
             handles = [m.register_forward_hook(train_hook(n)) for n, m in selected.items()]
             handles += [
                 m.register_forward_pre_hook(moments_hook(n)) for n, m in with_running.items()
             ]
-            y_train = _first_tensor(_run(model, inp, batch, "check_mismatch"))
+            y_train = _first_tensor(_forward(model, batch, device, forward_fn, "check_mismatch"))
             if y_train is not None:
                 y_train = y_train.detach().clone()
             _remove(handles)
@@ -192,25 +211,27 @@ def check_mismatch(
             state.restore_rng()  # same random draws in both passes
             _set_modes(state, all_bn, bn_batch_stats=False)
             handles = [m.register_forward_hook(eval_hook(n)) for n, m in selected.items()]
-            y_eval = _first_tensor(_run(model, inp, batch, "check_mismatch"))
+            y_eval = _first_tensor(_forward(model, batch, device, forward_fn, "check_mismatch"))
             _remove(handles)
             if y_eval is not None:
                 y_eval = y_eval.detach().clone()  # the next pass reuses the model's buffers
 
                 # what recalibration would buy: re-estimated statistics (held batches too)
-                _set_modes(state, all_bn, bn_batch_stats=True)
+                _set_modes(state, all_bn, bn_batch_stats=True, frozen=frozen_names)
                 handles = [
                     m.register_forward_pre_hook(moments_hook(n)) for n, m in with_running.items()
                 ]
                 for i, extra in enumerate(recal_batches):
-                    extra_inp = _to_device(_model_input(extra, "check_mismatch"), device)
-                    _run(model, extra_inp, extra, "check_mismatch (recal_batches)", index=i)
+                    who = "check_mismatch (recal_batches)"
+                    _forward(model, extra, device, forward_fn, who, index=i)
                 _remove(handles)
                 for name, bn in with_running.items():
                     _write_population(bn, moments.get(name))
                 state.restore_rng()
                 _set_modes(state, all_bn, bn_batch_stats=False)
-                y_recal = _first_tensor(_run(model, inp, batch, "check_mismatch"))
+                y_recal = _first_tensor(
+                    _forward(model, batch, device, forward_fn, "check_mismatch")
+                )
     finally:
         _remove(handles)
         state.restore()
@@ -264,6 +285,10 @@ def recalibrate(
     apply: bool = True,
     *,
     layers: LayerSelection = None,
+    frozen: FrozenSelection = "auto",
+    unbiased: bool = True,
+    forward_fn: ForwardFn | None = None,
+    sync_ranks: bool | None = None,
     progress: bool = True,
     step: int = 0,
     epoch: int = 0,
@@ -277,27 +302,43 @@ def recalibrate(
     layer therefore sees its input as it sees it in training: this is the distribution the
     running statistics are meant to summarise, and the same convention as fvcore's PreciseBN and
     ``torch.optim.swa_utils.update_bn``. (Eval-mode inputs would depend on the old, possibly bad,
-    running statistics of earlier layers.) Each batch is unpacked like in :func:`check_mismatch`.
+    running statistics of earlier layers.) Each batch is unpacked like in :func:`check_mismatch`,
+    or handed to ``forward_fn(model, batch)`` for models whose forward takes a structured batch.
 
-    A forward pre-hook reduces each BN input to per-channel ``(n, mean, M2)`` in float64 (every
-    dimension but dim 1 counts as samples: N·H·W for 2d layers) and pools the batches exactly with
-    Chan's parallel formula, so each batch weighs by its sample count::
+    **Frozen layers** keep their statistics and normalize with them in every pass, as they do in
+    training: with ``frozen="auto"`` those BN layers that are in eval mode while the model itself
+    is in training mode (the usual fine-tuning set-up; a model put wholly in eval mode has none),
+    or the layers ``frozen`` names (names, glob patterns or a predicate); ``frozen=False``
+    re-estimates every layer. Frozen layers get the single row ``frozen`` = 1.
+
+    A forward pre-hook reduces each BN input to per-channel ``(n, mean, biased var)`` in the
+    activation's own precision (float32 for float32 input, half precision upcast to float32;
+    ``torch.var_mean`` is accurate to about 1e-7 relative even at large offsets), and the batches
+    are pooled in float64 with Chan's parallel formula, so each batch weighs by its sample count::
 
         n = n_a + n_b,  δ = m_b − m_a,  m = m_a + δ·n_b/n,  M2 = M2_a + M2_b + δ²·n_a·n_b/n
 
-    Population variance var_pop = M2 / n (biased, what BN normalizes with). With ``apply=True``
-    ``running_mean`` ← m and ``running_var`` ← M2 / (n − 1): PyTorch's ``running_var`` stores the
-    *unbiased* variance (BN normalizes with the biased batch variance but its running update uses
-    the Bessel-corrected one). ``num_batches_tracked`` is left as it is: it counts training
-    updates. With ``apply=False`` the model is left bit for bit as it was. Layers that never ran,
-    or saw a single sample per channel, are not written.
+    Under ``torch.distributed`` (``sync_ranks=None`` means: when a process group of more than one
+    process is initialized) every rank contributes its ``(n, mean, M2)`` per channel through one
+    ``all_gather`` and pools all ranks in rank order, so every rank writes the same statistics,
+    those of one process recalibrating on the union of the shards. Every rank must call
+    ``recalibrate`` then; a rank whose batches fail still joins the collective and every rank
+    raises, instead of the others waiting for the process-group timeout.
+
+    With ``apply=True`` ``running_mean`` ← m and ``running_var`` ← M2 / (n − 1) (``unbiased``,
+    the default: what PyTorch's own running update stores, the Bessel-corrected batch variance)
+    or M2 / n (``unbiased=False``: the biased population variance BN normalizes with, fvcore's
+    convention). ``num_batches_tracked`` is left as it is: it counts training updates. With
+    ``apply=False`` the model is left bit for bit as it was. Layers that never ran, or saw a
+    single sample per channel, are not written. A warning says when the batches ran out before
+    ``num_batches``.
 
     Rows (stage ``recalibrate``, one per layer and metric), with
-    d = (m − μ_R)/sqrt(var_R + eps) and v = log((var_pop + eps)/(var_R + eps)) per channel:
-    ``samples`` (n), ``mean_shift_before``/``mean_shift_max_before`` (mean/max over channels of
-    |d|), ``var_shift_before``/``var_shift_max_before`` (of |v|) against the old running moments,
-    and, when applied, the same four ``*_after`` against the moments written (≈ 0; the variance
-    part is ≈ 1/n because of the unbiased correction).
+    d = (m − μ_R)/sqrt(var_R + eps) and v = log((M2/n + eps)/(var_R + eps)) per channel:
+    ``samples`` (n, all ranks together), ``mean_shift_before``/``mean_shift_max_before`` (mean/max
+    over channels of |d|), ``var_shift_before``/``var_shift_max_before`` (of |v|) against the old
+    running moments, and, when applied, the same four ``*_after`` against the moments written
+    (≈ 0; with ``unbiased`` the variance part is ≈ 1/n).
 
     Training flags, ``track_running_stats``, hooks and the torch RNG state are restored in
     ``finally``; momentum is never touched. ``progress`` shows a tqdm bar (hidden when the
@@ -311,12 +352,17 @@ def recalibrate(
             f"got {num_batches!r}"
         )
     all_bn = _all_batchnorm(model, "recalibrate")
-    selected = {n: m for n, m in _select(model, layers).items() if _has_running_stats(m)}
+    frozen_names = _frozen(model, all_bn, frozen, "recalibrate")
+    selected = {
+        n: m
+        for n, m in _select(model, layers).items()
+        if _has_running_stats(m) and n not in frozen_names
+    }
     if not selected:
         raise ValueError(
-            "recalibrate: no selected BatchNorm layer has running statistics "
-            "(track_running_stats=False everywhere, or `layers` picked only such layers); "
-            "there is nothing to recalibrate"
+            "recalibrate: no selected BatchNorm layer has running statistics to re-estimate "
+            "(track_running_stats=False, frozen, or not picked by `layers`); pass frozen=False "
+            "to re-estimate frozen layers too"
         )
     try:
         iterator: Iterator[Any] = iter(batches)
@@ -333,15 +379,16 @@ def recalibrate(
         total = length if total is None else min(total, length)
     except TypeError:
         pass
+    sync = distributed.is_distributed() if sync_ranks is None else bool(sync_ranks)
 
     device = _model_device(model)
-    moments: dict[str, stats.Moments] = {}  # pooled exactly (Chan et al.), in float64
+    moments: dict[str, stats.Moments] = {}  # per batch in the input's precision, pooled in float64
 
     def pre_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0] if args else None
             if isinstance(x, Tensor) and x.dim() >= 2 and x.numel():
-                batch = stats.batch_moments(x.detach().to(torch.float64))
+                batch = _input_moments(x.detach())
                 pooled = moments.get(name)
                 moments[name] = batch if pooled is None else stats.combine(pooled, batch)
 
@@ -358,22 +405,43 @@ def recalibrate(
         leave=False,
     )
     seen = 0
+    failure: BaseException | None = None
     try:
         with torch.no_grad():
-            _set_modes(state, all_bn, bn_batch_stats=True)
+            _set_modes(state, all_bn, bn_batch_stats=True, frozen=frozen_names)
             handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in selected.items()]
             for batch in bar:
-                inp = _to_device(_model_input(batch, "recalibrate"), device)
-                _run(model, inp, batch, "recalibrate", index=seen)
+                _forward(model, batch, device, forward_fn, "recalibrate", index=seen)
                 seen += 1
+    except Exception as exc:
+        if not sync:
+            raise
+        failure = exc  # join the collective below, so that no other rank waits for us
     finally:
         bar.close()
         _remove(handles)
         state.restore()
-    if seen == 0:
+    if sync:
+        channels = {n: int(m.num_features) for n, m in selected.items()}
+        error = None if failure is None else f"{type(failure).__name__}: {failure}"
+        try:
+            moments = distributed.pool_moments_across_ranks(
+                list(selected), moments, channels, error
+            )
+        except RuntimeError as exc:
+            raise exc from failure
+    if seen == 0 and not moments:
         raise ValueError(
             "recalibrate got no batches: pass an iterable that yields at least one batch, "
             "e.g. the train DataLoader (an iterator that was already consumed yields nothing)"
+        )
+    if num_batches is not None and seen < num_batches:
+        warnings.warn(
+            f"recalibrate: asked for num_batches={num_batches} but the batches ran out after "
+            f"{seen}; the statistics pool those {seen} (an exhausted iterator, or a drop_last "
+            "sampler?)",
+            UserWarning,
+            stacklevel=2,
         )
 
     frames = []
@@ -386,21 +454,25 @@ def recalibrate(
                 rows.update(_shifts(pop, bn.running_mean, bn.running_var, bn.eps, "before"))
                 if apply and pop.n > 1:
                     bn.running_mean.copy_(pop.mean.to(bn.running_mean))
-                    unbiased = pop.var * (pop.n / (pop.n - 1))  # what running_var stores
-                    bn.running_var.copy_(unbiased.to(bn.running_var))
+                    correction = pop.n / (pop.n - 1) if unbiased else 1.0
+                    bn.running_var.copy_((pop.var * correction).to(bn.running_var))
                     rows.update(_shifts(pop, bn.running_mean, bn.running_var, bn.eps, "after"))
-            frames.append(
-                store.make_rows(
-                    step=step,
-                    epoch=epoch,
-                    stage="recalibrate",
-                    rank=rank,
-                    layers=[name] * len(rows),
-                    metrics=list(rows),
-                    values=list(rows.values()),
-                )
-            )
+            frames.append(_rows(name, rows, step, epoch, rank))
+        for name in frozen_names:
+            frames.append(_rows(name, {"frozen": 1.0}, step, epoch, rank))
     return store.concat(frames)
+
+
+def _rows(layer: str, rows: dict[str, float], step: int, epoch: int, rank: int) -> pd.DataFrame:
+    return store.make_rows(
+        step=step,
+        epoch=epoch,
+        stage="recalibrate",
+        rank=rank,
+        layers=[layer] * len(rows),
+        metrics=list(rows),
+        values=list(rows.values()),
+    )
 
 
 # --------------------------------------------------------------------------- maths
@@ -418,6 +490,29 @@ def _shifts(
         f"var_shift_{when}": float(v.mean().item()),
         f"var_shift_max_{when}": float(v.max().item()),
     }
+
+
+def _input_moments(x: Tensor) -> stats.Moments:
+    """Per-channel moments of one BN input, in its own precision, by the corrected two-pass method.
+
+    ``m = mean(x)``, ``δ = x − m``, then ``mean = m + Σδ/n`` and ``var = Σδ²/n − (Σδ/n)²``
+    (Chan, Golub and LeVeque's corrected two-pass algorithm): the sums of the small residuals are
+    accurate in float32 whatever the offset, so the moments are within about 3e-7 of a float64
+    computation even for inputs like ``1000 + N(0, 1)``, where ``var_mean``'s float32 mean alone
+    would be 6e-8·|mean| off. Half precision is upcast to float32. On CPU this is about 8x faster
+    than ``torch.var_mean`` over the batch and spatial dimensions (0.8 ms against 6 ms on a
+    32x32x28x28 activation, one thread), and it never converts the activation to float64.
+    """
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    dims = stats.reduce_dims(xf)
+    n = xf.numel() / xf.shape[1] if xf.shape[1] else 0.0
+    first = xf.mean(dim=dims, keepdim=True)
+    resid = xf - first
+    correction = resid.sum(dim=dims).double() / n
+    square = resid.mul_(resid).sum(dim=dims).double() / n
+    mean = first.flatten().double() + correction
+    var = (square - correction * correction).clamp_min(0.0)
+    return stats.Moments(mean, var, float(n))
 
 
 def _sq_norm(t: Tensor) -> float:
@@ -527,12 +622,22 @@ class _ModelState:
         self.restore_rng()
 
 
-def _set_modes(state: _ModelState, bns: dict[str, _BatchNorm], *, bn_batch_stats: bool) -> None:
-    """Non-BN modules to eval; BN layers to batch stats without updates, or to running stats."""
+def _set_modes(
+    state: _ModelState,
+    bns: dict[str, _BatchNorm],
+    *,
+    bn_batch_stats: bool,
+    frozen: Collection[str] = (),
+) -> None:
+    """Non-BN modules to eval; BN layers to batch stats without updates, or to running stats.
+
+    Layers named in ``frozen`` normalize with their running statistics in both cases.
+    """
     for mod, _ in state.training:
         mod.training = False
+    frozen_modules = {id(bns[n]) for n in frozen if n in bns}
     for bn, track in state.track:
-        if bn_batch_stats:
+        if bn_batch_stats and id(bn) not in frozen_modules:
             bn.training = True
             bn.track_running_stats = False  # forward then passes no buffers: nothing is updated
         else:
@@ -616,6 +721,43 @@ def _describe(obj: Any, depth: int = 0) -> str:
     if depth < 2 and isinstance(obj, dict):
         return f"dict with keys {list(obj)[:8]}"
     return type(obj).__name__
+
+
+def _frozen(model: nn.Module, bns: dict[str, _BatchNorm], frozen: object, who: str) -> set[str]:
+    """Names of the BN layers that keep their running statistics (see :func:`recalibrate`)."""
+    if frozen is False or frozen is None:
+        return set()
+    if frozen is True:
+        raise ValueError(
+            f'{who}: frozen must be "auto", False, or layer names, glob patterns or a predicate; '
+            "got True"
+        )
+    if frozen == "auto":
+        if not model.training:
+            return set()
+        return {n for n, m in bns.items() if not m.training and _has_running_stats(m)}
+    return set(_select(model, frozen))  # type: ignore[arg-type]
+
+
+def _forward(
+    model: nn.Module,
+    batch: Any,
+    device: torch.device | None,
+    forward_fn: ForwardFn | None,
+    who: str,
+    index: int | None = None,
+) -> Any:
+    """Run the model on one batch: ``forward_fn(model, batch)``, or the model on its input."""
+    if forward_fn is None:
+        return _run(model, _to_device(_model_input(batch, who), device), batch, who, index)
+    try:
+        return forward_fn(model, _to_device(batch, device))
+    except Exception as exc:
+        which = "the batch" if index is None else f"batch {index}"
+        raise ValueError(
+            f"{who}: forward_fn failed on {which}: {type(exc).__name__}: {exc}. It got "
+            f"{_describe(batch)}; forward_fn(model, batch) must run the model on one batch."
+        ) from exc
 
 
 def _run(model: nn.Module, inp: Any, batch: Any, who: str, index: int | None = None) -> Any:

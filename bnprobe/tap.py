@@ -165,6 +165,9 @@ class _Layer:
     moments cat(mu_B, var_B)."""
     modes: tuple[bool, bool] = (False, False)
     """(layer in training mode, model in training mode) at that forward."""
+    frozen: bool = False
+    """At its last measured training forward the layer was in eval mode while the model was in
+    training mode (a frozen BN layer, as in fine-tuning)."""
     batch_size: float = 0.0
     producer: tuple[float, float] | None = None
     """(input_bias, input_dropout) of a traced step."""
@@ -470,6 +473,11 @@ class BNTap:
             np.concatenate(col_values),
         )
 
+    def frozen_layers(self) -> list[str]:
+        """The layers that were in eval mode while the model trained, at their last measured
+        training forward: what :func:`bnprobe.check_mismatch` should keep frozen."""
+        return [layer.name for layer in self.layers if layer.frozen]
+
     @property
     def failures(self) -> list[str]:
         """One line per layer the tap turned off after an error inside its hooks."""
@@ -542,6 +550,8 @@ class BNTap:
         if layer.gamma0 is None:
             self.reference(layer)  # a lazy layer's own pre-hook, which runs first, initialized it
         layer.modes = (m.training, self.model.training)
+        if self.model.training and not self._pool:
+            layer.frozen = not m.training
         if self._trace is not None:
             self._note_producer(layer, x)
         count, batch_size = x.numel() / channels, float(x.shape[0])

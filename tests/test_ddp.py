@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +21,10 @@ from bnprobe import load
 from bnprobe.distributed import RankGather, rank_divergence
 from bnprobe.store import make_rows
 from bnprobe.tap import Snapshot
+from tests.launch import launch_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -42,40 +32,7 @@ def ddp_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     out = tmp_path_factory.mktemp("ddp")
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        env = dict(
-            os.environ,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            WORLD_SIZE="2",
-            NODE_RANK="0",
-            LOCAL_RANK=str(rank),
-            OMP_NUM_THREADS="1",
-            PYTHONWARNINGS="ignore",
-        )
-        log = open(out / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
-        procs.append((subprocess.Popen(
-            [sys.executable, "-m", "tests.ddp_run", str(out)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        ), log))  # fmt: skip
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for proc, _ in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        hung = [p for p, _ in procs if p.poll() is None]
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-    logs = "\n".join((out / f"log{r}.txt").read_text()[-3000:] for r in (0, 1))
-    assert not hung, f"a DDP rank hung (killed after {TIMEOUT_S} s):\n{logs}"
-    assert all(p.returncode == 0 for p, _ in procs), logs
+    launch_ranks("tests.ddp_run", out, cwd=ROOT, timeout=TIMEOUT_S)
     return out
 
 
