@@ -137,7 +137,9 @@ ADVICE: dict[tuple[Kind, str], str] = {
         "Keep DDP's default `broadcast_buffers=True`, or synchronize BN: "
         "`Trainer(sync_batchnorm=True)` or "
         "`model = nn.SyncBatchNorm.convert_sync_batchnorm(model)`. Make sure every rank sees a "
-        "shuffled sample of the same data (DistributedSampler with shuffle=True)."
+        "shuffled sample of the same data (DistributedSampler with shuffle=True). To make the "
+        "ranks agree now, call `bnprobe.recalibrate(model, loader)` on every rank: it pools "
+        "the ranks' moments and writes the same statistics everywhere."
     ),
 }
 """Advice by (kind, variant); ``{name}`` fields are filled by :func:`advice`."""
