@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bnprobe.stats import Moments, combine
+from bnprobe.stats import Moments, combine, mean_shift, var_shift
 from bnprobe.store import make_rows
 from bnprobe.tap import Snapshot
 
@@ -104,10 +104,9 @@ def rank_divergence(
         if not (np.isfinite(mu).all() and np.isfinite(var).all()):
             out[name] = math.nan
             continue
-        s2 = var.mean(axis=0) + e
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mean_gap = np.abs(mu - mu.mean(axis=0)) / np.sqrt(s2)
-            var_gap = np.abs(np.log((var + e) / s2))
+        with np.errstate(divide="ignore", invalid="ignore"):  # d and v against the rank means
+            mean_gap = np.abs(mean_shift(mu, mu.mean(axis=0), var.mean(axis=0), e))
+            var_gap = np.abs(var_shift(var, var.mean(axis=0), e))
         out[name] = float(max(np.nanmax(mean_gap, initial=0.0), np.nanmax(var_gap, initial=0.0)))
     return out
 

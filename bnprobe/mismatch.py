@@ -40,19 +40,14 @@ from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from bnprobe import distributed, stats, store
+from bnprobe import distributed, metrics, stats, store
 from bnprobe.tap import LayerSelection, find_layers
 
 __all__ = ["check_mismatch", "recalibrate"]
 
-PROBE_METRICS: tuple[str, ...] = ("output_gap", "local_gap")
-WARMUP_METRICS: tuple[str, ...] = ("num_batches_tracked", "warmup_residual", "running_invalid")
-MODEL_METRICS: tuple[str, ...] = (
-    "logits_gap",
-    "pred_agreement",
-    "recal_pred_change",
-    "recal_logits_shift",
-)
+_GAPS: tuple[str, ...] = metrics.names("probe", group="probe")
+"""``output_gap``, ``local_gap``: the probe's per-layer rows (then the warm-up rows, then the
+whole-model ones; bnprobe.metrics has them all)."""
 
 
 # --------------------------------------------------------------------------- public functions
@@ -237,35 +232,35 @@ def check_mismatch(
         state.restore()
 
     names: list[str] = []
-    metrics: list[str] = []
+    metric_names: list[str] = []
     values: list[float] = []
     for name, bn in selected.items():
         warmup = _warmup_rows(bn, tracked[name], step)
         if not train_out[name]:  # the layer did not run: only what its buffers say
             names += [name] * len(warmup)
-            metrics += list(warmup)
+            metric_names += list(warmup)
             values += list(warmup.values())
             continue
         names += [name] * (2 + len(warmup))
-        metrics += [*PROBE_METRICS, *warmup]
+        metric_names += [*_GAPS, *warmup]
         values += [_ratio(*output_sq[name]), _ratio(*local_sq[name]), *warmup.values()]
     if y_train is not None and y_eval is not None and y_train.shape == y_eval.shape:
         names.append(store.MODEL)
-        metrics.append("logits_gap")
+        metric_names.append("logits_gap")
         values.append(_ratio(_sq_norm(y_train - y_eval), _sq_norm(y_train)))
         if y_train.dim() >= 2:
             agree = y_train.argmax(dim=-1) == y_eval.argmax(dim=-1)
             names.append(store.MODEL)
-            metrics.append("pred_agreement")
+            metric_names.append("pred_agreement")
             values.append(float(agree.double().mean().item()))
     if y_recal is not None and y_eval is not None and y_recal.shape == y_eval.shape:
         names.append(store.MODEL)
-        metrics.append("recal_logits_shift")
+        metric_names.append("recal_logits_shift")
         values.append(_ratio(_sq_norm(y_recal - y_eval), _sq_norm(y_eval)))
         if y_eval.dim() >= 2:
             change = y_recal.argmax(dim=-1) != y_eval.argmax(dim=-1)
             names.append(store.MODEL)
-            metrics.append("recal_pred_change")
+            metric_names.append("recal_pred_change")
             values.append(float(change.double().mean().item()))
     return store.make_rows(
         step=step,
@@ -273,7 +268,7 @@ def check_mismatch(
         stage="probe",
         rank=rank,
         layers=names,
-        metrics=metrics,
+        metrics=metric_names,
         values=values,
     )
 

@@ -1,4 +1,6 @@
-"""Pure tensor maths: BatchNorm moments and how far batch statistics are from running statistics.
+"""Pure maths (torch and numpy): BatchNorm moments and how far batch statistics are from running
+statistics. The names and meanings of the metrics are in :mod:`bnprobe.metrics`; this module
+computes them and imports nothing else from bnprobe.
 
 Notation (per channel c of a BN layer with ``eps``): batch moments ``mu_B``, ``var_B`` (biased:
 what BN normalizes with), running moments ``mu_R``, ``var_R`` as they were before this batch
@@ -7,6 +9,10 @@ updated them (what eval mode would use at that moment), and
     d = (mu_B - mu_R) / sqrt(var_R + eps)            # mean shift, in running standard deviations
     v = log((var_B + eps) / (var_R + eps))           # log variance ratio
     KL(N(mu_B, var_B + eps) || N(mu_R, var_R + eps)) = (exp(v) + d**2 - 1 - v) / 2
+
+each written once (:func:`mean_shift`, :func:`var_shift`, :func:`kl_divergence`) for torch
+tensors and numpy arrays alike; every caller (the tap, recalibration, rank divergence, the
+diagnosis) uses them.
 
 The tensor functions work on any device, never sync with the host, and return float64 tensors
 so that O(channels) arithmetic adds no error of its own. :func:`segment_metrics` is the host side:
@@ -18,12 +24,20 @@ microsecond instead of a torch op's several (or a kernel launch on a GPU).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+Array = TypeVar("Array", "Tensor", np.ndarray)
+"""A torch tensor or a numpy array: :func:`mean_shift`, :func:`var_shift` and
+:func:`kl_divergence` serve both (torch for tensors, numpy for anything else). torch is
+imported only by the functions that take tensors, so the numpy callers (the diagnosis, which
+reads a saved table) never load it."""
 
 OUTLIER_MEAN_SHIFT = 5.0
 """Batch Renormalization's clip bound ``d_max`` on abs(d) (Ioffe, 2017)."""
@@ -53,6 +67,8 @@ def reduce_dims(x: Tensor) -> list[int]:
 
 def raw_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``(mean, biased var)`` in float32 (float64 for float64 input), one kernel."""
+    import torch
+
     if x.dim() < 2:
         raise ValueError(f"a BatchNorm input needs a channel dimension; got shape {tuple(x.shape)}")
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -172,12 +188,40 @@ def recovery_ill_conditioned(
     return ill
 
 
+def _xp(x: object) -> Any:
+    """The namespace whose ``sqrt``, ``log`` and ``exp`` fit ``x``: torch or numpy. Each
+    caller keeps its own library's functions, so a value is bit for bit what it was when the
+    formula was written out in torch or in numpy."""
+    torch = sys.modules.get("torch")  # x cannot be a tensor if torch was never imported
+    return torch if torch is not None and isinstance(x, torch.Tensor) else np
+
+
+def mean_shift(mean: Array, mu_r: Array, var_r: Array, eps: float | Array) -> Array:
+    """``d = (mu_B - mu_R) / sqrt(var_R + eps)``, elementwise and signed: how far the batch mean
+    is from the running mean, in running standard deviations. Tensors or numpy arrays (numpy
+    callers silence division warnings with ``np.errstate`` themselves)."""
+    d: Array = (mean - mu_r) / _xp(mean).sqrt(var_r + eps)
+    return d
+
+
+def var_shift(var: Array, var_r: Array, eps: float | Array) -> Array:
+    """``v = log((var_B + eps) / (var_R + eps))``, elementwise and signed: the log ratio of the
+    batch variance to the running one (0: equal). Tensors or numpy arrays."""
+    v: Array = _xp(var).log((var + eps) / (var_r + eps))
+    return v
+
+
+def kl_divergence(d: Array, v: Array) -> Array:
+    """``KL(N(mu_B, var_B + eps) || N(mu_R, var_R + eps)) = (exp(v) + d**2 - 1 - v) / 2`` from
+    :func:`mean_shift` ``d`` and :func:`var_shift` ``v``. Tensors or numpy arrays."""
+    kl: Array = 0.5 * (_xp(v).exp(v) + d * d - 1.0 - v)
+    return kl
+
+
 def shifts(batch: Moments, mu_r: Tensor, var_r: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Per-channel ``d`` and ``v`` (module docstring)."""
+    """Per-channel ``d`` and ``v`` (module docstring) of float64 batch moments."""
     mu_r, var_r = mu_r.double(), var_r.double()
-    d = (batch.mean - mu_r) / torch.sqrt(var_r + eps)
-    v = torch.log((batch.var + eps) / (var_r + eps))
-    return d, v
+    return mean_shift(batch.mean, mu_r, var_r, eps), var_shift(batch.var, var_r, eps)
 
 
 def combine(a: Moments, b: Moments) -> Moments:
@@ -231,28 +275,6 @@ class Segments:
     """Per layer: recovering its moments from the update is (or would be) inaccurate."""
 
 
-_MEANS = (
-    "batch_mean",
-    "batch_var",
-    "running_mean",
-    "running_var",
-    "mean_shift",
-    "var_shift",
-    "kl",
-    "outlier_frac",
-    "var_small_frac",
-    "gamma_mean",
-    "beta_mean",
-    "mean_shift_excess",
-    "var_shift_excess",
-    "running_invalid",
-    "num_batches_tracked",
-    "warmup_residual",
-)
-"""The metrics that are channel means (``running_invalid``: a sum), in the order
-:func:`segment_metrics` sums them."""
-
-
 WARMUP_LEARNED_MIN = 1e-6
 """Below this 1 - r (nothing of the running statistics comes from data yet) the excess shifts
 are 0."""
@@ -291,8 +313,8 @@ def excess_shifts(
         mu_s = np.where(warm, (mu_r - r * mean0) / one, mu_r)
         var_s = np.where(warm, np.maximum((var_r - r * var0) / one, 0.0), var_r)
         learned = one >= WARMUP_LEARNED_MIN
-        d = np.where(learned, (mean - mu_s) / np.sqrt(var_s + eps), 0.0)
-        v = np.where(learned, np.log((var + eps) / (var_s + eps)), 0.0)
+        d = np.where(learned, mean_shift(mean, mu_s, var_s, eps), 0.0)
+        v = np.where(learned, var_shift(var, var_s, eps), 0.0)
     return d, v
 
 
@@ -324,9 +346,9 @@ def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.
     mean0 = seg.mean0 if seg.mean0 is not None else nan
     var0 = seg.var0 if seg.var0 is not None else nan
     with np.errstate(all="ignore"):
-        d = (seg.mean - seg.mu_r) / np.sqrt(seg.var_r + seg.eps)
-        v = np.log((seg.var + seg.eps) / (seg.var_r + seg.eps))
-        kl = 0.5 * (np.exp(v) + d * d - 1.0 - v)
+        d = mean_shift(seg.mean, seg.mu_r, seg.var_r, seg.eps)
+        v = var_shift(seg.var, seg.var_r, seg.eps)
+        kl = kl_divergence(d, v)
         r = warmup_residual(n, n0, momentum)
         dx, vx = excess_shifts(seg.mean, seg.var, seg.mu_r, seg.var_r, seg.eps, r, mean0, var0)
         ad, av, adx, avx = np.abs(d), np.abs(v), np.abs(dx), np.abs(vx)
@@ -338,11 +360,14 @@ def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.
         nonfinite = ~(np.isfinite(seg.mean) & np.isfinite(seg.var)) | (running & ~derived)
         invalid = ~(np.isfinite(seg.mu_r) & np.isfinite(seg.var_r)) | (seg.var_r < 0)
         small = seg.var < SMALL_VAR_EPS_FACTOR * seg.eps
-        sums = totals(
-            seg.mean, seg.var, seg.mu_r, seg.var_r, ad, av, kl, outlier, small, g, b, adx, avx,
-            invalid, n, r,
-        )  # fmt: skip
-        out: dict[str, np.ndarray] = dict(zip(_MEANS, sums / c, strict=True))
+        means = {  # the layer row is the channel mean (running_invalid: the sum, below)
+            "batch_mean": seg.mean, "batch_var": seg.var, "running_mean": seg.mu_r,
+            "running_var": seg.var_r, "mean_shift": ad, "var_shift": av, "kl": kl,
+            "outlier_frac": outlier, "var_small_frac": small, "gamma_mean": g, "beta_mean": b,
+            "mean_shift_excess": adx, "var_shift_excess": avx, "running_invalid": invalid,
+            "num_batches_tracked": n, "warmup_residual": r,
+        }  # fmt: skip
+        out: dict[str, np.ndarray] = dict(zip(means, totals(*means.values()) / c, strict=True))
         out["running_invalid"] = np.rint(out["running_invalid"] * c)  # a count, not a fraction
         peaks = np.maximum.reduceat(np.stack([ad, av, kl, ag, adx, avx]), starts, axis=1)
         out |= dict(zip(("mean_shift_max", "var_shift_max", "kl_max"), peaks[:3], strict=True))

@@ -24,6 +24,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bnprobe import metrics as _metrics
+
 COLUMNS: tuple[str, ...] = ("step", "epoch", "stage", "rank", "layer", "channel", "metric", "value")
 DTYPES: dict[str, Any] = {
     "step": "int64",
@@ -35,73 +37,28 @@ DTYPES: dict[str, Any] = {
     "metric": "object",
     "value": "float64",
 }
-STAGES: tuple[str, ...] = ("train", "val", "probe", "recalibrate")
-MODEL = "<model>"
+STAGES: tuple[str, ...] = _metrics.STAGES
+MODEL = _metrics.MODEL_LAYER
 """Layer name of whole-model rows (``logits_gap``, ``pred_agreement``)."""
 
-# Metric names of stage train (and val), in the order the tap writes them (docs/metrics.md).
-MOMENT_METRICS: tuple[str, ...] = ("batch_mean", "batch_var")
-SHIFT_METRICS: tuple[str, ...] = (
-    "running_mean",
-    "running_var",
-    "mean_shift",
-    "var_shift",
-    "kl",
-    "mean_shift_max",
-    "var_shift_max",
-    "kl_max",
-    "outlier_frac",
-    "mean_shift_excess",
-    "var_shift_excess",
-    "mean_shift_excess_max",
-    "var_shift_excess_max",
-    "running_invalid",
-)
+# The metric names by family, from the catalogue (bnprobe.metrics, docs/metrics.md); a layer's
+# rows of stage train (and val) come in this order: moments, shifts, warm-up, counts, affine.
+MOMENT_METRICS: tuple[str, ...] = _metrics.names("train", group="moment")
+SHIFT_METRICS: tuple[str, ...] = _metrics.names("train", group="shift")
 """Metrics that need running statistics (absent for a layer without them)."""
-WARMUP_METRICS: tuple[str, ...] = ("num_batches_tracked", "warmup_residual")
+WARMUP_METRICS: tuple[str, ...] = _metrics.names("train", group="warmup")
 """Stages train, val and probe: need a ``num_batches_tracked`` buffer (docs/metrics.md)."""
-COUNT_METRICS: tuple[str, ...] = ("nonfinite", "var_small_frac")
-AFFINE_METRICS: tuple[str, ...] = (
-    "gamma_mean",
-    "gamma_std",
-    "beta_mean",
-    "beta_std",
-    "gamma_drift",
-    "beta_drift",
-    "gamma_small_frac",
-)
+COUNT_METRICS: tuple[str, ...] = _metrics.names("train", group="count")
+AFFINE_METRICS: tuple[str, ...] = _metrics.names("train", group="affine")
 """Stage train only; absent for ``affine=False`` layers."""
-STRUCTURE_METRICS: tuple[str, ...] = (
-    "forward_calls",
-    "train_mode",
-    "model_train_mode",
-    "momentum",
-    "has_running_stats",
-    "samples_per_channel",
-    "batch_size",
-    "eps",
-)
+STRUCTURE_METRICS: tuple[str, ...] = _metrics.names("train", group="structure")
 """What the layer is rather than what its data are; ``samples_per_channel`` also in stage val."""
-TRACE_METRICS: tuple[str, ...] = ("input_bias", "input_dropout")
+TRACE_METRICS: tuple[str, ...] = _metrics.names("train", group="trace")
 """Stage train, first measured step only: what produced the layer's input."""
-PROBE_METRICS: tuple[str, ...] = (
-    "output_gap",
-    "local_gap",
-    "num_batches_tracked",
-    "warmup_residual",
-    "running_invalid",
-    "logits_gap",
-    "pred_agreement",
-    "recal_pred_change",
-    "recal_logits_shift",
-)
-RECALIBRATE_METRICS: tuple[str, ...] = (
-    "samples",
-    *(f"{m}_{when}" for when in ("before", "after") for m in (
-        "mean_shift", "mean_shift_max", "var_shift", "var_shift_max"
-    )),
-)  # fmt: skip
-"""Rows of :func:`bnprobe.recalibrate` (the ``*_after`` ones only when applied)."""
+PROBE_METRICS: tuple[str, ...] = _metrics.names("probe")
+RECALIBRATE_METRICS: tuple[str, ...] = _metrics.names("recalibrate", without=[_metrics.FROZEN])
+"""Rows of :func:`bnprobe.recalibrate` (the ``*_after`` ones only when applied; frozen layers
+get the one row ``frozen`` instead)."""
 
 KEY: list[str] = ["step", "stage", "rank", "layer", "channel", "metric"]
 """Columns that identify a measurement; :func:`load` keeps the last row written for each key."""

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from bnprobe import stats
 from bnprobe.diagnosis.advice import advice
 from bnprobe.diagnosis.findings import Evidence, Finding, Kind, Severity
 from bnprobe.diagnosis.table import (
@@ -203,10 +204,10 @@ def _cross_rank(run: Run, train: pd.DataFrame) -> pd.DataFrame:
     ]
     m = others.merge(base, on=["layer", "step"], suffixes=("", "_base"))
     eps = run.eps_of(m)
-    rv0 = m["running_var_base"].to_numpy(dtype=float) + eps
-    rv = m["running_var"].to_numpy(dtype=float) + eps
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dm = np.abs(m["running_mean"].to_numpy(dtype=float) - m["running_mean_base"]) / np.sqrt(rv0)
-        dv = np.abs(np.log(rv / rv0))
+    mean, var = (m[c].to_numpy(dtype=float) for c in ("running_mean", "running_var"))
+    mean0, var0 = (m[c].to_numpy(dtype=float) for c in ("running_mean_base", "running_var_base"))
+    with np.errstate(divide="ignore", invalid="ignore"):  # d and v against rank 0's
+        dm = np.abs(stats.mean_shift(mean, mean0, var0, eps))
+        dv = np.abs(stats.var_shift(var, var0, eps))
     div = np.fmax(np.nan_to_num(np.asarray(dm, dtype=float)), np.nan_to_num(dv))
     return m.assign(divergence=div, other_rank=m["rank"].astype(int))

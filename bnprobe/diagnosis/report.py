@@ -28,7 +28,8 @@ SUMMARY_METRICS: dict[str, tuple[str, ...]] = {
 }
 """The latest values shown per layer and stage in :func:`format_report`."""
 
-MODEL_METRICS: tuple[str, ...] = ("logits_gap", "pred_agreement", "recal_pred_change")
+SUMMARY_MODEL_METRICS: tuple[str, ...] = ("logits_gap", "pred_agreement", "recal_pred_change")
+"""The whole-model probe metrics shown per run (bnprobe.metrics has every metric)."""
 
 
 def format_report(
@@ -129,7 +130,7 @@ def _summary(df: pd.DataFrame, run: str | None) -> dict[str, Any]:
     probe = latest["probe"]
     model_rows = probe[probe["layer"] == store.MODEL]
     model: dict[str, Any] = {"step": int(model_rows["step"].max()) if len(model_rows) else None}
-    for m in MODEL_METRICS:
+    for m in SUMMARY_MODEL_METRICS:
         hit = model_rows.loc[model_rows["metric"] == m, "value"]
         model[m] = float(hit.iloc[0]) if len(hit) else None
     return {"run": run, "steps": steps, "layers": layers, "model": model}
