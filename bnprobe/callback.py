@@ -89,26 +89,37 @@ class BNProbeBase:
             glob patterns (``["mean_shift*", "kl"]``). The table and the store keep every
             metric whatever this says.
 
-    Logged keys (scalars, through the TensorBoard loggers, or every logger with
-    ``log_to="all"``; rank zero only), one per BN layer:
+    Logged keys (scalars, through the TensorBoard loggers, or every logger with ``log_to="all"``;
+    rank zero only), one per BN layer and metric:
 
-    - ``bnprobe/train/<metric>/<layer>`` for ``batch_mean``, ``batch_var``, ``running_mean``,
-      ``running_var``, ``mean_shift``, ``mean_shift_max``, ``var_shift``, ``var_shift_max``,
-      ``kl``, ``kl_max``, ``outlier_frac``, ``mean_shift_excess``, ``mean_shift_excess_max``,
-      ``var_shift_excess``, ``var_shift_excess_max``, ``running_invalid``,
-      ``num_batches_tracked``, ``warmup_residual``, ``samples_per_channel``, ``nonfinite``,
-      ``gamma_mean``, ``gamma_std``, ``beta_mean``, ``beta_std``, ``gamma_drift``,
-      ``beta_drift``, ``gamma_small_frac``, and the structural ``forward_calls``, ``train_mode``,
-      ``model_train_mode``, ``momentum``, ``has_running_stats`` (``input_bias`` and
-      ``input_dropout`` at the first measured step);
-    - ``bnprobe/val/<metric>/<layer>`` and ``bnprobe/probe/<metric>/<layer>`` after each
-      validation, ``bnprobe/<stage>/epoch`` with every logging step;
+    - ``bnprobe/train/<metric>/<layer>`` at each measured training step: ``batch_mean``,
+      ``batch_var``, ``nonfinite``, ``var_small_frac``, ``forward_calls``, ``train_mode``,
+      ``model_train_mode``, ``momentum``, ``has_running_stats``, ``samples_per_channel``,
+      ``batch_size``, ``eps``; with running statistics: ``running_mean``, ``running_var``,
+      ``mean_shift``, ``var_shift``, ``kl``, ``mean_shift_max``, ``var_shift_max``, ``kl_max``,
+      ``outlier_frac``, ``mean_shift_excess``, ``var_shift_excess``, ``mean_shift_excess_max``,
+      ``var_shift_excess_max``, ``running_invalid``; with running statistics and a
+      ``num_batches_tracked`` buffer: ``num_batches_tracked``, ``warmup_residual``; with
+      ``affine=True``: ``gamma_mean``, ``gamma_std``, ``beta_mean``, ``beta_std``, ``gamma_drift``,
+      ``beta_drift``, ``gamma_small_frac``; at the first measured step only: ``input_bias``,
+      ``input_dropout``; with running statistics and several processes (DDP): ``rank_divergence``;
+    - ``bnprobe/val/<metric>/<layer>`` after each validation epoch (pooled over it): ``batch_mean``,
+      ``batch_var``, ``nonfinite``, ``var_small_frac``, ``samples_per_channel``; with running
+      statistics: ``running_mean``, ``running_var``, ``mean_shift``, ``var_shift``, ``kl``,
+      ``mean_shift_max``, ``var_shift_max``, ``kl_max``, ``outlier_frac``, ``mean_shift_excess``,
+      ``var_shift_excess``, ``mean_shift_excess_max``, ``var_shift_excess_max``,
+      ``running_invalid``; with running statistics and a ``num_batches_tracked`` buffer:
+      ``num_batches_tracked``, ``warmup_residual``;
+    - ``bnprobe/probe/<metric>/<layer>`` after each validation epoch (the train/eval probe):
+      ``output_gap``, ``local_gap``, ``num_batches_tracked``, ``warmup_residual``,
+      ``running_invalid``; and for the whole model, ``bnprobe/probe/<metric>/_model_``:
+      ``logits_gap``, ``pred_agreement``, ``recal_pred_change``, ``recal_logits_shift``;
+    - ``bnprobe/<stage>/epoch`` with every logging step of a stage;
     - histograms ``bnprobe/train/hist/{gamma,beta,d,v}/<layer>`` and figures
       ``bnprobe/<stage>/figure/<name>`` (TensorBoard only).
 
     With a logger made with ``prefix="exp"`` every key starts with ``exp-bnprobe/`` instead,
-    histograms, figures and the Custom Scalars layout included.
-    docs/metrics.md defines each metric.
+    histograms, figures and the Custom Scalars layout included. docs/metrics.md defines each metric.
     """
 
     def __init__(

@@ -60,3 +60,38 @@ def test_demo_flags_are_the_data_module_options() -> None:
     assert (args.num_train, args.num_val, args.batch_size) == (96, 32, 8)
     old = parser.parse_args(["demo", "--train-size", "64", "--val-size", "16"])
     assert (old.num_train, old.num_val) == (64, 16)  # the old flag names still work
+
+
+def _metric_tables(markdown: str) -> dict[str, set[str]]:
+    """Per ``## `` section: the metric names in the first column of its tables whose header's
+    first cell is ``metric``."""
+    out: dict[str, set[str]] = {}
+    section, in_table = "", False
+    for line in markdown.splitlines():
+        if line.startswith("## "):
+            section, in_table = line[3:], False
+        cells = (
+            [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        )
+        if not cells:
+            in_table = False
+        elif cells[0] == "metric":
+            in_table = True
+        elif in_table and not set(cells[0]) <= set("-: "):
+            out.setdefault(section, set()).update(re.findall(r"`([a-z_]+)`", cells[0]))
+    return out
+
+
+def test_metrics_page_documents_exactly_the_catalogue() -> None:
+    from bnprobe import metrics
+
+    tables = _metric_tables((ROOT / "docs" / "metrics.md").read_text())
+    documented = set().union(*tables.values())
+    assert documented == set(metrics.names())  # every metric, and nothing else as a metric
+    sections = {s.split("`")[1]: names for s, names in tables.items() if s.startswith("Stage `")}
+    assert sections["probe"] == set(metrics.names("probe"))
+    assert sections["recalibrate"] == set(metrics.names("recalibrate"))
+    train = set(metrics.names("train", without=[metrics.DDP]))
+    assert sections["train"] == train  # structural and per-channel tables included
+    (ddp,) = [names for s, names in tables.items() if s.startswith("Distributed")]
+    assert ddp == set(metrics.names("train")) - train
