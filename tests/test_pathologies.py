@@ -4,6 +4,7 @@ right layer, and the healthy demo reports no warning or error."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,3 +148,24 @@ def test_the_calibration_tool_lists_its_healthy_runs(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exit_:
         tool.main(["--only", "no such run"])
     assert exit_.value.code == 2
+
+
+def test_the_zoo_table_in_the_docs_matches_the_registry() -> None:
+    """docs/diagnosis.md's table: one row per pathology, its main finding's kind and layers."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "diagnosis.md").read_text()
+    section = text[text.index("### The pathology zoo") :]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    table = {}
+    for row in rows:
+        name, _, finding, layers = (cell.strip() for cell in row.strip("|").split("|"))
+        table[name.strip("`")] = (finding, layers)
+    assert list(table) == list(PATHOLOGIES)
+    for name, (finding, layers) in table.items():
+        entry = PATHOLOGIES[name].finding
+        assert finding.split()[0] == f"`{entry.kind}`", name
+        if layers == "both BN layers":
+            assert entry.layers == ("net.features.1", "net.features.5"), name
+        else:
+            assert tuple(re.findall(r"`([^`]+)`", layers)) == entry.layers, name
+        if entry.severity != "warning":
+            assert f"({entry.severity}" in finding, name
