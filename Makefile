@@ -17,8 +17,8 @@ demo: setup
 	$(BIN)/bnprobe demo
 
 lint: setup
-	$(BIN)/ruff check bnprobe tests examples benchmarks docs/*.py
-	$(BIN)/ruff format --check bnprobe tests examples benchmarks docs/*.py
+	$(BIN)/ruff check bnprobe tests examples benchmarks tools docs/*.py
+	$(BIN)/ruff format --check bnprobe tests examples benchmarks tools docs/*.py
 	$(BIN)/mypy
 
 # The whole suite, two test files at a time (tests are independent; each uses its own tmp_path;

@@ -174,25 +174,28 @@ def _demo(args: argparse.Namespace) -> int:
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
+    from bnprobe import pathologies
     from bnprobe.callback import BNProbe
     from bnprobe.demo import DemoDataModule, DemoModule
-    from bnprobe.pathologies import PATHOLOGIES, apply_pathology
 
     if args.list:
-        for name, what in sorted(PATHOLOGIES.items()):
-            print(f"{name:20s} {what}")
+        for entry in pathologies.PATHOLOGIES.values():
+            print(f"{entry.name:20s} {entry.description}")
+            print(f"{'':20s} expect: {entry.finding}")
         return 0
-    if args.pathology is not None and args.pathology not in PATHOLOGIES:
-        raise CLIError(
-            f"unknown pathology {args.pathology!r}; choose one of: {', '.join(sorted(PATHOLOGIES))}"
-        )
+    pathology = None
+    if args.pathology is not None:
+        try:
+            pathology = pathologies.get(args.pathology)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
     pl.seed_everything(args.seed, verbose=False)
     module = DemoModule()
     data = DemoDataModule(
         batch_size=args.batch_size, num_train=args.num_train, num_val=args.num_val, seed=args.seed
     )
-    if args.pathology:
-        apply_pathology(args.pathology, module, data)
+    if pathology is not None:
+        pathology.induce(module, data)
     probe = BNProbe(every_n_steps=args.every_n_steps, summary=False)  # the report follows
     logger = TensorBoardLogger(args.out, name="demo" if not args.pathology else args.pathology)
     trainer = pl.Trainer(
@@ -220,6 +223,8 @@ def _demo(args: argparse.Namespace) -> int:
         lines.append(f"  parquet:      {probe.store_dir.resolve()}")
     lines.append(f"  TensorBoard:  tensorboard --logdir {Path(args.out).resolve()}")
     lines.append(f"  report:       bnprobe report {run}")
+    if pathology is not None:
+        lines.append(f"  look for:     {pathology.finding}")
     lines += ["", probe.report()]
     _emit("\n".join(lines))
     return 0

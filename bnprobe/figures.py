@@ -1,12 +1,20 @@
 """Figures where a picture reads better than numbers, drawn from the SPEC table.
 
-Matplotlib is imported inside the functions (importing bnprobe stays fast) and figures are
-plain ``matplotlib.figure.Figure`` objects drawn with the Agg canvas: no pyplot, no global
-state, nothing to close, safe in a training process without a display.
+Owns: the drawing of figures (plain ``matplotlib.figure.Figure`` objects) from a table. May import
+numpy, pandas and :mod:`bnprobe.store`; never Lightning, torch or TensorBoard (writing a figure
+to TensorBoard is the TensorBoard module's job).
+
+matplotlib is optional (``pip install bnprobe[figures]``): it is imported only inside the
+functions that draw, so ``import bnprobe`` works without it and stays fast. Callers ask
+:func:`available` first and skip figures when it is False. Figures are drawn with the Agg
+canvas: no pyplot, no global state, nothing to close, safe in a training process without a
+display.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -22,6 +30,24 @@ if TYPE_CHECKING:
 GAP_METRICS: tuple[str, ...] = ("local_gap", "output_gap")
 _MAX_LAYER_LABELS = 60
 _MAX_STEP_LABELS = 10
+
+INSTALL_HINT = "pip install 'bnprobe[figures]'"
+"""How to get figures when :func:`available` is False."""
+
+
+@functools.cache
+def available() -> bool:
+    """Whether figures can be drawn: matplotlib (the ``figures`` extra) imports.
+
+    Imports the two matplotlib modules drawing needs (``matplotlib.figure`` and the Agg
+    backend), once per process: a broken installation counts as missing, not only an absent one.
+    """
+    try:
+        for name in ("matplotlib.figure", "matplotlib.backends.backend_agg"):
+            importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def _aggregates(df: pd.DataFrame) -> pd.DataFrame:

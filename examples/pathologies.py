@@ -3,254 +3,67 @@
     python examples/pathologies.py                    # every pathology, one short run each
     python examples/pathologies.py tf_momentum        # one (or several) by name
     python examples/pathologies.py --list             # the names and what each one does
-    python examples/pathologies.py --calibrate        # healthy runs: worst values vs thresholds
 
-Each run trains the demo net (bnprobe.demo) for one epoch of 30 steps on synthetic images with
-BNProbe attached, then prints the findings of the kind the pathology should produce. The same
-problems are available as ``bnprobe demo --pathology NAME``.
+Every pathology comes from the registry bnprobe.pathologies.PATHOLOGIES (the same one behind
+``bnprobe demo --pathology NAME`` and the tests). Each run trains the demo net for a few dozen
+steps on synthetic images with BNProbe attached (bnprobe.pathologies.fit), then prints the
+findings the registry expects and any other finding. To use one on your own set-up::
 
-``--calibrate`` trains healthy runs (the demo at its ``bnprobe demo`` defaults and short, small
-BatchNorm1d MLPs with Adam and SGD at several batch sizes, a small residual conv net) and prints,
-for every threshold of bnprobe.diagnosis.Thresholds, the worst value seen on those runs (measured
-by bnprobe.diagnosis.worst_values, which calls the rules' own functions): the table in
-docs/diagnosis.md. Takes a few minutes on a laptop CPU.
+    from bnprobe.demo import DemoDataModule, DemoModule
+    from bnprobe.pathologies import apply_pathology
+
+    module, data = DemoModule(), DemoDataModule()
+    apply_pathology("tf_momentum", module, data)
+    trainer.fit(module, data)   # a Trainer with BNProbe in its callbacks
+
+The thresholds these findings cross were calibrated on healthy runs with
+tools/calibrate_thresholds.py (in the repository, not in the package).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import warnings
-from collections.abc import Callable
 
-import pandas as pd
-import pytorch_lightning as pl
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
-
-from bnprobe import BNProbe
-from bnprobe import diagnosis as dg
-from bnprobe.demo import DemoDataModule, DemoModule
-from bnprobe.pathologies import EXPECTED, PATHOLOGIES, apply_pathology
+from bnprobe import diagnose
+from bnprobe.pathologies import PATHOLOGIES, fit
 
 
-def trainer(epochs: int, probe: BNProbe, root: str) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        callbacks=[probe],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=root,
-        accelerator="cpu",
-    )
-
-
-def run_pathology(name: str | None, root: str = "bnprobe_zoo") -> pd.DataFrame:
-    """Train the demo (30 steps of 32 images, then validation) with one pathology, or healthy."""
-    pl.seed_everything(0, verbose=False)
-    module, data = DemoModule(), DemoDataModule(num_train=960, num_val=128, batch_size=32)
-    if name is not None:
-        apply_pathology(name, module, data)
-    probe = BNProbe(every_n_steps=1, save_dir=False, histograms=False, summary=False)
-    trainer(1, probe, root).fit(module, data)
-    return probe.to_dataframe()
-
-
-def walk(names: list[str]) -> None:
-    for name in names:
-        kind, layers = EXPECTED[name]
-        print(f"\n=== {name}: {PATHOLOGIES[name]}")
-        print(f"    expect {kind} on {', '.join(layers)}")
-        start = time.perf_counter()
-        findings = dg.diagnose(run_pathology(name))
-        print(f"    ({time.perf_counter() - start:.0f} s)\n")
-        for f in findings:
-            if f.kind == kind:
-                print(f, end="\n\n")
-        others = [f"{f.severity} {f.kind} on {f.layer}" for f in findings if f.kind != kind]
-        if others:
-            print("    also: " + "; ".join(others))
-
-
-# -- calibration: healthy runs -------------------------------------------------------------------
-
-
-class MLP(pl.LightningModule):
-    """Linear -> BatchNorm1d -> ReLU blocks and a linear classifier."""
-
-    def __init__(self, depth: int = 2, hidden: int = 64, opt: str = "adam", lr: float = 1e-3):
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = 20
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU()]
-            width = hidden
-        self.net = nn.Sequential(*layers, nn.Linear(width, 4))
-        self.opt, self.lr = opt, lr
-
-    def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.net(x)
-        return out
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.opt == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
-
-
-def blobs(n: int, seed: int) -> TensorDataset:
-    """4 Gaussian classes in 20 dimensions, with features far from zero mean."""
-    centers = 2.0 * torch.randn(4, 20, generator=torch.Generator().manual_seed(1234)) + 3.0
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.randint(4, (n,), generator=gen)
-    return TensorDataset(centers[y] + 1.5 * torch.randn(n, 20, generator=gen), y)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + x)
-
-
-class ResNet(nn.Module):
-    """A stem conv, residual blocks (a 2x2 max-pool after the first), a linear head."""
-
-    def __init__(self, c: int = 16, blocks: int = 2) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()
-        )
-        body: list[nn.Module] = [ResBlock(c), nn.MaxPool2d(2)]
-        body += [ResBlock(c) for _ in range(blocks - 1)]
-        self.blocks = nn.Sequential(*body)
-        self.head = nn.Linear(c, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
-        return out
-
-
-def healthy_runs() -> dict[str, Callable[[str], pd.DataFrame]]:
-    def demo(seed: int, **data: int) -> Callable[[str], pd.DataFrame]:
-        def fit(root: str) -> pd.DataFrame:
-            pl.seed_everything(seed, verbose=False)
-            epochs = 3 if not data else 2
-            probe = BNProbe(
-                every_n_steps=5 if not data else 1, save_dir=False, histograms=False, summary=False
-            )
-            trainer(epochs, probe, root).fit(DemoModule(), DemoDataModule(seed=seed, **data))
-            return probe.to_dataframe()
-
-        return fit
-
-    def mlp(batch: int, opt: str, lr: float, epochs: int) -> Callable[[str], pd.DataFrame]:
-        def fit(root: str) -> pd.DataFrame:
-            pl.seed_everything(0, verbose=False)
-            gen = torch.Generator().manual_seed(0)
-            train = DataLoader(blobs(1024, 0), batch_size=batch, shuffle=True, generator=gen)
-            val = DataLoader(blobs(512, 100), batch_size=256)
-            probe = BNProbe(every_n_steps=1, save_dir=False, histograms=False, summary=False)
-            trainer(epochs, probe, root).fit(MLP(opt=opt, lr=lr), train, val)
-            return probe.to_dataframe()
-
-        return fit
-
-    def resnet(blocks: int) -> Callable[[str], pd.DataFrame]:
-        def fit(root: str) -> pd.DataFrame:
-            pl.seed_everything(0, verbose=False)
-            data = DemoDataModule(batch_size=32, num_train=1024, num_val=128)
-            probe = BNProbe(every_n_steps=1, save_dir=False, histograms=False, summary=False)
-            trainer(2, probe, root).fit(DemoModule(net=ResNet(blocks=blocks)), data)
-            return probe.to_dataframe()
-
-        return fit
-
-    runs: dict[str, Callable[[str], pd.DataFrame]] = {
-        "demo (bnprobe demo defaults)": demo(0),
-        "demo, seed 1": demo(1),
-        "demo, batch 16, 2 epochs of 32 steps": demo(0, batch_size=16, num_train=512, num_val=128),
-        "demo, batch 32, 2 epochs of 30 steps": demo(0, batch_size=32, num_train=960, num_val=128),
-        "residual conv net, 2 blocks, batch 32, 2 epochs of 32 steps": resnet(2),
-        "residual conv net, 6 blocks, batch 32, 2 epochs of 32 steps": resnet(6),
-    }
-    for batch in (16, 32, 64):
-        for opt, lr in (("adam", 1e-3), ("adam", 1e-2), ("sgd", 0.1)):
-            runs[f"MLP BatchNorm1d, batch {batch}, {opt} lr {lr:g}, 3 epochs"] = mlp(
-                batch, opt, lr, 3
-            )
-    return runs
-
-
-def calibrate(root: str = "bnprobe_zoo") -> None:
-    """Train the healthy runs, print the worst value of each rule input and any finding."""
-    worst: dict[str, tuple[float, str]] = {}
-    serious: list[str] = []
-    for title, fit in healthy_runs().items():
-        start = time.perf_counter()
-        df = fit(root)
-        values = dg.worst_values(df)
-        bad = [f for f in dg.diagnose(df) if f.severity in ("warning", "error")]
-        serious += [f"{title}: {f.severity} {f.kind} on {f.layer}" for f in bad]
-        print(f"{title}: {time.perf_counter() - start:.0f} s, {len(bad)} warnings/errors")
-        for name, value in values.items():
-            if math.isnan(value):
-                continue
-            direction = dg.CALIBRATION[name][1]
-            old = worst.get(name)
-            if old is None or (value > old[0] if direction == "max" else value < old[0]):
-                worst[name] = (value, title)
-    print("\n| measured (warmed-up steps) | healthy worst | threshold | run |")
-    print("|---|---|---|---|")
-    for name, (constant, direction) in dg.CALIBRATION.items():
-        limit = getattr(dg.DEFAULT_THRESHOLDS, constant)
-        sign = "≥" if constant == "tf_momentum_min" else ">" if direction == "max" else "<"
-        value, title = worst.get(name, (math.nan, "-"))
-        shown = "-" if math.isnan(value) else f"{value:.3g}"
-        print(
-            f"| {name} ({direction}) | {shown} | fires {sign} `{constant}` = {limit:g} | {title} |"
-        )
-    print("\nwarnings/errors on healthy runs:", "; ".join(serious) or "none")
+def show(name: str) -> None:
+    """Train the demo with one pathology and print what bnprobe found."""
+    entry = PATHOLOGIES[name]
+    print(f"\n=== {name}: {entry.description}")
+    for expected in entry.expected:
+        print(f"    expect {expected}")
+    start = time.perf_counter()
+    findings = diagnose(fit(name))
+    print(f"    ({time.perf_counter() - start:.0f} s)\n")
+    kind = entry.finding.kind
+    for f in findings:
+        if f.kind == kind:
+            print(f, end="\n\n")
+    others = [f"{f.severity} {f.kind} on {f.layer}" for f in findings if f.kind != kind]
+    if others:
+        print("    also: " + "; ".join(others))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", metavar="NAME", help="pathologies (default: all)")
     parser.add_argument("--list", action="store_true", help="list the pathologies")
-    parser.add_argument("--calibrate", action="store_true", help="measure healthy runs")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", module="pytorch_lightning")
     if args.list:
-        for name, text in PATHOLOGIES.items():
-            print(f"{name:20s} {text}")
-        return 0
-    if args.calibrate:
-        calibrate()
+        for entry in PATHOLOGIES.values():
+            print(f"{entry.name:20s} {entry.description}")
         return 0
     unknown = [n for n in args.names if n not in PATHOLOGIES]
     if unknown:
         parser.error(f"unknown pathology {unknown[0]!r}; choose from {', '.join(PATHOLOGIES)}")
-    walk(args.names or list(PATHOLOGIES))
+    warnings.filterwarnings("ignore", module="pytorch_lightning")
+    for name in args.names or PATHOLOGIES:
+        show(name)
     return 0
 
 

@@ -123,3 +123,27 @@ def test_demo_lists_pathologies_and_refuses_an_unknown_one(tmp_path, cli) -> Non
     bad = cli("demo", "--pathology", "nope", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "unknown pathology 'nope'" in bad.stderr and "shifted_val" in bad.stderr
+
+
+def test_demo_lists_every_registered_pathology_with_its_finding(tmp_path, cli) -> None:
+    from bnprobe.pathologies import PATHOLOGIES
+
+    listed = cli("demo", "--list", cwd=tmp_path).stdout.splitlines()
+    assert len(listed) == 2 * len(PATHOLOGIES)
+    for (name, entry), first, second in zip(
+        PATHOLOGIES.items(), listed[::2], listed[1::2], strict=True
+    ):
+        assert first.split(maxsplit=1) == [name, entry.description]
+        assert second.strip() == f"expect: {entry.finding}"
+
+
+def test_demo_with_a_pathology_reports_its_finding(tmp_path, cli) -> None:
+    done = cli(
+        "demo", "--pathology", "frozen_bn", "--epochs", "1", "--num-train", "128",
+        "--num-val", "32", "--batch-size", "16", "--every-n-steps", "1", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "look for:     frozen_bn (warning) on net.features.5" in done.stdout
+    report = done.stdout.split("look for:", 1)[1]
+    assert "frozen_bn" in report.split("\n", 1)[1]  # the report itself names it
+    assert load(tmp_path / "frozen_bn" / "version_0")["layer"].eq("net.features.5").any()

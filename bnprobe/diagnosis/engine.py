@@ -122,7 +122,7 @@ def worst_values(df: pd.DataFrame, *, thresholds: Thresholds | None = None) -> d
     warm-up, batch sizes as per-layer medians; "worst" is the maximum for quantities that fire
     above their threshold and the minimum for the others (``CALIBRATION``). NaN where the table
     lacks the metric. This is how the thresholds were calibrated on healthy runs
-    (``python examples/pathologies.py --calibrate``).
+    (``python tools/calibrate_thresholds.py``).
     """
     check_table(df)
     run = Run(df, _thresholds(thresholds))

@@ -2,7 +2,7 @@
 
 ``diagnose(df, thresholds=Thresholds(local_gap_max=0.8))``. Each rule fires when a measurement is
 strictly beyond its threshold; docs/diagnosis.md lists them with the values measured on healthy
-and broken runs (``python examples/pathologies.py --calibrate``).
+and broken runs (``python tools/calibrate_thresholds.py``).
 """
 
 from __future__ import annotations
