@@ -139,6 +139,42 @@ class Rows(NamedTuple):
         """These rows as a table (:func:`make_rows`)."""
         return make_rows(**self._asdict())
 
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame) -> list[Rows]:
+        """The rows of a table with the SPEC columns as :class:`Rows`, in table order: one per
+        run of consecutive rows that share step, epoch, stage, rank and whether the channel is
+        NA (a table from :func:`make_rows` is one; none for an empty table)."""
+        n = len(df)
+        if n == 0:
+            return []
+        step = df["step"].to_numpy(dtype=np.int64)
+        epoch = df["epoch"].to_numpy(dtype=np.int64)
+        stage = df["stage"].to_numpy(dtype=object)
+        rank = df["rank"].to_numpy(dtype=np.int64)
+        na = df["channel"].isna().to_numpy()
+        change = np.zeros(n, dtype=bool)
+        change[0] = True
+        for key in (step, epoch, stage, rank, na):
+            change[1:] |= key[1:] != key[:-1]
+        starts = np.flatnonzero(change).tolist()
+        layers = df["layer"].to_numpy(dtype=object)
+        metrics = df["metric"].to_numpy(dtype=object)
+        values = df["value"].to_numpy(dtype=np.float64)
+        channels = df["channel"].fillna(-1).to_numpy(dtype=np.int64)
+        return [
+            cls(
+                int(step[a]),
+                int(epoch[a]),
+                str(stage[a]),
+                int(rank[a]),
+                layers[a:b].tolist(),
+                metrics[a:b].tolist(),
+                values[a:b].tolist(),
+                None if na[a] else channels[a:b],
+            )
+            for a, b in zip(starts, [*starts[1:], n], strict=True)
+        ]
+
 
 def concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
     """Concatenate tables, keeping the schema (an empty table when there is nothing)."""
@@ -174,25 +210,19 @@ class _Columns:
         self._data = {c: np.empty(0, dtype=t) for c, t in self._DTYPES.items()}
         self._na = np.empty(0, dtype=bool)
 
-    def extend(self, rows: Rows | pd.DataFrame) -> None:
-        if isinstance(rows, Rows):
-            m = len(rows.metrics)
-            cols: dict[str, Any] = {
-                "step": rows.step,
-                "epoch": rows.epoch,
-                "stage": rows.stage,
-                "rank": rows.rank,
-                "layer": rows.layers,
-                "channel": -1 if rows.channels is None else rows.channels,
-                "metric": rows.metrics,
-                "value": rows.values,
-            }
-            na: Any = rows.channels is None
-        else:
-            m = len(rows)
-            cols = {c: rows[c].to_numpy() for c in COLUMNS if c != "channel"}
-            cols["channel"] = rows["channel"].fillna(-1).to_numpy(dtype=np.int64)
-            na = rows["channel"].isna().to_numpy()
+    def extend(self, rows: Rows) -> None:
+        m = len(rows.metrics)
+        cols: dict[str, Any] = {
+            "step": rows.step,
+            "epoch": rows.epoch,
+            "stage": rows.stage,
+            "rank": rows.rank,
+            "layer": rows.layers,
+            "channel": -1 if rows.channels is None else rows.channels,
+            "metric": rows.metrics,
+            "value": rows.values,
+        }
+        na = rows.channels is None
         stop = self.n + m
         if stop > len(self._na):
             capacity = max(stop, 2 * len(self._na), 1024)
@@ -259,11 +289,12 @@ class Store:
         self._cache: pd.DataFrame | None = None
 
     def append(self, rows: Rows | pd.DataFrame) -> None:
-        """Keep ``rows`` (a table with the SPEC columns, or :class:`Rows`)."""
-        if len(rows.metrics if isinstance(rows, Rows) else rows) == 0:
-            return
-        self._rows.extend(rows)
-        self._cache = None
+        """Keep ``rows`` (:class:`Rows`, or a table with the SPEC columns from a caller outside
+        the tap, turned into Rows here)."""
+        for part in [rows] if isinstance(rows, Rows) else Rows.from_frame(rows):
+            if len(part.metrics):
+                self._rows.extend(part)
+                self._cache = None
 
     @property
     def pending_rows(self) -> int:

@@ -363,3 +363,67 @@ def test_warmup_metrics_follow_the_update_count_for_cumulative_and_momentum_laye
         assert g["0", "mean_shift_excess"] == pytest.approx(g["0", "mean_shift"], rel=1e-12)
         assert g["0", "var_shift_excess_max"] == pytest.approx(g["0", "var_shift_max"], rel=1e-12)
     assert all(g[layer, "running_invalid"] == 0 for g in got for layer in ("0", "1"))
+
+
+def test_snapshot_parts_are_rows_and_a_table_given_to_it_keeps_its_rows_and_order() -> None:
+    """Callers outside the tap (rank gathering, the probe) hand tables to Snapshot and Store:
+    they become Rows at the door, one per run of step/epoch/stage/rank/channel-NA, in order."""
+    import numpy as np
+    import pandas as pd
+
+    from bnprobe.store import Rows, Store, concat, make_rows
+    from bnprobe.tap import Snapshot
+
+    model = make_model("res2d").train()
+    with BNTap(model, per_channel=True) as tap:
+        tap.start()
+        model(torch.randn(4, 3, 8, 8))
+        own = tap.collect(step=3, epoch=1)
+    common = {"step": 3, "epoch": 1, "stage": "train"}
+    table = concat(
+        [
+            make_rows(**common, rank=1, layers=["bn1", "bn1"], metrics=["kl", "d"], values=[1, 2]),
+            make_rows(**common, rank=1, layers=["bn1"], metrics=["kl"], values=[3], channels=[5]),
+            make_rows(**common, rank=2, layers=["bn1"], metrics=["kl"], values=[4]),
+            make_rows(**common, rank=0, layers=["bn1"], metrics=["rank_divergence"], values=[5]),
+        ]
+    )
+    snap = Snapshot([*own.parts, table], own.channels)
+    assert all(isinstance(p, Rows) for p in snap.parts)
+    assert len(snap.parts) == len(own.parts) + 4
+    assert [p.rank for p in snap.parts[-4:]] == [1, 1, 2, 0]
+    assert snap.parts[-3].channels is not None and list(snap.parts[-3].channels) == [5]
+    pd.testing.assert_frame_equal(snap.rows, concat([own.rows, table]), check_exact=True)
+    assert own.aggregates is own.parts[0] and snap.aggregates is None  # several layer parts
+    alone = Snapshot([table.iloc[:2]])
+    assert alone.aggregates is alone.parts[0] and alone.aggregates.metrics == ["kl", "d"]
+    assert Snapshot([table.iloc[:0]]).parts == [] and len(Snapshot([]).rows) == 0
+    by_rows, by_table = Store(), Store()
+    for part in snap.parts:
+        by_rows.append(part)
+    by_table.append(snap.rows)
+    pd.testing.assert_frame_equal(by_rows.to_dataframe(), by_table.to_dataframe())
+    assert np.array_equal(by_table.to_dataframe()["value"][-5:], [1, 2, 3, 4, 5])
+
+
+def test_traced_step_leaves_no_global_hook_and_pooled_step_skips_the_pre_hook() -> None:
+    from torch.nn.modules.module import _global_forward_hooks
+
+    before = len(_global_forward_hooks)
+    model = make_model("res2d").train()
+    with BNTap(model) as tap:
+        tap.start(trace=True)
+        model(torch.randn(4, 3, 8, 8))
+        assert len(_global_forward_hooks) == before + 1
+        tap.collect(step=0)
+        assert len(_global_forward_hooks) == before
+        tap.start(trace=True)
+    assert len(_global_forward_hooks) == before  # detach ends a trace too
+    with BNTap(model.eval()) as tap, torch.no_grad():
+        tap.start(pool=True)
+        model(torch.randn(4, 3, 8, 8))
+        model(torch.randn(6, 3, 8, 8))
+        assert all(layer.calls == 0 and layer.pooled is not None for layer in tap.layers)
+        rows = tap.collect(step=0, stage="val").rows.set_index(["layer", "metric"])["value"]
+    assert rows["bn1", "samples_per_channel"] == 10 * 8 * 8
+    assert "forward_calls" not in rows.index.get_level_values(1)

@@ -1,0 +1,374 @@
+"""BNTap: the hook handles, the step state machine and the two measuring paths.
+
+:class:`BNTap` registers one forward pre-hook and one forward hook per BN layer, once, and
+removes them on :meth:`BNTap.detach`. The hooks check a flag and hand the forward to the path
+the step was started with:
+
+* a measured step (:meth:`BNTap.start`): the pre-hook of each layer's first forward copies
+  what that forward starts from; the post-hook computes the batch moments only where the
+  running-stat update cannot give them;
+* a pooled step (``start(pool=True)``, stage ``val``): the post-hook pools the input moments of
+  every forward; :meth:`BNTap.collect` turns each pool into the same raw vector.
+
+:meth:`BNTap.collect` packs every layer (:mod:`bnprobe.tap.packing`), derives the metrics on the
+host (:func:`bnprobe.stats.segment_metrics`) and builds the rows (:mod:`bnprobe.tap.rows`).
+
+May import torch, numpy, :mod:`bnprobe.stats`, :mod:`bnprobe.store` (``Rows``) and the other
+modules of :mod:`bnprobe.tap`; no Lightning, no TensorBoard, no pandas.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
+
+from bnprobe import stats
+from bnprobe.store import Rows
+from bnprobe.tap import rows as build
+from bnprobe.tap.layers import (
+    LayerSelection,
+    LayerState,
+    find_layers,
+    restore_references,
+    running_buffers,
+    saved_references,
+    take_reference,
+    tensor_input,
+    tracked_buffer,
+)
+from bnprobe.tap.packing import Layout, plan, raw_pieces, to_host
+from bnprobe.tap.rows import Snapshot
+from bnprobe.tap.trace import ProducerTrace
+
+_Hook = Callable[[LayerState, _BatchNorm, Any], None]
+
+
+class BNTap:
+    """Forward hooks on the BN layers of ``model`` that measure stage-``train`` metrics.
+
+    Use it from any training loop::
+
+        with BNTap(model) as tap:
+            for step, batch in enumerate(loader):
+                tap.start()                      # this step is measured
+                loss = model(batch).loss(); ...  # forward (+ backward, optimizer step)
+                rows = tap.collect(step=step).rows
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSelection = None,
+        *,
+        keep_channels: bool = False,
+        per_channel: bool = False,
+        world_size: Callable[[nn.Module], int] | None = None,
+    ) -> None:
+        self.model = model
+        self.keep_channels = keep_channels or per_channel
+        self.per_channel = per_channel
+        self.active = False
+        self._world_size = world_size
+        self.layers = [LayerState(name, m) for name, m in find_layers(model, layers).items()]
+        self._handles: list[RemovableHandle] = []
+        self._trace = ProducerTrace(model)
+        self._failures: list[str] = []
+        self._started = False
+        self._pooling = False
+        self._on_input: _Hook = self._first_forward
+        """What the pre-hook does with a layer's input on an active step."""
+        self._on_output: _Hook = self._direct_moments
+        """What the post-hook does with a layer's input on an active step."""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def attach(self) -> BNTap:
+        """Register the hooks (once; calling again does nothing) and remember gamma_0, beta_0."""
+        if self._handles:
+            return self
+        for layer in self.layers:
+            take_reference(layer)
+            m = layer.module
+            self._handles.append(m.register_forward_pre_hook(partial(self._pre_hook, layer)))
+            self._handles.append(m.register_forward_hook(partial(self._post_hook, layer)))
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this tap registered. Safe to call any number of times."""
+        self.active = False
+        self._trace.stop()
+        while self._handles:
+            self._handles.pop().remove()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> BNTap:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def reference(self, layer: LayerState) -> None:
+        """Take gamma_0 and beta_0 (the drift reference) and the initial running buffers (the
+        warm-up reference) once the layer is initialized."""
+        take_reference(layer)
+
+    def references(self) -> dict[str, dict[str, Tensor]]:
+        """gamma_0, beta_0, the initial running buffers and whether the next measured step
+        computes the moments directly, of each layer, on the CPU (for checkpoints)."""
+        return saved_references(self.layers)
+
+    def load_references(self, refs: dict[str, dict[str, Tensor]]) -> None:
+        """Restore gamma_0 and beta_0 saved by :meth:`references` (resumed runs keep drifting
+        from the original reference)."""
+        restore_references(self.layers, refs)
+
+    # -- one logging step ---------------------------------------------------------------------
+    def start(self, *, trace: bool = False, pool: bool = False) -> None:
+        """Measure the next forward of each layer.
+
+        ``trace=True`` also learns which module produced each BN input (``input_bias``,
+        ``input_dropout``), at the cost of a global forward hook for this step only.
+        ``pool=True`` instead pools the input moments of every forward until :meth:`collect`
+        (stage ``val``: all validation batches of an epoch against the running stats in use).
+        """
+        for layer in self.layers:
+            layer.new_step()
+        self._pooling = pool
+        if pool:
+            self._on_input, self._on_output = _ignore, self._pool_input
+        else:
+            self._on_input, self._on_output = self._first_forward, self._direct_moments
+        if trace:
+            self._trace.start()
+        self.active = self._started = True
+
+    def collect(
+        self, *, step: int, epoch: int = 0, rank: int = 0, stage: str = "train"
+    ) -> Snapshot:
+        """Stop measuring and return what this step measured (one host transfer per device);
+        no rows without a :meth:`start` first."""
+        self.active = False
+        self._trace.stop()
+        if not self._started:
+            return Snapshot([Rows(step, epoch, stage, rank, [], [], [])])
+        self._started = False
+        if self._pooling:
+            for layer in self.layers:
+                if layer.pooled is not None and not layer.failed:
+                    self._guarded(layer, _finish_pool, layer)
+        measured, ok, seg, chan = self._host_metrics([lay for lay in self.layers if not lay.failed])
+        parts = [build.layer_rows(step, epoch, stage, rank, self.layers, measured, self._pooling)]
+        channels: build.ChannelVectors = {}
+        if seg is not None and self.keep_channels:
+            channels = build.channel_vectors(ok, seg, chan)
+            if self.per_channel:
+                parts.append(build.channel_rows(ok, seg, chan, step, epoch, stage, rank))
+        return Snapshot(parts, channels)
+
+    def _host_metrics(
+        self, measured: list[LayerState]
+    ) -> tuple[
+        build.LayerMetrics,
+        list[tuple[LayerState, Layout]],
+        stats.Segments | None,
+        dict[str, np.ndarray],
+    ]:
+        """Metric names and values of each measured layer, computed for all layers at once
+        (:func:`bnprobe.stats.segment_metrics`), and, for the per-channel vectors and rows, the
+        layers measured, their segments and per-channel vectors (None, {} when none)."""
+        ok: list[LayerState] = []
+        layouts: list[Layout] = []
+        pieces: list[Tensor] = []
+        for layer in measured:
+            lay, parts = layer.layout, raw_pieces(layer)
+            if lay is None or parts is None:
+                continue
+            size = sum(p.numel() for p in parts)
+            if lay.channels < 1 or size != lay.size:
+                self._fail(layer, RuntimeError(f"measured {size} values, the layout is {lay}"))
+                continue
+            ok.append(layer)
+            layouts.append(lay)
+            pieces += parts
+        if not ok:
+            return {}, [], None, {}
+        try:
+            seg = plan(tuple(layouts)).segments(to_host(pieces))
+            table, per = stats.segment_metrics(seg)
+        except Exception as err:  # the probe must never stop training
+            for layer in ok:
+                self._fail(layer, err)
+            return {}, [], None, {}
+        out = build.layer_metrics(ok, layouts, table)
+        ill = seg.ill_conditioned.tolist() if seg.ill_conditioned is not None else []
+        for i, (layer, lay) in enumerate(zip(ok, layouts, strict=True)):
+            if lay.recoverable and ill:
+                layer.suspect = bool(ill[i])
+        chan: dict[str, np.ndarray] = {}
+        if self.keep_channels:
+            chan = {"batch_mean": seg.mean, "batch_var": seg.var, "running_mean": seg.mu_r}
+            chan |= {"running_var": seg.var_r, "gamma": seg.gamma, "beta": seg.beta, **per}
+        return out, list(zip(ok, layouts, strict=True)), seg, chan
+
+    def frozen_layers(self) -> list[str]:
+        """The layers that were in eval mode while the model trained, at their last measured
+        training forward: what :func:`bnprobe.check_mismatch` should keep frozen."""
+        return [layer.name for layer in self.layers if layer.frozen]
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per layer the tap turned off after an error inside its hooks."""
+        return list(self._failures)
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _pre_hook(self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
+        if self.active and not layer.failed:
+            self._on_input(layer, module, args)
+
+    def _post_hook(
+        self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...], output: Any
+    ) -> None:
+        if self.active and not layer.failed:
+            self._on_output(layer, module, args)
+
+    def _guarded(self, layer: LayerState, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            with torch.no_grad():
+                fn(*args)
+        except Exception as err:  # the probe must never stop training
+            self._fail(layer, err)
+
+    def _fail(self, layer: LayerState, err: Exception) -> None:
+        layer.failed = True
+        layer.layout, layer.before, layer.after = None, None, None
+        line = (
+            f"bnprobe: measuring layer {layer.name!r} ({type(layer.module).__name__}) failed with "
+            f"{type(err).__name__}: {err}. This layer is no longer measured; training goes on."
+        )
+        self._failures.append(line)
+        warnings.warn(line, RuntimeWarning, stacklevel=2)
+
+    # -- a measured step: the first forward of each layer ---------------------------------------
+    def _first_forward(self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
+        """Pre-hook of a measured step: count the forward; at the first, copy what it starts
+        from; at a second of a recovered layer, the buffers its first update left."""
+        layer.calls += 1
+        try:
+            if layer.calls == 1:
+                self._before(layer, module, args[0] if args else None)
+            elif layer.calls == 2 and layer.layout is not None and layer.layout.recovered:
+                # shared layer, or re-run by activation checkpointing: keep the first update
+                layer.after = torch.cat(running_buffers(module))
+        except Exception as err:  # the probe must never stop training
+            self._fail(layer, err)
+
+    def _direct_moments(self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
+        """Post-hook of a measured step: where the update does not give the batch moments (not
+        recovered), compute them from the first forward's input (one ``var_mean``)."""
+        lay = layer.layout
+        if layer.calls == 1 and layer.after is None and lay is not None and not lay.recovered:
+            self._guarded(layer, _batch_moments, layer, args[0])
+
+    def _before(self, layer: LayerState, m: _BatchNorm, x: Any) -> None:
+        """At the layer's first forward of a measured step: one O(channels) copy (one
+        ``torch.cat`` kernel) of what that forward starts from, and the facts about it."""
+        x = tensor_input(x)
+        channels = int(x.shape[1]) if x.dim() > 1 else 0
+        if channels < 1:
+            raise ValueError(f"expected an input of shape (N, C, ...), got {tuple(x.shape)}")
+        if layer.gamma0 is None:
+            take_reference(layer)  # a lazy layer's own pre-hook, which runs first, initialized it
+        layer.modes = (m.training, self.model.training)
+        if self.model.training:
+            layer.frozen = not m.training
+        if self._trace.running:
+            layer.producer = self._trace.producer(x)
+        count, batch_size = x.numel() / channels, float(x.shape[0])
+        if self._world_size is not None and m.training and isinstance(m, nn.SyncBatchNorm):
+            world = self._world_size(m)  # SyncBN normalizes with moments over every rank
+            count, batch_size = count * world, batch_size * world
+        layer.batch_size = batch_size
+        running = running_buffers(m)
+        tracked = tracked_buffer(m) if running else []
+        momentum = m.momentum
+        recoverable = (
+            bool(running)
+            and m.training
+            and m.track_running_stats
+            and momentum is not None
+            and momentum >= stats.MIN_RECOVERY_FACTOR
+        )
+        affine = layer.gamma0 is not None and m.affine
+        blocks = [*running, *tracked]  # num_batches_tracked: int64, promoted by the cat
+        if affine:
+            params = m._parameters  # Module.__getattr__ costs ~0.5 us a call
+            blocks += [params["weight"].detach(), params["bias"].detach()]  # type: ignore[union-attr]
+        if blocks:
+            layer.before = torch.cat(blocks)
+        layer.layout = Layout(
+            channels,
+            recoverable and not layer.suspect,
+            bool(running),
+            affine,
+            float(momentum or 0.0),
+            count,
+            m.eps,
+            tracked=bool(tracked),
+            reference=bool(running) and layer.has_initial(channels, bool(tracked)),
+            momentum=-1.0 if momentum is None else float(momentum),
+            recoverable=recoverable,
+        )
+
+    # -- a pooled step (stage val): every forward's input moments --------------------------------
+    def _pool_input(self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
+        """Post-hook of a pooled step: add this forward's input moments to the layer's pool."""
+        self._guarded(layer, _accumulate, layer, args[0])
+
+
+def _ignore(layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
+    """Pre-hook of a pooled step: nothing to do before the forward."""
+
+
+def _batch_moments(layer: LayerState, x: Any) -> None:
+    """Where the update does not give the batch moments: compute them (one ``var_mean``)."""
+    layer.after = torch.cat(stats.raw_moments(tensor_input(x)))
+
+
+def _accumulate(layer: LayerState, x: Any) -> None:
+    batch = stats.batch_moments(tensor_input(x))
+    layer.pooled = batch if layer.pooled is None else stats.combine(layer.pooled, batch)
+
+
+def _finish_pool(layer: LayerState) -> None:
+    """A pooled layer's raw vector: the running stats in use and the pooled input moments,
+    laid out as a directly measured layer without affine parameters."""
+    m, pooled = layer.module, layer.pooled
+    assert pooled is not None
+    running = m.running_mean is not None and m.running_var is not None
+    tracked = tracked_buffer(m)
+    if running:
+        assert m.running_mean is not None and m.running_var is not None
+        layer.before = torch.cat([m.running_mean, m.running_var, *tracked])
+    layer.after = torch.cat([pooled.mean, pooled.var])
+    layer.layout = Layout(
+        channels=pooled.mean.numel(),
+        recovered=False,
+        running=running,
+        affine=False,
+        factor=0.0,
+        samples=pooled.n,
+        eps=float(m.eps),
+        tracked=running and bool(tracked),
+        reference=running and layer.has_initial(pooled.mean.numel(), bool(tracked)),
+        momentum=-1.0 if m.momentum is None else float(m.momentum),
+    )

@@ -1,0 +1,252 @@
+"""Host packing: each measured layer's values as one raw vector, and how to read them back.
+
+On a measured step every layer leaves a few tensors (:func:`raw_pieces`) whose concatenation is
+its *raw vector*, laid out as its :class:`Layout` says. :func:`to_host` moves all layers' raw
+vectors to the host in one transfer per device, and the :class:`Plan` of the step's layouts turns
+that one float64 array into :class:`bnprobe.stats.Segments` with one numpy gather, however many
+layers there are.
+
+May import torch, numpy, :mod:`bnprobe.stats` and :mod:`bnprobe.tap.layers`; no Lightning, no
+TensorBoard, no pandas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bnprobe import stats
+from bnprobe.tap.layers import LayerState, running_buffers
+
+
+class Layout(NamedTuple):
+    """What a layer's raw vector holds: blocks of ``channels`` values each, in this order.
+
+    With ``running``: the running mean and variance as the first forward of the step found them
+    (for ``recovered`` layers, before it updated them), and with ``tracked`` one value more,
+    ``num_batches_tracked`` then; with ``affine``: gamma and beta; then two blocks: the running
+    mean and variance after the update (``recovered``: the batch moments follow from it) or else
+    the batch moments mu_B, var_B themselves; with ``affine``: gamma_0, beta_0; with
+    ``reference``: the initial running mean and variance (the warm-up reference) and, with
+    ``tracked``, ``num_batches_tracked`` then, last.
+    """
+
+    channels: int
+    recovered: bool
+    running: bool
+    affine: bool
+    factor: float
+    samples: float
+    """Elements per channel the batch moments are taken over (n)."""
+    eps: float
+    tracked: bool = False
+    reference: bool = False
+    momentum: float = -1.0
+    """The layer's momentum; -1 for None (cumulative average)."""
+    recoverable: bool = False
+    """The update gives the batch moments (``recovered`` unless the tap chose to compute them)."""
+
+    @property
+    def size(self) -> int:
+        blocks = 2 * self.running + 2 + 4 * self.affine + 2 * self.reference
+        scalars = self.tracked * (self.running + self.reference)
+        return self.channels * blocks + scalars
+
+
+def raw_pieces(layer: LayerState) -> list[Tensor] | None:
+    """The tensors whose concatenation is the layer's raw vector (:class:`Layout`), or None when
+    its first forward of the step did not finish."""
+    lay = layer.layout
+    if lay is None:
+        return None
+    pieces = [layer.before] if layer.before is not None else []
+    if layer.after is not None:
+        pieces.append(layer.after)
+    elif lay.recovered:  # called once: the buffers still hold what that forward left
+        pieces += running_buffers(layer.module)
+    else:
+        return None
+    if lay.affine:
+        assert layer.gamma0 is not None and layer.beta0 is not None
+        pieces += [layer.gamma0, layer.beta0]
+    if lay.reference:
+        assert layer.initial is not None
+        pieces.append(layer.initial)
+    return pieces
+
+
+def to_host(tensors: list[Tensor]) -> np.ndarray:
+    """Concatenate 1-d tensors into one float64 host array, with one transfer per device."""
+    devices = {t.device for t in tensors}
+    if len(devices) == 1:
+        return torch.cat(tensors).to("cpu", torch.float64).numpy()
+    host = {
+        d: torch.cat([t for t in tensors if t.device == d]).to("cpu", torch.float64).numpy()
+        for d in devices
+    }
+    taken = dict.fromkeys(devices, 0)
+    pieces = []
+    for t in tensors:
+        n = t.numel()
+        pieces.append(host[t.device][taken[t.device] : taken[t.device] + n])
+        taken[t.device] += n
+    return np.concatenate(pieces)
+
+
+QUANTITIES = (
+    "mean_old",
+    "var_old",
+    "mean_new",
+    "var_new",
+    "running_mean",
+    "running_var",
+    "gamma",
+    "beta",
+    "gamma0",
+    "beta0",
+    "initial_mean",
+    "initial_var",
+    "tracked",
+    "initial_tracked",
+)
+"""The per-channel quantities a :class:`Plan` gathers, in the order of its index rows.
+
+``mean_old``/``var_old``: the running moments before the update (recovered layers; 0 for the
+others); ``mean_new``/``var_new``: the running moments after it (recovered layers) or the batch
+moments themselves; ``running_mean``/``running_var``: the running moments the forward started
+from; ``gamma``/``beta`` and ``gamma0``/``beta0`` (drift reference); ``initial_mean``/
+``initial_var`` (warm-up reference); ``tracked``/``initial_tracked``: ``num_batches_tracked`` now
+and at the warm-up reference, repeated per channel. NaN where a layer lacks the quantity."""
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Where each per-channel quantity of a set of layer layouts sits in their concatenated raw
+    vectors: one row of indices into ``[*raw, 0.0, nan]`` per quantity (:data:`QUANTITIES`), so
+    that a step's :class:`stats.Segments` take one numpy gather however many layers there are.
+
+    Recovered layers get mu_B = m_o + (m_n - m_o)/f and var_B = (v_n - (1-f) v_o)/f · (n-1)/n
+    (:func:`bnprobe.stats.recover_moments`); directly measured ones go through the same formula
+    with m_o = v_o = 0 and f = n = 1, which returns them unchanged, bit for bit. For every layer
+    whose update could give its moments, :func:`bnprobe.stats.recovery_ill_conditioned` says
+    whether it would do so accurately: the tap measures it directly next time if not.
+    """
+
+    channels: np.ndarray
+    index: np.ndarray
+    factor: np.ndarray
+    count: np.ndarray
+    eps: np.ndarray
+    running: np.ndarray
+    momentum: np.ndarray
+    recoverable: np.ndarray
+    samples: np.ndarray
+    starts: np.ndarray
+
+    def segments(self, raw: np.ndarray) -> stats.Segments:
+        values = np.concatenate([raw, (0.0, np.nan)])[self.index]
+        (
+            mean_old,
+            var_old,
+            mean_new,
+            var_new,
+            running_mean,
+            running_var,
+            gamma,
+            beta,
+            gamma0,
+            beta0,
+            initial_mean,
+            initial_var,
+            tracked,
+            initial_tracked,
+        ) = values
+        mean, var = stats.recover_moments(
+            mean_old, var_old, mean_new, var_new, self.factor, self.count
+        )
+        seg = stats.Segments(
+            self.channels,
+            mean,
+            var,
+            running_mean,
+            running_var,
+            self.eps,
+            gamma,
+            beta,
+            gamma0,
+            beta0,
+        )
+        seg.running, seg.mean0, seg.var0 = self.running, initial_mean, initial_var
+        seg.n0, seg.n = initial_tracked, tracked
+        seg.momentum = self.momentum
+        if self.recoverable.any():
+            rf = np.where(self.recoverable, self.momentum, 1.0)
+            ill = stats.recovery_ill_conditioned(
+                running_mean, running_var, mean, var, rf, self.samples
+            )
+            seg.ill_conditioned = np.add.reduceat(ill & self.recoverable, self.starts) > 0
+        return seg
+
+
+@lru_cache(maxsize=16)
+def plan(layouts: tuple[Layout, ...]) -> Plan:
+    """The :class:`Plan` of these layouts (they rarely change from step to step: cached)."""
+    total = sum(lay.size for lay in layouts)
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in QUANTITIES}
+    offset = 0
+    for lay in layouts:
+        c = lay.channels
+        zero, nan = np.full(c, total), np.full(c, total + 1)
+        # the raw vector, in order: running (2 blocks) [tracked], affine (2), new (2),
+        # affine0 (2), initial (2) [initial_tracked]; blocks of c values and two scalars
+        blocks: list[np.ndarray] = []
+        scalars = {"tracked": nan, "initial_tracked": nan}
+        at = offset
+        sequence = ["block", "block", "tracked"] if lay.running else []
+        sequence += ["block"] * (4 * lay.affine + 2)
+        sequence += ["block", "block", "initial_tracked"] if lay.reference else []
+        for part in sequence:
+            if part == "block":
+                blocks.append(np.arange(at, at + c))
+                at += c
+            elif lay.tracked:
+                scalars[part] = np.full(c, at)
+                at += 1
+        nblocks = (lay.size - lay.tracked * (lay.running + lay.reference)) // c
+        assert at - offset == lay.size and len(blocks) == nblocks
+        running = [blocks.pop(0), blocks.pop(0)] if lay.running else [nan, nan]
+        affine = [blocks.pop(0), blocks.pop(0)] if lay.affine else [nan, nan]
+        new = [blocks.pop(0), blocks.pop(0)]
+        affine0 = [blocks.pop(0), blocks.pop(0)] if lay.affine else [nan, nan]  # gamma0, beta0
+        initial = [blocks.pop(0), blocks.pop(0)] if lay.reference else [nan, nan]
+        old = running if lay.recovered else [zero, zero]  # recovered: old and new running
+        quantities = [*old, *new, *running, *affine, *affine0, *initial]
+        quantities += [scalars["tracked"], scalars["initial_tracked"]]
+        for key, idx in zip(QUANTITIES, quantities, strict=True):
+            parts[key].append(idx)
+        offset += lay.size
+    channels = np.array([lay.channels for lay in layouts], dtype=np.int64)
+    per_layer = {
+        "factor": [lay.factor if lay.recovered else 1.0 for lay in layouts],
+        "count": [lay.samples if lay.recovered else 1.0 for lay in layouts],  # n <= 1: var as is
+        "eps": [lay.eps for lay in layouts],
+        "momentum": [lay.momentum for lay in layouts],
+        "samples": [lay.samples for lay in layouts],
+    }
+    repeated = {k: np.repeat(np.array(v, dtype=np.float64), channels) for k, v in per_layer.items()}
+    flags = {
+        "running": np.repeat([lay.running for lay in layouts], channels),
+        "recoverable": np.repeat([lay.recoverable for lay in layouts], channels),
+    }
+    return Plan(
+        channels=channels,
+        index=np.stack([np.concatenate(parts[key]) for key in QUANTITIES]),
+        starts=np.concatenate([[0], np.cumsum(channels)[:-1]]),
+        **repeated,
+        **flags,
+    )
