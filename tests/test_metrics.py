@@ -5,7 +5,6 @@ written once and give bit for bit what the code computed before."""
 from __future__ import annotations
 
 import inspect
-import itertools
 import re
 import subprocess
 import sys
@@ -65,18 +64,30 @@ def test_store_name_tuples_keep_their_values() -> None:
     assert store.MODEL == "<model>"
 
 
-@pytest.mark.parametrize(
-    ("running", "affine", "tracked"), itertools.product([False, True], repeat=3)
-)
-def test_layer_row_order_is_the_taps(running: bool, affine: bool, tracked: bool) -> None:
-    assert (
-        metrics.layer_row_order(running, affine, tracked)
-        == tap._metric_index(running, affine, tracked)[0]
-    )
-
-
-def test_every_layer_row_metric_is_what_the_tap_and_segment_metrics_produce() -> None:
-    assert metrics.layer_row_order(True, True, True) == tap._ALL_METRICS
+def test_the_rows_a_tap_writes_follow_the_catalogue_order() -> None:
+    """Layers with and without running statistics, affine parameters and a step counter: the
+    metric names of each layer's train rows are ``layer_row_order`` of what the layer has."""
+    kinds = {
+        "full": nn.BatchNorm1d(3),
+        "no_affine": nn.BatchNorm1d(3, affine=False),
+        "no_running": nn.BatchNorm1d(3, track_running_stats=False),
+        "bare": nn.BatchNorm1d(3, affine=False, track_running_stats=False),
+    }
+    model = nn.Sequential(*kinds.values())
+    names = dict(zip(kinds, (str(i) for i in range(len(kinds))), strict=True))
+    with tap.BNTap(model) as t:
+        t.start()
+        model(torch.randn(8, 3))
+        rows = t.collect(step=1).rows
+    layer_rows = rows[rows["channel"].isna()]
+    for kind, layer in names.items():
+        m = kinds[kind]
+        running = m.running_mean is not None
+        got = [x for x in layer_rows.loc[layer_rows["layer"] == layer, "metric"]]
+        want = metrics.layer_row_order(running, m.affine, tracked=running)
+        assert [x for x in got if x in want] == list(want), kind
+        assert set(want) - set(got) == set(), kind
+    assert metrics.layer_row_order(True, True, True) == tap.rows._ALL_METRICS
     c = np.array([3, 2])
     ones = np.ones(5)
     seg = stats.Segments(c, ones, ones, 0 * ones, ones, ones * 1e-5, ones, 0 * ones, ones, ones)

@@ -19,13 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bnprobe import stats
+from bnprobe import metrics, stats
 from bnprobe.store import (
-    AFFINE_METRICS,
-    COUNT_METRICS,
-    MOMENT_METRICS,
-    SHIFT_METRICS,
-    WARMUP_METRICS,
     Rows,
     concat,
 )
@@ -79,13 +74,7 @@ class Snapshot:
 
 
 # -- a layer's rows ------------------------------------------------------------------------------
-_ALL_METRICS = (
-    *MOMENT_METRICS,
-    *SHIFT_METRICS,
-    *WARMUP_METRICS,
-    *COUNT_METRICS,
-    *AFFINE_METRICS,
-)
+_ALL_METRICS = metrics.layer_row_order(running=True, affine=True, tracked=True)
 
 
 @cache
@@ -93,11 +82,7 @@ def _metric_index(
     running: bool, affine: bool, tracked: bool = False
 ) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """The metrics a layer has (names, in row order) and their positions in ``_ALL_METRICS``."""
-    names = [*MOMENT_METRICS]
-    names += SHIFT_METRICS if running else ()
-    names += WARMUP_METRICS if running and tracked else ()
-    names += COUNT_METRICS
-    names += AFFINE_METRICS if affine else ()
+    names = metrics.layer_row_order(running, affine, tracked)
     return tuple(names), tuple(_ALL_METRICS.index(n) for n in names)
 
 
