@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from overhead import BATCH, MODELS, build_model, quiet
 
-from bnprobe import tensorboard as tbfast
 from bnprobe import tensorboard as tb
+from bnprobe import tensorboard as tbfast
 from bnprobe.store import Store
 from bnprobe.tap import BNTap
 

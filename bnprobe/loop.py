@@ -115,9 +115,10 @@ class Watcher:
 
     def validate(self, batches: Iterable[Any], *, step: int, epoch: int = 0) -> None:
         """Run the model in eval mode on ``batches`` (a tuple or list batch: its first element),
-        pooling the BN statistics (stage ``val``), then the train/eval probe (:func:`bnprobe.check_mismatch`, stage
-        ``probe``) on the first validation batch ever seen, with this validation's first
-        batches as held batches, as BNProbe does. Module modes are restored after."""
+        pooling the BN statistics (stage ``val``), then the train/eval probe
+        (:func:`bnprobe.check_mismatch`, stage ``probe``) on the first validation batch ever
+        seen, with this validation's first batches as held batches, as BNProbe does. Module
+        modes are restored after."""
         from bnprobe.mismatch import check_mismatch
 
         modes = [(m, m.training) for m in self.model.modules()]

@@ -148,10 +148,10 @@ class Recorder:
         if self.histograms and snapshot.channels and snapshot.parts:
             stage, step = _stage_and_step(snapshot.parts[0])
             for writer, root in self.writers:
-                write = partial(
+                hist = partial(
                     tb.write_histograms, writer, stage, step, snapshot.channels, root=root
                 )
-                self.guard("writing TensorBoard histograms", write)
+                self.guard("writing TensorBoard histograms", hist)
         if time.monotonic() - self._last_flush > self.flush_every_s:
             self.flush()
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -54,7 +54,7 @@ def file_writer(writer: SummaryWriter) -> Any:
         )
     target = writer.file_writer
     if target is None:
-        raise ValueError(f"the SummaryWriter of {writer.get_logdir()!r} is closed")
+        raise ValueError(f"the SummaryWriter of {writer.log_dir!r} is closed")
     return target
 
 
@@ -123,18 +123,21 @@ def _layer_rows(part: Rows | pd.DataFrame) -> list[Rows]:
         keep = part.channels is None and part.rank == 0 and len(part.metrics) > 0
         return [part] if keep else []
     agg = part[part["channel"].isna().to_numpy() & (part["rank"] == 0).to_numpy()]
-    return [
-        Rows(
-            step=int(step),
-            epoch=int(epoch),
-            stage=str(stage),
-            rank=0,
-            layers=rows["layer"].tolist(),
-            metrics=rows["metric"].tolist(),
-            values=rows["value"].to_numpy(dtype=np.float64),
+    out: list[Rows] = []
+    for key, rows in agg.groupby(["step", "epoch", "stage"], sort=False):
+        step, epoch, stage = cast("tuple[int, int, str]", key)
+        out.append(
+            Rows(
+                step=int(step),
+                epoch=int(epoch),
+                stage=str(stage),
+                rank=0,
+                layers=rows["layer"].tolist(),
+                metrics=rows["metric"].tolist(),
+                values=rows["value"].to_numpy(dtype=np.float64),
+            )
         )
-        for (step, epoch, stage), rows in agg.groupby(["step", "epoch", "stage"], sort=False)
-    ]
+    return out
 
 
 @lru_cache(maxsize=8)
