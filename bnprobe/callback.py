@@ -13,10 +13,9 @@ class as a class attribute, so the same body serves ``pytorch_lightning`` (here)
 
 from __future__ import annotations
 
-import fnmatch
+import copy
 import os
-import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,47 +25,31 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import nn
 
 from bnprobe import recorder as _recorder
-from bnprobe import store as _store
 from bnprobe.distributed import RankGather
+from bnprobe.drive import RECAL_HELD, check_hooks_fired, probe, sync_world_size
+from bnprobe.options import (
+    LOG_TO,
+    NO_LOGGER_DIR,
+    check_options,
+    resolve_save_dir,
+    scalar_metric_names,
+)
 from bnprobe.recorder import Recorder, summary_text, switched_off
-from bnprobe.store import STORE_NAME, Store
+from bnprobe.store import Store
 from bnprobe.tap import BNTap, LayerSelection, Snapshot, find_layers
 from bnprobe.tensorboard import tag_root
 
 if TYPE_CHECKING:
     from bnprobe.diagnosis import Finding
 
-RECAL_HELD = 3
-"""Validation batches (the first of each epoch) that the probe also re-estimates the running
-statistics on for ``recal_pred_change``/``recal_logits_shift`` (docs/mismatch.md)."""
-
 FLUSH_EVERY_S = _recorder.FLUSH_EVERY_S
 """The store writes a part file at most this often while training (and always at the end of each
 epoch, at the end of fit and when fit fails); read at setup."""
-
-LOG_TO: tuple[str, ...] = ("tensorboard", "all")
-"""Values of ``BNProbe(log_to=...)``."""
-NO_LOGGER_DIR = "bnprobe_logs"
-"""Where the store goes when the trainer has no logger with a ``log_dir``:
-``<default_root_dir>/bnprobe_logs/version_<N>/bnprobe_store``."""
-
-
-def scalar_metric_names() -> tuple[str, ...]:
-    """Every metric name ``BNProbe(scalars=...)`` may name, in the store's order."""
-    names = (
-        *_store.MOMENT_METRICS,
-        *_store.SHIFT_METRICS,
-        *_store.COUNT_METRICS,
-        *_store.AFFINE_METRICS,
-        *_store.STRUCTURE_METRICS,
-        *_store.TRACE_METRICS,
-        *_store.PROBE_METRICS,
-        "rank_divergence",
-    )
-    return tuple(dict.fromkeys(names))
+LEGACY_STATE_KEY = "BNProbe"
+"""The checkpoint key of every probe before probes had a :attr:`BNProbeBase.state_key`; such a
+checkpoint resumes the one probe of a Trainer (:meth:`BNProbeBase.on_load_checkpoint`)."""
 
 
 class BNProbeBase:
@@ -140,40 +123,19 @@ class BNProbeBase:
         scalars: str | Sequence[str] | None = None,
         fast_checksums: bool = False,
     ) -> None:
-        if every_n_steps is not None and (
-            isinstance(every_n_steps, bool)
-            or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
-        ):
-            raise ValueError(
-                "BNProbe(every_n_steps=...) must be a positive int, or None for the trainer's "
-                f"log_every_n_steps; got {every_n_steps!r}"
-            )
-        _check_layers(layers)
-        flags = (
-            ("histograms", histograms),
-            ("per_channel", per_channel),
-            ("summary", summary),
-            ("fast_checksums", fast_checksums),
+        self._scalar_metrics = check_options(
+            every_n_steps=every_n_steps,
+            layers=layers,
+            flags=(
+                ("histograms", histograms),
+                ("per_channel", per_channel),
+                ("summary", summary),
+                ("fast_checksums", fast_checksums),
+            ),
+            save_dir=save_dir,
+            log_to=log_to,
+            scalars=scalars,
         )
-        for option, value in flags:
-            if not isinstance(value, bool):
-                raise ValueError(
-                    f"BNProbe({option}=...) must be True or False; got {value!r} "
-                    f"of type {type(value).__name__}"
-                )
-        if save_dir is True or not (
-            save_dir is None or save_dir is False or isinstance(save_dir, str | os.PathLike)
-        ):
-            raise ValueError(
-                "BNProbe(save_dir=...) must be a folder path, None (<log_dir>/bnprobe_store) "
-                f"or False (do not save); got {save_dir!r}"
-            )
-        if not isinstance(log_to, str) or log_to not in LOG_TO:
-            raise ValueError(
-                f"BNProbe(log_to=...) must be one of {', '.join(map(repr, LOG_TO))}; got {log_to!r}"
-            )
-        self._scalar_metrics = _check_scalars(scalars)
         self.every_n_steps = every_n_steps
         self.layers = layers
         self.histograms = histograms
@@ -278,7 +240,7 @@ class BNProbeBase:
             self.layers,
             keep_channels=self.histograms or distributed,  # rank_divergence needs mu_R, var_R
             per_channel=self.per_channel,
-            world_size=_sync_world_size,
+            world_size=sync_world_size,
         )
         if distributed:
             self._ranks = RankGather({layer.name: layer.module.eps for layer in self.tap.layers})
@@ -340,7 +302,7 @@ class BNProbeBase:
         snap = taken[0] if taken else None
         if snap is not None and not self._checked_hooks:
             self._checked_hooks = True
-            check = partial(_check_hooks_fired, tap, pl_module, self._warn)
+            check = partial(check_hooks_fired, tap, pl_module, self._warn)
             self.recorder.guard("checking that the hooks run", check)
         if self._ranks is not None:  # every rank, every measured step: never skip a collective
             others = self._gather(snap, step, epoch)
@@ -429,6 +391,26 @@ class BNProbeBase:
             "store_dir": None if folder is None else str(folder),
         }
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Resume from a checkpoint saved before probes had a ``state_key``: its probe state is
+        under ``"BNProbe"``. With exactly one probe in the Trainer it is this probe's (Lightning
+        then finds nothing under :attr:`state_key` and loads nothing more); with several,
+        which one it belongs to is unknown, so none takes it (one warning)."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states or LEGACY_STATE_KEY not in states:
+            return
+        probes = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, BNProbeBase)]
+        if len(probes) == 1:
+            self.load_state_dict(copy.deepcopy(states[LEGACY_STATE_KEY]))
+        else:
+            self._warn(
+                f"BNProbe: the checkpoint holds the state of one probe under the old key "
+                f"{LEGACY_STATE_KEY!r}, and this Trainer has {len(probes)} probes, so none "
+                "resumes from it: each starts its store and drift references afresh."
+            )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._references = dict(state_dict.get("references", {}))
         self._last_step = int(state_dict.get("last_step", -1))
@@ -459,25 +441,13 @@ class BNProbeBase:
             self.recorder.record(snap)
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        from bnprobe.mismatch import check_mismatch
-
         assert self.tap is not None
-        step = int(trainer.global_step)
-        paused, self.tap.active = self.tap.active, False  # the probe's forwards are not data
-        try:
-            rows = check_mismatch(
-                pl_module,
-                batch,
-                layers=self.layers,
-                step=step,
-                epoch=int(trainer.current_epoch),
-                rank=int(trainer.global_rank),
-                recal_batches=[b for b in self._recal_batches if b is not batch],
-                frozen=self.tap.frozen_layers(),  # the model is in eval mode after validation
-            )
-        finally:
-            self.tap.active = paused
-        self._record(Snapshot([rows]))
+        held = [b for b in self._recal_batches if b is not batch]
+        epoch, rank = int(trainer.current_epoch), int(trainer.global_rank)
+        snap = probe(
+            self.tap, pl_module, self.layers, batch, held, int(trainer.global_step), epoch, rank
+        )
+        self._record(snap)
 
     def _close(self) -> None:
         self._measuring, self._validating, self._first_val_batch = None, False, None
@@ -487,21 +457,14 @@ class BNProbeBase:
             self.tap.detach()
 
     def _resolve_save_dir(self, trainer: pl.Trainer) -> Path | None:
-        """``save_dir``, or ``<log_dir>/bnprobe_store`` of the first logger that has a log_dir,
-        or a new ``<default_root_dir>/bnprobe_logs/version_<N>/bnprobe_store``: never a folder
-        named like the package, which Python would import in its place."""
-        self._fallback_dir = False
-        if self.save_dir is False:
-            return None
-        if self.save_dir is not None:
-            return Path(os.fspath(self.save_dir))
+        """The store folder (:func:`bnprobe.options.resolve_save_dir`) with the log_dir of the
+        trainer's first logger."""
         loggers = list(getattr(trainer, "loggers", []))
         log_dir = getattr(loggers[0], "log_dir", None) if loggers else None
-        if isinstance(log_dir, str | os.PathLike):
-            return Path(os.fspath(log_dir)) / STORE_NAME
-        self._fallback_dir = True
-        base = Path(os.fspath(trainer.default_root_dir)) / NO_LOGGER_DIR
-        return base / f"version_{_next_version(base)}" / STORE_NAME
+        folder, self._fallback_dir = resolve_save_dir(
+            self.save_dir, log_dir, trainer.default_root_dir
+        )
+        return folder
 
     def _warn(self, message: str) -> None:
         """Warn once per message, on rank zero only (``rank_zero_warn``)."""
@@ -516,86 +479,10 @@ class BNProbe(BNProbeBase, pl.Callback):
     _tensorboard_logger = TensorBoardLogger
 
 
-def _check_layers(layers: object) -> None:
-    ok = (
-        layers is None
-        or isinstance(layers, str)
-        or callable(layers)
-        or (isinstance(layers, Sequence) and all(isinstance(p, str) for p in layers))
-    )
-    if not ok:
-        raise ValueError(
-            "BNProbe(layers=...) must be None (every BatchNorm layer), a layer name or glob "
-            "pattern, a list of them, or a predicate (name, module) -> bool; "
-            f"got {layers!r}"
-        )
-
-
-def _check_scalars(scalars: object) -> frozenset[str] | None:
-    """The metric names ``BNProbe(scalars=...)`` selects (None: every metric)."""
-    if scalars is None:
-        return None
-    known = scalar_metric_names()
-    patterns = [scalars] if isinstance(scalars, str) else scalars
-    if not isinstance(patterns, Collection) or not all(isinstance(p, str) for p in patterns):
-        raise ValueError(
-            "BNProbe(scalars=...) must be None (every metric) or metric names / glob patterns "
-            f"from: {', '.join(known)}; got {scalars!r}"
-        )
-    chosen: set[str] = set()
-    for pattern in patterns:
-        hits = fnmatch.filter(known, pattern)
-        if not hits:
-            raise ValueError(
-                f"BNProbe(scalars=...) names no metric with {pattern!r}; the metrics are: "
-                f"{', '.join(known)}"
-            )
-        chosen.update(hits)
-    return frozenset(chosen)
-
-
 def _logger_prefix(logger: TensorBoardLogger) -> str:
     """The ``prefix`` a TensorBoardLogger puts before its keys. Lightning keeps it in the private
     ``_prefix`` and offers no public accessor, so this is read with getattr (empty when absent)."""
     return str(getattr(logger, "_prefix", "") or "")
-
-
-def _next_version(base: Path) -> int:
-    found = [re.fullmatch(r"version_(\d+)", p.name) for p in base.glob("version_*")]
-    return max((int(m.group(1)) + 1 for m in found if m), default=0)
-
-
-def _check_hooks_fired(tap: BNTap, pl_module: nn.Module, warn: Callable[[str], None]) -> None:
-    """Warn when no BN hook ran in a measured training step although the model has BN layers:
-    the usual cause is a module compiled (and run once) before the probe registered its hooks,
-    whose compiled code dynamo keeps reusing without them."""
-    live = [layer for layer in tap.layers if not layer.failed]
-    if not live or any(layer.calls for layer in live):
-        return
-    compiled = [
-        name or type(pl_module).__name__
-        for name, m in pl_module.named_modules()
-        if type(m).__name__ == "OptimizedModule" or getattr(m, "_compiler_ctx", None)
-    ]
-    where = f" ({', '.join(compiled)} is torch.compile'd)" if compiled else ""
-    warn(
-        "BNProbe: no BatchNorm layer ran its forward in the first measured training step, so "
-        f"nothing is measured{where}. If part of the model was compiled with torch.compile and "
-        "called before BNProbe registered its hooks (at fit start), dynamo reuses the compiled "
-        "code without them. Compile after the probe attached: pass the compiled module to "
-        "trainer.fit, compile inside LightningModule.configure_model, or call "
-        "torch._dynamo.reset() before trainer.fit; or set "
-        "torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling so that dynamo "
-        "recompiles when hooks are added. If the BN layers are simply not used in "
-        "training_step, this warning is expected."
-    )
-
-
-def _sync_world_size(module: nn.Module) -> int:
-    group = getattr(module, "process_group", None)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return int(torch.distributed.get_world_size(group))
-    return 1
 
 
 def _warn(message: str, stacklevel: int = 3) -> None:
@@ -603,4 +490,12 @@ def _warn(message: str, stacklevel: int = 3) -> None:
     rank_zero_warn(message, stacklevel=stacklevel + 3, category=UserWarning)
 
 
-__all__ = ["FLUSH_EVERY_S", "LOG_TO", "BNProbe", "BNProbeBase", "scalar_metric_names"]
+__all__ = [
+    "FLUSH_EVERY_S",
+    "LEGACY_STATE_KEY",
+    "LOG_TO",
+    "NO_LOGGER_DIR",
+    "BNProbe",
+    "BNProbeBase",
+    "scalar_metric_names",
+]

@@ -25,12 +25,10 @@ import pandas as pd
 import torch
 from torch import nn
 
+from bnprobe.drive import RECAL_HELD, probe
 from bnprobe.recorder import MetricsLogger, Recorder, summary_text, switched_off
 from bnprobe.store import STORE_NAME, Store
-from bnprobe.tap import BNTap, LayerSelection, Snapshot
-
-RECAL_HELD = 3
-"""Validation batches the probe re-estimates the running statistics on (as the callback)."""
+from bnprobe.tap import BNTap, LayerSelection
 
 
 class Watcher:
@@ -119,8 +117,6 @@ class Watcher:
         (:func:`bnprobe.check_mismatch`, stage ``probe``) on the first validation batch ever
         seen, with this validation's first batches as held batches, as BNProbe does. Module
         modes are restored after."""
-        from bnprobe.mismatch import check_mismatch
-
         modes = [(m, m.training) for m in self.model.modules()]
         held: list[Any] = []
         try:
@@ -135,20 +131,11 @@ class Watcher:
             if self._probe_batch is None and held:
                 self._probe_batch = held[0]  # kept: every probe on the same batch (as BNProbe)
             if self._probe_batch is not None:
-                paused, self.tap.active = self.tap.active, False  # probe forwards are not data
-                try:
-                    rows = check_mismatch(
-                        self.model,
-                        self._probe_batch,
-                        layers=self.layers,
-                        step=step,
-                        epoch=epoch,
-                        recal_batches=[b for b in held if b is not self._probe_batch],
-                        frozen=self.tap.frozen_layers(),
-                    )
-                finally:
-                    self.tap.active = paused
-                self.recorder.record(Snapshot([rows]))
+                held = [b for b in held if b is not self._probe_batch]
+                snap = probe(
+                    self.tap, self.model, self.layers, self._probe_batch, held, step, epoch
+                )
+                self.recorder.record(snap)
         finally:
             for module, training in modes:
                 module.training = training

@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import pytest
 
-SLOW_MODULES = {"test_ddp.py", "test_pathologies.py", "test_cli.py", "test_runs.py"}
-"""Every test of these modules: their fixtures train demo nets, spawn DDP ranks or subprocesses."""
+SLOW_MODULES = {
+    "test_ddp.py",
+    "test_pathologies.py",
+    "test_cli.py",
+    "test_runs.py",
+    "test_recorder.py",
+}
+"""Every test of these modules: they train demo nets or several Trainers, spawn DDP ranks or
+subprocesses."""
 
 SLOW_TESTS = {
     "test_callback.py": {

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -153,3 +154,51 @@ def test_two_probes_in_one_trainer_resume_with_their_own_state(tmp_path) -> None
     assert sorted(every_third["step"].unique()) == [6]
     assert sorted(bnprobe.load(tmp_path / "a")["step"].unique()) == list(range(8))
     assert sorted(bnprobe.load(tmp_path / "b")["step"].unique()) == [0, 3, 6]
+
+
+class _OldProbe(bnprobe.BNProbe):
+    """A probe as they were before ``state_key``: its state is saved under "BNProbe"."""
+
+    @property
+    def state_key(self) -> str:
+        return "BNProbe"
+
+
+def test_a_checkpoint_from_before_state_key_resumes_the_one_probe(tmp_path) -> None:
+    def run(probes: list[bnprobe.BNProbe], max_epochs: int, ckpt: str | None = None) -> Any:
+        pl.seed_everything(7)
+        tr = trainer(
+            tmp_path, callbacks=list(probes), max_epochs=max_epochs, enable_checkpointing=True
+        )
+        tr.fit(Lit(make_model("mlp1d")), loader((6,)), ckpt_path=ckpt)
+        return tr
+
+    old = _OldProbe(every_n_steps=1, save_dir=tmp_path / "a", summary=False)
+    tr = run([old], 1)  # steps 0..3
+    ckpt = str(tmp_path / "old.ckpt")
+    tr.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]
+    assert [k for k in saved if "BNProbe" in k] == ["BNProbe"]
+    assert saved["BNProbe"]["last_step"] == 3
+
+    probe = bnprobe.BNProbe(every_n_steps=1, save_dir=tmp_path / "a", summary=False)
+    assert probe.state_key != "BNProbe"
+    run([probe], 2, ckpt)  # steps 4..7
+    assert probe.state_dict()["last_step"] == 7
+    assert sorted(probe.to_dataframe()["step"].unique()) == [4, 5, 6, 7]
+    assert sorted(bnprobe.load(tmp_path / "a")["step"].unique()) == list(range(8))
+    refs = saved["BNProbe"]["references"]
+    assert refs and probe.state_dict()["references"].keys() == refs.keys()
+    for layer, ref in refs.items():  # the drift references of step 0, not those of step 4
+        for name in ("gamma0", "beta0", "initial"):
+            if name in ref:
+                torch.testing.assert_close(probe.state_dict()["references"][layer][name], ref[name])
+
+    two = [
+        bnprobe.BNProbe(every_n_steps=1, save_dir=tmp_path / "c", summary=False),
+        bnprobe.BNProbe(every_n_steps=2, save_dir=tmp_path / "d", summary=False),
+    ]
+    with pytest.warns(UserWarning, match="under the old key 'BNProbe'.*2 probes"):
+        run(two, 2, ckpt)
+    assert [p.state_dict()["last_step"] for p in two] == [7, 6]
+    assert sorted(bnprobe.load(tmp_path / "c")["step"].unique()) == [4, 5, 6, 7]
