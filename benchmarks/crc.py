@@ -10,7 +10,7 @@ added to the event file, and times both checksums of exactly those records: Tens
 per logging step, with and without histograms, the same per training step at every 50 steps
 (the defaults) and every step, and a training step of the model for scale.
 
-Usage: ``.venv/bin/python benchmarks/crc.py [--model resnet|demo|mlp]`` (well under 2 minutes)
+Usage: ``.venv/bin/python benchmarks/crc.py [--model resnet|demo|mlp]`` (about 10 s)
 """
 
 from __future__ import annotations
