@@ -7,16 +7,18 @@ minimum over repeats (the least disturbed figure on a shared machine):
   (a non-logging step: a flag check per hook), and with the hooks measuring;
 - ``BNTap.collect`` (one host transfer, every metric of every layer, the table rows);
 - turning a snapshot into TensorBoard tags: ``tensorboard.scalar_metrics(rows)`` (pandas) and
-  ``tbfast.snapshot_metrics`` (plain lists);
+  ``tensorboard.snapshot_metrics`` (the snapshot's columns);
 - keeping the rows: ``Store.append`` of the snapshot's columns;
 - writing the scalars: Lightning's ``TensorBoardLogger.log_metrics`` (one ``add_scalar`` per
-  key), ``tbfast.log_metrics`` (one event from a dict) and ``tbfast.log_snapshot`` (one event
-  straight from the snapshot's columns, what the callback does);
-- writing the histograms: ``tensorboard.add_histograms`` per layer (one ``add_histogram`` per
-  vector) and ``tbfast.add_histograms`` (one event);
+  key), ``tensorboard.write_scalars`` (one event from a dict) and
+  ``tensorboard.write_snapshot`` (one event straight from the snapshot's columns, what the
+  recorder does);
+- writing the histograms: ``SummaryWriter.add_histogram`` per vector and
+  ``tensorboard.write_histograms`` (one event, what the recorder does);
 - the CRC-32C of each record, which TensorBoard's writer thread computes: TensorBoard's
-  pure-Python ``masked_crc32c`` and ``tbfast.masked_crc32c`` (numpy), which the callback has
-  TensorBoard use.
+  pure-Python ``masked_crc32c`` and, when ``google-crc32c`` is installed,
+  ``tensorboard.checksum.masked_crc32c`` (what ``fast_checksums=True`` has TensorBoard use).
+  ``crc.py`` measures the checksum per logging step of a real run.
 
 Usage: ``.venv/bin/python benchmarks/logging_step.py [--model resnet|demo|mlp]``
 """
@@ -37,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from overhead import BATCH, MODELS, build_model, quiet
 
-from bnprobe import tbfast
 from bnprobe import tensorboard as tb
 from bnprobe.store import Store
 from bnprobe.tap import BNTap
+from bnprobe.tensorboard import checksum
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -100,25 +102,27 @@ def main() -> int:
         tap.attach()
         collect_ms = best_ms(collect, n) - forward
     rows_tags = best_ms(lambda: tb.scalar_metrics(snap.rows), n)
-    list_tags = best_ms(lambda: tbfast.snapshot_metrics(snap), n)
+    list_tags = best_ms(lambda: tb.snapshot_metrics(snap), n)
     store = Store(None)
     keep_rows = best_ms(lambda: [store.append(part) for part in snap.parts], n)
-    metrics = tbfast.snapshot_metrics(snap)[0]
+    metrics = tb.snapshot_metrics(snap)[0]
     with tempfile.TemporaryDirectory() as tmp:
         logger = TensorBoardLogger(tmp, name="slow")
         fast_logger = TensorBoardLogger(tmp, name="fast")
         per_key = best_ms(lambda: logger.log_metrics(metrics, 0), n)
-        one_event = best_ms(lambda: tbfast.log_metrics(fast_logger, metrics, 0), n)
-        from_columns = best_ms(lambda: tbfast.log_snapshot(fast_logger, snap), n)
+        one_event = best_ms(lambda: tb.write_scalars(fast_logger.experiment, metrics, 0), n)
+        from_columns = best_ms(lambda: tb.write_snapshot(fast_logger.experiment, snap), n)
 
-        def hist_per_layer() -> None:
+        def hist_per_vector() -> None:
             for layer, per in snap.channels.items():
-                values = {k: per[k] for k in tb.HIST_NAMES if k in per}
-                tb.add_histograms(logger.experiment, "train", layer, 0, values)
+                for k in tb.HIST_NAMES:
+                    if k in per:
+                        tag = tb.hist_tag("train", k, layer)
+                        logger.experiment.add_histogram(tag, per[k], 0)
 
-        hist_slow = best_ms(hist_per_layer, n)
+        hist_slow = best_ms(hist_per_vector, n)
         hist_fast = best_ms(
-            lambda: tbfast.add_histograms(fast_logger.experiment, "train", 0, snap.channels), n
+            lambda: tb.write_histograms(fast_logger.experiment, "train", 0, snap.channels), n
         )
         logger.finalize("success")
         fast_logger.finalize("success")
@@ -127,7 +131,7 @@ def main() -> int:
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
     scalars = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in metrics.items()])
-    protos = tbfast.histogram_protos(
+    protos = tb.histogram_protos(
         {
             f"{layer}/{k}": per[k]
             for layer, per in snap.channels.items()
@@ -139,8 +143,10 @@ def main() -> int:
     scalar_bytes, hist_bytes = scalars.SerializeToString(), hists.SerializeToString()
     crc_scalars = best_ms(lambda: masked_crc32c(scalar_bytes), n)
     crc_hists = best_ms(lambda: masked_crc32c(hist_bytes), n)
-    fast_crc_scalars = best_ms(lambda: tbfast.masked_crc32c(scalar_bytes), n)
-    fast_crc_hists = best_ms(lambda: tbfast.masked_crc32c(hist_bytes), n)
+    fast = checksum.available()
+    nan = float("nan")
+    fast_crc_scalars = best_ms(lambda: checksum.masked_crc32c(scalar_bytes), n) if fast else nan
+    fast_crc_hists = best_ms(lambda: checksum.masked_crc32c(hist_bytes), n) if fast else nan
     tap.detach()
     layers = len(tap.layers)
     n_hists = len(protos)
@@ -155,17 +161,17 @@ def main() -> int:
         ("forward only, hooks idle", forward),
         ("forward with hooks measuring + `BNTap.collect`, minus idle forward", collect_ms),
         ("tags from rows (`tensorboard.scalar_metrics`)", rows_tags),
-        ("tags from lists (`tbfast.snapshot_metrics`)", list_tags),
+        ("tags from columns (`tensorboard.snapshot_metrics`)", list_tags),
         ("rows into the store (`Store.append` of the columns)", keep_rows),
         ("scalars, `TensorBoardLogger.log_metrics` (one event per key)", per_key),
-        ("scalars, `tbfast.log_metrics` (one event from a dict)", one_event),
-        ("scalars, `tbfast.log_snapshot` (one event from the columns)", from_columns),
-        ("histograms, `tensorboard.add_histograms` per layer", hist_slow),
-        ("histograms, `tbfast.add_histograms` (one event)", hist_fast),
+        ("scalars, `tensorboard.write_scalars` (one event from a dict)", one_event),
+        ("scalars, `tensorboard.write_snapshot` (one event from the columns)", from_columns),
+        ("histograms, `SummaryWriter.add_histogram` per vector", hist_slow),
+        ("histograms, `tensorboard.write_histograms` (one event)", hist_fast),
         (f"CRC-32C of the scalars ({len(scalar_bytes) / 1e3:.0f} KB), TensorBoard", crc_scalars),
-        ("CRC-32C of the scalars, `tbfast.masked_crc32c`", fast_crc_scalars),
+        ("CRC-32C of the scalars, google-crc32c (nan: not installed)", fast_crc_scalars),
         (f"CRC-32C of the histograms ({len(hist_bytes) / 1e3:.0f} KB), TensorBoard", crc_hists),
-        ("CRC-32C of the histograms, `tbfast.masked_crc32c`", fast_crc_hists),
+        ("CRC-32C of the histograms, google-crc32c", fast_crc_hists),
     ]:
         print(f"| {label} | {value:.3f} |")
     return 0

@@ -31,9 +31,6 @@ Configurations:
 - ``bolts_hist``: a reference written here, like Lightning Bolts' data monitors: a forward hook
   on every BN layer that, on each logging step of the trainer (every 50 steps), writes TensorBoard
   histograms of the layer's full input and output (``logger.experiment.add_histogram``);
-- ``defaults_1ev``, ``every_step_1ev``: the same two settings with the logging step written
-  through :mod:`bnprobe.tbfast` (one TensorBoard event for all scalars, one for all histograms),
-  the change proposed for ``BNProbe._record``;
 - ``fastai_item``: a reference written here, like fastai's ``ActivationStats`` / Composer's
   activation monitor: a forward hook on every BN layer that computes the output's mean and std
   with ``.item()`` at every step and keeps the records.

@@ -1,6 +1,9 @@
 """bnprobe: watch every BatchNorm layer while a model trains.
 
-``from bnprobe import BNProbe`` and add it to ``Trainer(callbacks=[...])``. Names are imported on
+``from bnprobe import BNProbe`` and add it to ``Trainer(callbacks=[...])``; in a plain PyTorch loop,
+``with bnprobe.watch(model, log_dir) as probe:`` and ``with probe.step(step, epoch):`` around each
+step (:mod:`bnprobe.loop`). Both drive the same core: :class:`BNTap` measures, :class:`Recorder`
+writes the store, TensorBoard and loggers. Names are imported on
 first use, so ``import bnprobe`` stays fast and loads Lightning only when the callback is used.
 """
 
@@ -18,6 +21,9 @@ from bnprobe.diagnosis import Finding, Kind, Severity, Thresholds, diagnose
 _EXPORTS = {
     "BNProbe": "bnprobe.callback",
     "BNTap": "bnprobe.tap",
+    "Recorder": "bnprobe.recorder",
+    "Watcher": "bnprobe.loop",
+    "watch": "bnprobe.loop",
     "check_mismatch": "bnprobe.mismatch",
     "recalibrate": "bnprobe.mismatch",
     "load": "bnprobe.store",
@@ -29,18 +35,23 @@ __all__ = [
     "BNTap",
     "Finding",
     "Kind",
+    "Recorder",
     "Severity",
     "Thresholds",
+    "Watcher",
     "check_mismatch",
     "diagnose",
     "load",
     "read_tensorboard",
     "recalibrate",
+    "watch",
 ]
 
 if TYPE_CHECKING:
     from bnprobe.callback import BNProbe
+    from bnprobe.loop import Watcher, watch
     from bnprobe.mismatch import check_mismatch, recalibrate
+    from bnprobe.recorder import Recorder
     from bnprobe.store import load
     from bnprobe.tap import BNTap
     from bnprobe.tensorboard import read_tensorboard

@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import pytest
 
-SLOW_MODULES = {"test_ddp.py", "test_pathologies.py", "test_cli.py", "test_runs.py"}
-"""Every test of these modules: their fixtures train demo nets, spawn DDP ranks or subprocesses."""
+SLOW_MODULES = {
+    "test_ddp.py",
+    "test_pathologies.py",
+    "test_cli.py",
+    "test_runs.py",
+    "test_recorder.py",
+}
+"""Every test of these modules: they train demo nets or several Trainers, spawn DDP ranks or
+subprocesses."""
 
 SLOW_TESTS = {
     "test_callback.py": {
@@ -39,7 +46,6 @@ SLOW_TESTS = {
         "test_tensorboard_server_serves_the_run",
         "test_gap_figure_gets_the_whole_model_rows_the_callback_selects",
     },
-    "test_tbfast.py": {"test_crc32c_equals_tensorboards_on_every_length_and_layout"},
     "test_recalibrate.py": {  # two gloo ranks; a SWA fit
         "test_ranks_write_identical_statistics_equal_to_the_union_of_shards",
         "test_a_rank_that_fails_makes_every_rank_raise_instead_of_hanging",

@@ -95,3 +95,24 @@ def test_metrics_page_documents_exactly_the_catalogue() -> None:
     assert sections["train"] == train  # structural and per-channel tables included
     (ddp,) = [names for s, names in tables.items() if s.startswith("Distributed")]
     assert ddp == set(metrics.names("train")) - train
+
+
+@pytest.mark.slow
+def test_readme_plain_loop_snippet_writes_tensorboard_and_the_store(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    code = _python_block((ROOT / "README.md").read_text(), "## Without Lightning")
+    assert "bnprobe.watch(" in code
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "__main__"}
+    exec(compile(code, "README.md", "exec"), namespace)  # verbatim
+    steps = namespace["step"]
+    assert isinstance(steps, int) and steps > 5
+    assert "features.1" in capsys.readouterr().out  # the report names the BN layers
+    run = tmp_path / "runs" / "plain"
+    assert (run / STORE_NAME).is_dir() and list(run.glob("events.out.tfevents.*"))
+    saved = bnprobe.load(run)
+    assert {"train", "val", "probe"} == set(saved["stage"])
+    assert sorted(saved.loc[saved["stage"] == "train", "step"].unique()) == list(range(0, steps, 5))
+    tags = set(bnprobe.read_tensorboard(run)["metric"])
+    assert {"mean_shift", "logits_gap"} <= tags
