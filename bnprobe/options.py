@@ -15,7 +15,7 @@ import re
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from bnprobe import store as _store
+from bnprobe import metrics
 from bnprobe.store import STORE_NAME
 
 LOG_TO: tuple[str, ...] = ("tensorboard", "all")
@@ -27,17 +27,7 @@ NO_LOGGER_DIR = "bnprobe_logs"
 
 def scalar_metric_names() -> tuple[str, ...]:
     """Every metric name ``BNProbe(scalars=...)`` may name, in the store's order."""
-    names = (
-        *_store.MOMENT_METRICS,
-        *_store.SHIFT_METRICS,
-        *_store.COUNT_METRICS,
-        *_store.AFFINE_METRICS,
-        *_store.STRUCTURE_METRICS,
-        *_store.TRACE_METRICS,
-        *_store.PROBE_METRICS,
-        "rank_divergence",
-    )
-    return tuple(dict.fromkeys(names))
+    return metrics.scalar_names()
 
 
 def check_options(

@@ -3,7 +3,8 @@
 Owns the tag spelling (:func:`scalar_tag`, :func:`epoch_tag`, :func:`hist_tag`,
 :func:`figure_tag`, :func:`tag_root`), :func:`parse_tag`, the per-stage chart lists
 (:data:`METRICS_BY_STAGE`) and rows-to-tags (:func:`scalar_metrics`). Pure string and table work:
-imports neither TensorBoard nor torch nor Lightning (only :mod:`bnprobe.store` for the names).
+imports neither TensorBoard nor torch nor Lightning (only :mod:`bnprobe.metrics` and
+:mod:`bnprobe.store` for the names).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from bnprobe import store
+from bnprobe import metrics, store
 
 PREFIX = "bnprobe"
 MODEL_TAG = "_model_"
@@ -27,16 +28,7 @@ own ``tensorboard.summary.histogram`` defaults to 30 buckets as well."""
 
 HIST_NAMES: tuple[str, ...] = ("gamma", "beta", "d", "v")
 
-_SHIFTS_FIRST = tuple(m for m in store.SHIFT_METRICS if "shift" in m or m.startswith("kl"))
-_SHIFTS_FIRST += ("outlier_frac",)  # what a user looks at first, then the raw moments
-_MOMENTS = (*store.MOMENT_METRICS, "running_mean", "running_var")
-_DATA = (*_SHIFTS_FIRST, *_MOMENTS, "samples_per_channel", *store.COUNT_METRICS)
-METRICS_BY_STAGE: dict[str, tuple[str, ...]] = {
-    "train": (*_DATA, *store.AFFINE_METRICS, "rank_divergence"),
-    "val": _DATA,
-    "probe": store.PROBE_METRICS,
-    "recalibrate": store.RECALIBRATE_METRICS,
-}
+METRICS_BY_STAGE: dict[str, tuple[str, ...]] = metrics.charts_by_stage()
 """Charts of the Custom Scalars layout, in order, per stage (one multiline chart each)."""
 
 _RESERVED_METRICS = ("hist", "figure", "epoch")
