@@ -25,7 +25,7 @@ _EXPORTS = {
     "Watcher": "bnprobe.loop",
     "watch": "bnprobe.loop",
     "check_mismatch": "bnprobe.mismatch",
-    "recalibrate": "bnprobe.mismatch",
+    "recalibrate": "bnprobe.recalibration",
     "load": "bnprobe.store",
     "read_tensorboard": "bnprobe.tensorboard",
 }
@@ -50,7 +50,8 @@ __all__ = [
 if TYPE_CHECKING:
     from bnprobe.callback import BNProbe
     from bnprobe.loop import Watcher, watch
-    from bnprobe.mismatch import check_mismatch, recalibrate
+    from bnprobe.mismatch import check_mismatch
+    from bnprobe.recalibration import recalibrate
     from bnprobe.recorder import Recorder
     from bnprobe.store import load
     from bnprobe.tap import BNTap
