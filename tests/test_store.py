@@ -102,14 +102,19 @@ def test_every_flushed_row_survives_sigkill(tmp_path) -> None:
     assert proc.returncode == -signal.SIGKILL
     parts = sorted(store.glob("part-*.parquet"))
     per_part = [len(pd.read_parquet(p)) for p in parts]  # every part file is complete
+    stored = load(store, constants="changes")  # the rows as written
+    assert len(stored) == sum(per_part) and len(parts) >= 5
     df = load(store)
-    assert len(df) == sum(per_part) and len(parts) >= 5
     steps = sorted(df["step"].unique())
     assert steps == list(range(len(steps)))  # a gapless prefix of the steps
+    per_step = df.groupby("step").size()  # with the constants filled in: the same rows a step
+    assert per_step.iloc[1:].nunique() == 1 and len(df) > len(stored)
 
 
 def test_many_small_appends_stay_in_a_few_compact_buffers(tmp_path) -> None:
-    store = Store(tmp_path)
+    """Rows wait in a few doubling buffers; once saved, memory holds only the unsaved ones (a
+    store without a folder holds every row)."""
+    store, memory = Store(tmp_path), Store(None)
     frames = []
     for step in range(3000):
         df = make_rows(
@@ -118,14 +123,19 @@ def test_many_small_appends_stay_in_a_few_compact_buffers(tmp_path) -> None:
         )  # fmt: skip
         frames.append(df)
         store.append(df)
+        memory.append(df)
         if step == 1500:
+            assert store._rows.n == 1501 * 3
             store.flush()
+            assert store._rows.n == 0 and store.pending_rows == 0
     store.flush()
     want = concat(frames)  # the schema: object strings, Int64 channel
     pd.testing.assert_frame_equal(store.to_dataframe(), want)
+    pd.testing.assert_frame_equal(memory.to_dataframe(), want)
     pd.testing.assert_frame_equal(load(tmp_path), want)
-    capacity = len(store._rows._na)  # doubling buffers: never more than twice the rows
-    assert store._rows.n == 9000 and capacity <= 2 * 9000
+    capacity = len(store._rows._na)  # doubling buffers: never more than twice the unsaved rows
+    assert capacity <= 2 * 1501 * 3
+    assert memory._rows.n == 9000 and len(memory._rows._na) <= 2 * 9000
 
 
 def test_columns_and_tables_go_in_alike_and_select_takes_some_metrics() -> None:
