@@ -24,9 +24,7 @@ from bnprobe.store.table import CONSTANT_METRICS, Rows
 ANCHOR = _metrics.ANCHOR
 
 _RANK: dict[tuple[str, str], int] = {
-    (stage, m.name): i
-    for stage in _metrics.STAGES
-    for i, m in enumerate(_metrics.entries(stage))
+    (stage, m.name): i for stage in _metrics.STAGES for i, m in enumerate(_metrics.entries(stage))
 }
 """(stage, metric) -> position in the stage's catalogue order: the order of a layer's rows."""
 _RANKS: dict[str, dict[str, int]] = {
@@ -142,9 +140,7 @@ def fill_constants(df: pd.DataFrame) -> pd.DataFrame:
     left = pd.concat(wanted, ignore_index=True)
     left["metric"] = left["metric"].astype(object)
     left = left.sort_values("step", kind="stable")
-    right = stored.sort_values("step", kind="stable").drop_duplicates(
-        ["step", *by], keep="last"
-    )
+    right = stored.sort_values("step", kind="stable").drop_duplicates(["step", *by], keep="last")
     merged = pd.merge_asof(left, right, on="step", by=by, direction="backward")
     fill = merged[merged["_src"].notna() & (merged["_src"] != merged["step"])]
     if not len(fill):

@@ -161,7 +161,6 @@ class _Columns:
         return pa.table(arrays, schema=SCHEMA)
 
 
-
 @dataclass
 class _Part:
     path: Path
@@ -343,7 +342,7 @@ def remove_stale(folder: Path, keep: str = "") -> list[Path]:
     removed: list[Path] = []
     for tmp in folder.glob(".part-*.parquet.tmp"):
         found = _read.TMP_NAME.fullmatch(tmp.name)
-        if keep and keep in tmp.name or found is None or not _gone(int(found.group(1)), tmp):
+        if (keep and keep in tmp.name) or found is None or not _gone(int(found.group(1)), tmp):
             continue
         tmp.unlink(missing_ok=True)
         removed.append(tmp)

@@ -91,9 +91,7 @@ class Selection:
                 f"steps must be (first, last) with ints or None (inclusive); got {steps!r}"
             )
         if constants not in ("every_step", "changes"):
-            raise ValueError(
-                f"constants must be 'every_step' or 'changes'; got {constants!r}"
-            )
+            raise ValueError(f"constants must be 'every_step' or 'changes'; got {constants!r}")
         first, last = (None if s is None else int(s) for s in steps)
         return cls(_names(stages, "stages"), _names(layers, "layers"), _names(metrics, "metrics"),
                    (first, last), constants)  # fmt: skip
@@ -194,7 +192,7 @@ def part_order(parts: Sequence[Path]) -> list[Path]:
     named.sort(key=lambda item: (item[0], -item[1]))
     live: list[Path] = []
     covered: dict[tuple[int, str], int] = {}
-    for (rank, token, first), last, part in named:
+    for (rank, token, _first), last, part in named:
         if covered.get((rank, token), -1) >= last:
             continue  # inside a merged part of this token already read
         covered[(rank, token)] = max(last, covered.get((rank, token), -1))
@@ -228,8 +226,10 @@ def arrow_to_frame(table: pa.Table) -> pd.DataFrame:
         column = table.column(name)
         if name == "channel":
             cols[name] = pd.array(column.to_pandas(), dtype="Int64")
-        elif pa.types.is_dictionary(column.type) or pa.types.is_string(column.type) or (
-            pa.types.is_large_string(column.type)
+        elif (
+            pa.types.is_dictionary(column.type)
+            or pa.types.is_string(column.type)
+            or (pa.types.is_large_string(column.type))
         ):
             cols[name] = pd.Series(_strings(column), dtype=object)
         else:

@@ -55,7 +55,7 @@ KEY: list[str] = ["step", "stage", "rank", "layer", "channel", "metric"]
 
 CONSTANT_METRICS: dict[str, frozenset[str]] = {
     stage: frozenset(m.name for m in _metrics.entries(stage) if m.constant)
-    for stage in STAGES
+    for stage in _metrics.STAGES
     if any(m.constant for m in _metrics.entries(stage))
 }
 """Per stage, the metrics stored only when they change (:attr:`bnprobe.metrics.Metric.constant`)."""
