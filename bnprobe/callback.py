@@ -45,8 +45,9 @@ if TYPE_CHECKING:
     from bnprobe.diagnosis import Finding
 
 FLUSH_EVERY_S = _recorder.FLUSH_EVERY_S
-"""The store writes a part file at most this often while training (and always at the end of each
-epoch, at the end of fit and when fit fails); read at setup."""
+"""The store writes a part file at most this often while training (and always when it holds
+``Store.spill_rows`` unsaved rows, at the end of each epoch, before a checkpoint, at the end of
+fit and when fit fails); read at setup."""
 LEGACY_STATE_KEY = "BNProbe"
 """The checkpoint key of every probe before probes had a :attr:`BNProbeBase.state_key`; such a
 checkpoint resumes the one probe of a Trainer (:meth:`BNProbeBase.on_load_checkpoint`)."""
@@ -200,9 +201,11 @@ class BNProbeBase:
         """The rows collected so far (the recorder's store)."""
         return self.recorder.store
 
-    def to_dataframe(self) -> pd.DataFrame:
-        """Every row collected so far (SPEC schema)."""
-        return self.store.to_dataframe()
+    def to_dataframe(self, **filters: Any) -> pd.DataFrame:
+        """Every row collected so far (SPEC schema), read back from the store's part files.
+        Filters as :func:`bnprobe.load`: ``stages=``, ``layers=``, ``metrics=``,
+        ``steps=(first, last)``, ``constants=``."""
+        return self.store.to_dataframe(**filters)
 
     def findings(self) -> list[Finding]:
         """What is wrong with the BN layers so far, in plain words (:func:`bnprobe.diagnose`)."""
@@ -401,6 +404,14 @@ class BNProbeBase:
             "traced": self._traced,
             "store_dir": None if folder is None else str(folder),
         }
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Save the store before the checkpoint is written, so that the store is at least as
+        recent as any checkpoint: a run resumed from it re-measures from there and has no hole
+        (rows measured after the last save would otherwise be lost with the process)."""
+        self.recorder.flush()
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

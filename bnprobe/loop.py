@@ -148,9 +148,9 @@ class Watcher:
         self.recorder.draw_figures(step)
         self.recorder.flush()
 
-    def to_dataframe(self) -> pd.DataFrame:
-        """Every row recorded so far (SPEC schema)."""
-        return self.recorder.to_dataframe()
+    def to_dataframe(self, **filters: Any) -> pd.DataFrame:
+        """Every row recorded so far (SPEC schema); filters as :func:`bnprobe.load`."""
+        return self.recorder.to_dataframe(**filters)
 
     def report(self) -> str:
         """Latest key metrics per layer, then findings with advice (:func:`bnprobe.diagnose`)."""

@@ -78,6 +78,16 @@ class Metric:
     """Also written per channel with ``per_channel=True`` (the channel mean is the layer row)."""
     chart: str | None = None
     """The Custom Scalars section (:data:`CHART_SECTIONS`) that charts it; None: not charted."""
+    constant: bool = False
+    """Constant in practice (what the layer is, not what its data are): the store keeps a row
+    only when the value changes (per stage, rank and layer), and its readers give the value in
+    force at every step the layer was measured (every step with a ``batch_mean`` row,
+    :data:`ANCHOR`). The tap writes it exactly when it writes that layer's ``batch_mean``."""
+
+
+ANCHOR = "batch_mean"
+"""The metric whose layer row marks "this layer was measured at this step": a ``constant``
+metric has a value at exactly those steps (bnprobe.store fills it in from its last change)."""
 
 
 def _m(
@@ -88,8 +98,11 @@ def _m(
     *needs: str,
     per_channel: bool = False,
     chart: str | None = None,
+    constant: bool = False,
 ) -> Metric:
-    return Metric(name, group, tuple(stages), meaning, frozenset(needs), per_channel, chart)
+    return Metric(
+        name, group, tuple(stages), meaning, frozenset(needs), per_channel, chart, constant
+    )
 
 
 _TV: tuple[Stage, ...] = ("train", "val")
@@ -153,16 +166,20 @@ CATALOGUE: tuple[Metric, ...] = (
        AFFINE, chart="affine"),
     # -- stage train: what the layer is rather than what its data are
     _m("forward_calls", "structure", _T, "forward calls of the layer in the measured step"),
-    _m("train_mode", "structure", _T, "1 if the BN layer was in training mode"),
-    _m("model_train_mode", "structure", _T, "1 if the whole model was in training mode"),
-    _m("momentum", "structure", _T, "the layer's momentum; NaN for momentum=None"),
-    _m("has_running_stats", "structure", _T, "1 if the layer tracks running statistics"),
+    _m("train_mode", "structure", _T, "1 if the BN layer was in training mode", constant=True),
+    _m("model_train_mode", "structure", _T, "1 if the whole model was in training mode",
+       constant=True),
+    _m("momentum", "structure", _T, "the layer's momentum; NaN for momentum=None",
+       constant=True),
+    _m("has_running_stats", "structure", _T, "1 if the layer tracks running statistics",
+       constant=True),
     _m("input_bias", "trace", _T, "1 if the module producing the input has a bias", FIRST_STEP),
     _m("input_dropout", "trace", _T, "dropout p of the module producing the input", FIRST_STEP),
     _m("samples_per_channel", "structure", _TV, "elements per channel the moments were taken over",
-       chart="samples"),
-    _m("batch_size", "structure", _T, "samples along the batch dimension of the input"),
-    _m("eps", "structure", _T, "the layer's eps"),
+       chart="samples", constant=True),
+    _m("batch_size", "structure", _T, "samples along the batch dimension of the input",
+       constant=True),
+    _m("eps", "structure", _T, "the layer's eps", constant=True),
     _m("rank_divergence", "distributed", _T, "largest distance of one rank's running stats from "
        "the mean over ranks", RUNNING, DDP, chart="ranks"),
     _m("gamma", "channel", _T, "the weight gamma of one channel", AFFINE, PER_CHANNEL,
@@ -219,6 +236,12 @@ def _check() -> None:
             seen.add((stage, m.name))
         if not m.needs <= set(NEEDS) or (m.chart is not None and m.chart not in CHART_SECTIONS):
             raise AssertionError(f"metric {m.name!r}: unknown need or chart section")
+        if m.constant and (m.per_channel or ANCHOR not in _names_of(m.stages)):
+            raise AssertionError(f"constant metric {m.name!r}: a layer row of stages with {ANCHOR}")
+
+
+def _names_of(stages: Iterable[Stage]) -> set[str]:
+    return {m.name for m in CATALOGUE if set(m.stages) & set(stages)}
 
 
 _check()
@@ -390,6 +413,7 @@ def logged_keys_doc(width: int = 96) -> str:
 
 
 __all__ = [
+    "ANCHOR",
     "CATALOGUE",
     "CHART_SECTIONS",
     "NEEDS",

@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from bnprobe.tap import BNTap, Snapshot
 
 FLUSH_EVERY_S = 30.0
-"""The store writes a part file at most this often while training (and always at the end of each
-epoch, at the end of fit and when fit fails)."""
+"""The store writes a part file at most this often while training (and always when it holds
+``Store.spill_rows`` unsaved rows, at the end of each epoch, before a checkpoint, at the end of
+fit and when fit fails)."""
 
 log = logging.getLogger("bnprobe")
 
@@ -135,7 +136,8 @@ class Recorder:
     def record(self, snapshot: Snapshot) -> None:
         """Keep the snapshot's rows, write its layer aggregates (rank 0) as one TensorBoard event
         and one ``log_metrics`` call per step, its channels as one histogram event, and save the
-        store if the last save is older than ``flush_every_s``."""
+        store if the last save is older than ``flush_every_s`` or the store holds its
+        ``spill_rows`` unsaved rows (so memory stays bounded however long the run)."""
         for part in snapshot.parts:
             self.store.append(part)
         keep = self.scalars
@@ -152,7 +154,7 @@ class Recorder:
                     tb.write_histograms, writer, stage, step, snapshot.channels, root=root
                 )
                 self.guard("writing TensorBoard histograms", hist)
-        if time.monotonic() - self._last_flush > self.flush_every_s:
+        if self.store.must_spill or time.monotonic() - self._last_flush > self.flush_every_s:
             self.flush()
 
     def draw_figures(self, step: int) -> None:
@@ -177,7 +179,8 @@ class Recorder:
                 tb.add_figures(writer, df, int(step), root)
 
     def flush(self) -> None:
-        """Save the rows not saved yet as one part file (guarded)."""
+        """Save the rows not saved yet as one part file (guarded): while training, at the end
+        of each epoch, before each checkpoint, at the end of fit and when fit fails."""
         self._last_flush = time.monotonic()
         self.guard("saving the store", self.store.flush)
 
@@ -195,9 +198,10 @@ class Recorder:
             )
 
     # -- reading ---------------------------------------------------------------------------------
-    def to_dataframe(self) -> pd.DataFrame:
-        """Every row recorded so far (SPEC schema)."""
-        return self.store.to_dataframe()
+    def to_dataframe(self, **filters: Any) -> pd.DataFrame:
+        """Every row recorded so far (SPEC schema), read from the store's part files; filters
+        as :meth:`bnprobe.store.Store.to_dataframe`."""
+        return self.store.to_dataframe(**filters)
 
     @property
     def run_dir(self) -> Path | None:
