@@ -265,6 +265,7 @@ class BNProbeBase:
                 "(no torch.nn.modules.batchnorm._BatchNorm); the probe does nothing."
             )
             return
+        find_layers(pl_module, self.layers)  # a selection error is the user's: it raises
         self._world_size = int(getattr(trainer, "world_size", 1))
         self._writes = bool(trainer.is_global_zero)
         if self._world_size > 1:  # first, and whatever fails next: the collectives need it

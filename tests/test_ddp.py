@@ -227,3 +227,13 @@ def test_a_probe_failing_on_one_rank_is_named_and_its_rows_still_arrive(fail_out
     for rank in (0, 1):  # rank 1's rows are present where they could be: every train step
         assert sorted(train[train["rank"] == rank]["step"].unique()) == list(range(STEPS))
     assert (df["stage"] == "probe").any()  # rank 0's own probe ran
+
+
+def test_gather_every_is_checked_and_gathers_every_kth_measured_step() -> None:
+    from bnprobe import BNProbe
+
+    with pytest.raises(ValueError, match=r"gather_every=.*positive int; got 0"):
+        BNProbe(gather_every=0)
+    probe = BNProbe(every_n_steps=5, gather_every=3)
+    probe._every = 5
+    assert [s for s in range(0, 60, 5) if probe._gathers(s)] == [0, 15, 30, 45]
