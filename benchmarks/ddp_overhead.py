@@ -47,8 +47,12 @@ CONFIGS = (
 )
 
 
-def worker(config: str, out: Path, layers: int, width: int, steps: int, warmup: int) -> None:
-    """One rank of one configuration: fit and write rank 0's CPU ms per step."""
+def worker(
+    config: str, out: Path, layers: int, width: int, steps: int, warmup: int, profile: Path | None
+) -> None:
+    """One rank of one configuration: fit and write rank 0's CPU ms per step; with ``profile``
+    (a folder) each rank also writes its cProfile statistics of the fit there
+    (``<config>.rank<r>.prof``)."""
     import pytorch_lightning as pl
     import torch
     from torch import nn
@@ -109,7 +113,14 @@ def worker(config: str, out: Path, layers: int, width: int, steps: int, warmup: 
             log_every_n_steps=50,
             callbacks=callbacks,
         )
-        trainer.fit(Net(), data)
+        if profile is not None:
+            import cProfile
+
+            profiler = cProfile.Profile(time.process_time)  # CPU, not waits
+            profiler.runcall(trainer.fit, Net(), data)
+            profiler.dump_stats(profile / f"{config}.rank{rank}.prof")
+        else:
+            trainer.fit(Net(), data)
     if rank == 0:
         gaps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)][warmup:]
         out.write_text(json.dumps({"ms": 1e3 * statistics.median(gaps)}))
@@ -121,6 +132,7 @@ def run(config: str, args: argparse.Namespace, folder: Path) -> float:
     cmd = [sys.executable, __file__, "--worker", config, "--out", str(out)]
     cmd += ["--layers", str(args.layers), "--width", str(args.width)]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--profile", str(args.profile)] if args.profile else []
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
     procs = []
     if ddp:
@@ -150,9 +162,20 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--worker")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="a folder: run single_probe and ddp_probe once each under cProfile, write each "
+        "rank's statistics there (<config>.rank<r>.prof) and print bnprobe's share per step",
+    )
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.out, args.layers, args.width, args.steps, args.warmup)
+        worker(
+            args.worker, args.out, args.layers, args.width, args.steps, args.warmup, args.profile
+        )
+        return
+    if args.profile:
+        profile(args)
         return
     rows: dict[str, list[float]] = {c: [] for c in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,6 +203,29 @@ def main() -> None:
         summary(per_round(lambda *v: (v[5] - v[3]) / max(v[2] - v[0], 1e-9))),
         "(target <= 1.2)",
     )
+
+
+def profile(args: argparse.Namespace) -> None:
+    """Where the probe's time goes per step: cProfile of single_probe and ddp_probe (each
+    rank), the callback's hooks and bnprobe's heaviest functions, cumulative ms per step."""
+    import pstats
+
+    args.profile.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in ("single_probe", "ddp_probe"):
+            run(config, args, Path(tmp))
+    for name in ("single_probe.rank0", "ddp_probe.rank0", "ddp_probe.rank1"):
+        stats = pstats.Stats(str(args.profile / f"{name}.prof"))
+        rows = []
+        for (file, line, func), (_, calls, _, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
+            if "bnprobe" in file and "benchmarks" not in file:
+                rows.append((cum, calls, f"{Path(file).name}:{line}({func})"))
+        rows.sort(reverse=True)
+        print(
+            f"\n{name}: bnprobe functions, cumulative CPU ms per step, calls ({args.steps} steps)"
+        )
+        for cum, calls, where in rows[:30]:
+            print(f"  {1e3 * cum / args.steps:8.3f}  {calls:7d}  {where}")
 
 
 if __name__ == "__main__":

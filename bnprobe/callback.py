@@ -28,6 +28,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from bnprobe import recorder as _recorder
 from bnprobe.distributed import RankGather
+from bnprobe.distributed import capacity as gather_capacity
 from bnprobe.drive import RECAL_HELD, check_hooks_fired, probe, sync_world_size
 from bnprobe.options import (
     LOG_TO,
@@ -265,11 +266,12 @@ class BNProbeBase:
                 "(no torch.nn.modules.batchnorm._BatchNorm); the probe does nothing."
             )
             return
-        find_layers(pl_module, self.layers)  # a selection error is the user's: it raises
+        found = find_layers(pl_module, self.layers)  # a selection error is the user's: it raises
         self._world_size = int(getattr(trainer, "world_size", 1))
         self._writes = bool(trainer.is_global_zero)
         if self._world_size > 1:  # first, and whatever fails next: the collectives need it
-            self._ranks = self._gather_class({}, warn=self._warn)
+            bound = partial(gather_capacity, [m.num_features for m in found.values()])
+            self._ranks = self._gather_class({}, warn=self._warn, capacity=bound)
         self.recorder.guard("setting up", partial(self._setup, trainer, pl_module))
 
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
