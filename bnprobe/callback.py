@@ -28,6 +28,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from bnprobe import recorder as _recorder
 from bnprobe.distributed import RankGather
+from bnprobe.distributed import capacity as gather_capacity
 from bnprobe.drive import RECAL_HELD, check_hooks_fired, probe, sync_world_size
 from bnprobe.options import (
     LOG_TO,
@@ -37,7 +38,7 @@ from bnprobe.options import (
     scalar_metric_names,
 )
 from bnprobe.recorder import Recorder, summary_text, switched_off
-from bnprobe.store import Store
+from bnprobe.store import Rows, Store
 from bnprobe.tap import BNTap, LayerSelection, Snapshot, find_layers
 from bnprobe.tensorboard import tag_root
 
@@ -81,6 +82,10 @@ class BNProbeBase:
         fast_checksums: during fit, have TensorBoard checksum its event records with the C
             library ``google-crc32c`` (``pip install "bnprobe[fast-crc]"``) instead of its
             pure-Python loop; put back at teardown. Off by default (docs/performance.md).
+        gather_every: under DDP, bring the other ranks' train rows to rank 0 at every k-th
+            measured step only (default 1: every measured step). Rank 0 keeps its own rows at
+            every measured step; what it holds for the other ranks shrinks k-fold
+            (docs/scaling.md). No effect in a single process.
 
     Two probes with different options may share one Trainer: each keeps its own checkpoint
     state under :attr:`state_key` (give them different ``save_dir`` folders).
@@ -120,6 +125,10 @@ class BNProbeBase:
 
     _tensorboard_logger: type[Any] = TensorBoardLogger
     """The trainer loggers whose ``SummaryWriter`` the recorder writes into (by isinstance)."""
+    _tap_class: type[BNTap] = BNTap
+    """What measures the layers (a subclass may change how; the failure tests use one)."""
+    _gather_class: type[RankGather] = RankGather
+    """What brings the other ranks' rows to rank 0 under DDP."""
 
     def __init__(
         self,
@@ -134,7 +143,12 @@ class BNProbeBase:
         log_to: str = "tensorboard",
         scalars: str | Sequence[str] | None = None,
         fast_checksums: bool = False,
+        gather_every: int = 1,
     ) -> None:
+        if isinstance(gather_every, bool) or not isinstance(gather_every, int) or gather_every < 1:
+            raise ValueError(
+                f"BNProbe(gather_every=...) must be a positive int; got {gather_every!r}"
+            )
         self._scalar_metrics = check_options(
             every_n_steps=every_n_steps,
             layers=layers,
@@ -158,6 +172,7 @@ class BNProbeBase:
         self.log_to = log_to
         self.scalars = scalars
         self.fast_checksums = fast_checksums
+        self.gather_every = gather_every
         self.tap: BNTap | None = None
         self.recorder = Recorder(warn=self._warn)
         self._every = every_n_steps or 1
@@ -176,6 +191,8 @@ class BNProbeBase:
         """Up to ``RECAL_HELD`` validation batches of this epoch for the probe's re-estimate
         (``recal_pred_change``), released after the probe."""
         self._ranks: RankGather | None = None
+        self._why: str | None = None  # why this rank measures nothing at the current step
+        self._told_failures = 0  # tap failures passed on to rank 0
         self._checked_hooks = False
 
     # -- public ----------------------------------------------------------------------------------
@@ -237,8 +254,13 @@ class BNProbeBase:
         return [layer.name for layer in self.tap.layers] if self.tap is not None else []
 
     # -- trainer hooks ---------------------------------------------------------------------------
+    # Every hook runs its body under the recorder's guard (a failure warns once, switches that
+    # part off, and training goes on). Under DDP the collectives (:meth:`_exchange`) sit
+    # outside the guarded bodies and depend on the schedule only (the measured steps, the
+    # validation epochs, the end of fit), never on what happened inside the probe, so that every
+    # rank calls them whatever failed on any rank.
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.tap is not None:
+        if stage != "fit" or self.tap is not None or self._ranks is not None:
             return
         self._every = self.every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
         if not find_layers(pl_module):
@@ -247,18 +269,25 @@ class BNProbeBase:
                 "(no torch.nn.modules.batchnorm._BatchNorm); the probe does nothing."
             )
             return
+        found = find_layers(pl_module, self.layers)  # a selection error is the user's: it raises
         self._world_size = int(getattr(trainer, "world_size", 1))
-        distributed = self._world_size > 1
-        self.tap = BNTap(
+        self._writes = bool(trainer.is_global_zero)
+        if self._world_size > 1:  # first, and whatever fails next: the collectives need it
+            bound = partial(gather_capacity, [m.num_features for m in found.values()])
+            self._ranks = self._gather_class({}, warn=self._warn, capacity=bound)
+        self.recorder.guard("setting up", partial(self._setup, trainer, pl_module))
+
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        distributed = self._ranks is not None
+        self.tap = self._tap_class(
             pl_module,
             self.layers,
             keep_channels=self.histograms or distributed,  # rank_divergence needs mu_R, var_R
             per_channel=self.per_channel,
             world_size=sync_world_size,
         )
-        if distributed:
-            self._ranks = RankGather({layer.name: layer.module.eps for layer in self.tap.layers})
-        self._writes = bool(trainer.is_global_zero)
+        if self._ranks is not None:
+            self._ranks.eps = {layer.name: layer.module.eps for layer in self.tap.layers}
         save_dir = self._resolve_save_dir(trainer)
         store = Store(save_dir if self._writes else None, rank=int(trainer.global_rank))
         loggers = list(trainer.loggers) if self._writes else []
@@ -275,8 +304,11 @@ class BNProbeBase:
         )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.tap is None:
-            return
+        if self.tap is not None:
+            self.recorder.guard("starting", self._fit_start)
+
+    def _fit_start(self) -> None:
+        assert self.tap is not None
         self.tap.load_references(self._references)
         self.tap.attach()
         if self._fallback_dir and self._restored_dir is not None and self._writes:
@@ -288,11 +320,26 @@ class BNProbeBase:
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = int(trainer.global_step)
-        if self.tap is None or step == self._last_step or step % self._every:
+        if (self.tap is None and self._ranks is None) or step == self._last_step:
             return
-        self._measuring = step
-        self.tap.start(trace=not self._traced)
-        self._traced = True
+        if step % self._every:
+            return
+        self._measuring = step  # by the schedule alone: every rank gathers at this step
+        self._why = None
+        if self.tap is None:
+            self._why = self._setup_failed()
+            return
+        tap = self.tap
+
+        def start() -> None:
+            try:
+                tap.start(trace=not self._traced)
+            except Exception:
+                tap.active = False  # a half-started tap measures nothing
+                raise
+            self._traced = True
+
+        self._why = self._guarded("starting a measurement", start)
 
     def on_train_batch_end(
         self,
@@ -302,34 +349,43 @@ class BNProbeBase:
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.tap is None or self._measuring is None:
+        if self._measuring is None:
             return
         step, self._measuring = self._measuring, None
         self._last_step = step
-        tap, epoch = self.tap, int(trainer.current_epoch)
+        epoch = int(trainer.current_epoch)
         taken: list[Snapshot] = []
+        why = self._why
+        if why is None and self.tap is not None:
+            tap = self.tap
 
-        def measure() -> None:
-            taken.append(tap.collect(step=step, epoch=epoch, rank=int(trainer.global_rank)))
+            def measure() -> None:
+                taken.append(self._collect(tap, trainer, step, epoch))
 
-        self.recorder.guard("collecting measurements", measure)
+            why = self._guarded("collecting measurements", measure)
         snap = taken[0] if taken else None
-        if snap is not None and not self._checked_hooks:
+        if snap is not None and not self._checked_hooks and self.tap is not None:
             self._checked_hooks = True
-            check = partial(check_hooks_fired, tap, pl_module, self._warn)
+            check = partial(check_hooks_fired, self.tap, pl_module, self._warn)
             self.recorder.guard("checking that the hooks run", check)
-        if self._ranks is not None:  # every rank, every measured step: never skip a collective
-            others = self._gather(snap, step, epoch)
-            if snap is not None and others is not None:
-                snap = Snapshot([*snap.parts, others], snap.channels)
+        if self._ranks is not None and self._gathers(step):
+            others = self._exchange(snap, why, step, epoch)  # every rank: never skip it
+            if snap is not None and others:
+                snap = Snapshot([*snap.parts, *others], snap.channels)
         if snap is not None:
             self.recorder.guard("recording measurements", partial(self._record, snap))
 
+    def _collect(self, tap: BNTap, trainer: pl.Trainer, step: int, epoch: int) -> Snapshot:
+        """This step's measurements (the tap's :meth:`~bnprobe.tap.BNTap.collect`)."""
+        return tap.collect(step=step, epoch=epoch, rank=int(trainer.global_rank))
+
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.tap is None or trainer.sanity_checking:
+        if (self.tap is None and self._ranks is None) or trainer.sanity_checking:
             return
-        self._validating = True
-        self.tap.start(pool=True)
+        self._validating = True  # by the schedule alone: every rank gathers at its end
+        tap = self.tap
+        if tap is not None:
+            self.recorder.guard("measuring validation", partial(tap.start, pool=True))
 
     def on_validation_batch_start(
         self,
@@ -339,27 +395,61 @@ class BNProbeBase:
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._validating and self._first_val_batch is None and batch_idx == dataloader_idx == 0:
+        if not self._validating:
+            return
+        if self._first_val_batch is None and batch_idx == dataloader_idx == 0:
             self._first_val_batch = batch  # kept as is: the default probe batch
-        if self._validating and dataloader_idx == 0 and len(self._recal_batches) < RECAL_HELD:
+        if dataloader_idx == 0 and len(self._recal_batches) < RECAL_HELD:
             self._recal_batches.append(batch)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.tap is None or not self._validating:
+        if not self._validating:
             return
         self._validating = False
         step, tap = int(trainer.global_step), self.tap
+        if tap is not None:
 
-        def pooled() -> None:
-            epoch, rank = int(trainer.current_epoch), int(trainer.global_rank)
-            self._record(tap.collect(step=step, epoch=epoch, rank=rank, stage="val"))
+            def pooled() -> None:
+                epoch, rank = int(trainer.current_epoch), int(trainer.global_rank)
+                self._record(tap.collect(step=step, epoch=epoch, rank=rank, stage="val"))
 
-        self.recorder.guard("measuring validation", pooled)
+            self.recorder.guard("measuring validation", pooled)
         batch = self.probe_batch if self.probe_batch is not None else self._first_val_batch
-        if batch is not None:
-            probe = partial(self._probe, trainer, pl_module, batch)
-            self.recorder.guard("the train/eval probe", probe)
+        self._probe_agreed(trainer, pl_module, batch)
         self._recal_batches = []
+        if self._ranks is not None:  # what the other ranks could not say, said by rank 0
+            self._exchange(None, None, step, int(trainer.current_epoch))
+
+    def _probe_agreed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """The train/eval probe; under DDP with SyncBatchNorm layers its forwards are
+        collectives (the layers all-reduce their moments), so the ranks agree first whether
+        every one of them runs it and on how many held batches, and after whether it failed
+        anywhere: then it is off on every rank, not just on the rank that failed (which would
+        leave the others waiting in SyncBatchNorm's all-reduce at the next validation). What
+        cannot be made safe: a rank failing *between* two of the probe's SyncBatchNorm forwards
+        (docs/scaling.md)."""
+        what = "the train/eval probe"
+        ranks, tap = self._ranks, self.tap
+        ready = batch is not None and tap is not None and what not in self.recorder.failures
+        held = [b for b in self._recal_batches if b is not batch]
+        if ranks is None:
+            if ready:
+                self.recorder.guard(what, partial(self._probe, trainer, pl_module, batch, held))
+            return
+        collective = self._collective_probe(pl_module)
+        agreed = self._agree(len(held) if ready else -1, "min")
+        if collective:
+            if agreed < 0:
+                return
+            held = held[:agreed]
+        if ready:
+            self.recorder.guard(what, partial(self._probe, trainer, pl_module, batch, held))
+        failed = self._agree(int(what in self.recorder.failures), "max")
+        if collective and failed and what not in self.recorder.failures:
+            self.recorder.failures[what] = "it failed on another rank (SyncBatchNorm)"
+
+    def _collective_probe(self, pl_module: pl.LightningModule) -> bool:
+        return any(isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules())
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._writes:
@@ -367,6 +457,8 @@ class BNProbeBase:
         self.recorder.flush()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._ranks is not None:  # the last warnings of the other ranks
+            self._exchange(None, None, int(trainer.global_step), int(trainer.current_epoch))
         self.recorder.flush()
         if self.summary and self._writes and self.tap is not None:
             self.recorder.guard("summarizing findings", self._print_summary)
@@ -387,12 +479,12 @@ class BNProbeBase:
         )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._close()
+        self.recorder.guard("closing", self._close)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._close()
+        self.recorder.guard("closing", self._close)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -443,13 +535,26 @@ class BNProbeBase:
             self.tap.load_references(self._references)
 
     # -- internals -------------------------------------------------------------------------------
-    def _gather(self, snap: Snapshot | None, step: int, epoch: int) -> pd.DataFrame | None:
-        """Rows of the other ranks and rank_divergence (rank 0), through a collective that every
-        rank calls. If the collective itself fails, gathering stops on this rank with a warning."""
+    def _gathers(self, step: int) -> bool:
+        """Whether this measured step is gathered to rank 0 (``gather_every``): a function of
+        the step alone, so every rank answers the same."""
+        return (step // self._every) % self.gather_every == 0
+
+    def _exchange(
+        self, snap: Snapshot | None, why: str | None, step: int, epoch: int
+    ) -> list[Rows] | None:
+        """Rows of the other ranks and rank_divergence (rank 0), through collectives that every
+        rank calls; ``why``: why this rank has no rows. Only a broken process group raises in
+        there: then gathering stops on this rank with a warning (the other ranks see the same
+        error, or time out once, and stop too)."""
         ranks = self._ranks
         assert ranks is not None
+        if not self._writes and self.tap is not None:
+            for line in self.tap.failures[self._told_failures :]:
+                ranks.tell(line)  # a layer switched off on this rank: rank 0 says so
+            self._told_failures = len(self.tap.failures)
         try:
-            return ranks.gather(snap, step=step, epoch=epoch)
+            return ranks.gather(snap, step=step, epoch=epoch, error=why)
         except Exception as err:
             self._ranks = None
             self._warn(
@@ -458,13 +563,39 @@ class BNProbeBase:
             )
             return None
 
+    def _agree(self, value: int, op: str) -> int:
+        """:meth:`RankGather.agree`, or ``value`` once gathering stopped (see :meth:`_exchange`)."""
+        ranks = self._ranks
+        if ranks is None:
+            return value
+        try:
+            return ranks.agree(value, op)
+        except Exception as err:
+            self._ranks = None
+            self._warn(
+                f"BNProbe: agreeing with the other ranks failed with {type(err).__name__}: "
+                f"{err}. Rank 0's table now holds its own rows only; training goes on."
+            )
+            return value
+
+    def _guarded(self, what: str, fn: Any) -> str | None:
+        """Run ``fn`` under the recorder's guard; why it failed (now or before), or None."""
+        self.recorder.guard(what, fn)
+        why = self.recorder.failures.get(what)
+        return None if why is None else f"{what} failed with {why}"
+
+    def _setup_failed(self) -> str:
+        why = self.recorder.failures.get("setting up", "the probe was not set up")
+        return f"setting up failed with {why}"
+
     def _record(self, snap: Snapshot) -> None:
         if self._writes:
             self.recorder.record(snap)
 
-    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+    def _probe(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, held: list[Any]
+    ) -> None:
         assert self.tap is not None
-        held = [b for b in self._recal_batches if b is not batch]
         epoch, rank = int(trainer.current_epoch), int(trainer.global_rank)
         snap = probe(
             self.tap, pl_module, self.layers, batch, held, int(trainer.global_step), epoch, rank
@@ -489,10 +620,13 @@ class BNProbeBase:
         return folder
 
     def _warn(self, message: str) -> None:
-        """Warn once per message, on rank zero only (``rank_zero_warn``)."""
+        """Warn once per message, on rank zero only (``rank_zero_warn``); under DDP another
+        rank's message goes to rank 0 with the next gather, which warns naming that rank."""
         if message in self._warned:
             return
         self._warned.add(message)
+        if self._ranks is not None and not self._writes:
+            self._ranks.tell(message)
         _warn(message, stacklevel=4)
 
 

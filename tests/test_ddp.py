@@ -167,3 +167,73 @@ def test_multi_process_layout_has_a_rank_divergence_chart(ddp_out: Path) -> None
     train = next(c for c in layout.category if c.title == "bnprobe/train")
     assert "rank_divergence" in [chart.title for chart in train.chart]
     assert any(t.startswith("bnprobe/train/rank_divergence/") for t in acc.Tags()["scalars"])
+
+
+# -- a failure on one rank: every rank finishes, rank 0 says which rank and why ------------------
+FAIL_TIMEOUT_S = 240  # four fits; a rank left waiting fails after the 20 s process-group timeout
+
+
+@pytest.fixture(scope="module")
+def fail_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path_factory.mktemp("ddp_fail")
+    launch_ranks("tests.ddp_fail_run", out, cwd=ROOT, timeout=FAIL_TIMEOUT_S)
+    return out
+
+
+def _said(out: Path, run: str, rank: int = 0) -> list[str]:
+    return json.loads((out / run / f"rank{rank}" / "warnings.json").read_text())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("run", "cause"),
+    [
+        ("collect", "collecting measurements failed with RuntimeError: collect injected"),
+        ("start", "starting a measurement failed with RuntimeError: start injected"),
+        ("encode", "building its rows to send failed with ValueError: encode injected"),
+    ],
+)
+def test_rank_whose_rows_fail_is_named_once_and_training_finishes(
+    fail_out: Path, run: str, cause: str
+) -> None:
+    from tests.ddp_fail_run import STEPS
+
+    for rank in (0, 1):  # both ranks finished every step (launch_ranks also checked exit 0)
+        assert (fail_out / run / f"rank{rank}" / "done").read_text() == str(STEPS)
+    said = _said(fail_out, run)
+    about = [m for m in said if m.startswith("BNProbe (rank 1):")]
+    assert len(about) == 1, said
+    assert cause in about[0] and "rows are missing from rank 0's table from step 0" in about[0]
+    assert not [m for m in said if "rank 0" in m.split(":")[0]]  # rank 0 itself is fine
+    df = pd.read_parquet(fail_out / run / "rank0" / "table.parquet")
+    train = df[df["stage"] == "train"]
+    assert sorted(train[train["rank"] == 0]["step"].unique()) == list(range(STEPS))
+    assert (train["rank"] == 1).sum() == 0  # nothing from rank 1, and said so above
+    assert (df["stage"] == "val").any() and (df["stage"] == "probe").any()
+
+
+def test_a_probe_failing_on_one_rank_is_named_and_its_rows_still_arrive(fail_out: Path) -> None:
+    from tests.ddp_fail_run import STEPS
+
+    for rank in (0, 1):
+        assert (fail_out / "probe" / f"rank{rank}" / "done").read_text() == str(STEPS)
+    said = _said(fail_out, "probe")
+    about = [m for m in said if m.startswith("BNProbe (rank 1):")]
+    assert len(about) == 1, said
+    assert "the train/eval probe failed with ValueError: check_mismatch could not run" in about[0]
+    df = pd.read_parquet(fail_out / "probe" / "rank0" / "table.parquet")
+    train = df[df["stage"] == "train"]
+    for rank in (0, 1):  # rank 1's rows are present where they could be: every train step
+        assert sorted(train[train["rank"] == rank]["step"].unique()) == list(range(STEPS))
+    assert (df["stage"] == "probe").any()  # rank 0's own probe ran
+
+
+def test_gather_every_is_checked_and_gathers_every_kth_measured_step() -> None:
+    from bnprobe import BNProbe
+
+    with pytest.raises(ValueError, match=r"gather_every=.*positive int; got 0"):
+        BNProbe(gather_every=0)
+    probe = BNProbe(every_n_steps=5, gather_every=3)
+    probe._every = 5
+    assert [s for s in range(0, 60, 5) if probe._gathers(s)] == [0, 15, 30, 45]

@@ -1,0 +1,232 @@
+"""What measuring every step costs rank 0 under DDP, against what one process pays for it.
+
+Issue 16 item 4's target: under 2-process DDP (gloo, CPU) the probe's cost per step on rank 0
+is no more than 1.2x its cost in a single process for the same layers. Configurations, each a
+real ``Trainer.fit`` in fresh processes, run interleaved in rounds (round 1 runs each once, then
+round 2, ...), so slow drift of a shared machine hits all alike:
+
+- ``single_none`` / ``single_none_again``: one process, no probe (the second is an A/A control:
+  its ratio to the first shows the noise);
+- ``single_probe``: one process, ``BNProbe(every_n_steps=1, histograms=False)``;
+- ``ddp_none`` / ``ddp_none_again`` / ``ddp_probe``: the same on two gloo processes (rank 0
+  timed).
+
+The measure is rank 0's **process CPU time** per training step (``time.process_time`` between
+consecutive ``on_train_batch_end`` of a callback placed last), the median over the steps after
+``--warmup``; per round, the probe's cost is ``probe - none`` of the same setting, and the
+ratio reported is ``(ddp_probe - ddp_none) / (single_probe - single_none)`` (median and range
+over rounds), with ``ddp_probe / ddp_none`` and ``single_probe / single_none`` beside it.
+
+Usage::
+
+    .venv/bin/python benchmarks/ddp_overhead.py                  # the real run (quiet machine)
+    .venv/bin/python benchmarks/ddp_overhead.py --rounds 1 --steps 30 --layers 4   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = (
+    "single_none",
+    "single_none_again",
+    "single_probe",
+    "ddp_none",
+    "ddp_none_again",
+    "ddp_probe",
+)
+
+
+def worker(
+    config: str, out: Path, layers: int, width: int, steps: int, warmup: int, profile: Path | None
+) -> None:
+    """One rank of one configuration: fit and write rank 0's CPU ms per step; with ``profile``
+    (a folder) each rank also writes its cProfile statistics of the fit there
+    (``<config>.rank<r>.prof``)."""
+    import pytorch_lightning as pl
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bnprobe import BNProbe
+
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            blocks: list[nn.Module] = []
+            for _ in range(layers):
+                blocks += [nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU()]
+            self.body = nn.Sequential(*blocks)
+            self.head = nn.Linear(width, 4)
+
+        def training_step(self, batch: Any, idx: int) -> Any:
+            x, y = batch
+            return F.cross_entropy(self.head(self.body(x)), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    class Clock(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.times.append(time.process_time())
+
+    gen = torch.Generator().manual_seed(rank)
+    n = 32 * (steps + 1)
+    data = DataLoader(
+        TensorDataset(torch.randn(n, width, generator=gen), torch.randint(4, (n,), generator=gen)),
+        batch_size=32,
+    )
+    clock = Clock()
+    callbacks: list[pl.Callback] = [clock]
+    if config.endswith("probe"):
+        callbacks.insert(0, BNProbe(every_n_steps=1, histograms=False, summary=False))
+    ddp = config.startswith("ddp")
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=2 if ddp else 1,
+            strategy="ddp" if ddp else "auto",
+            max_steps=steps,
+            default_root_dir=tmp,
+            logger=pl.loggers.TensorBoardLogger(tmp),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            use_distributed_sampler=False,
+            log_every_n_steps=50,
+            callbacks=callbacks,
+        )
+        if profile is not None:
+            import cProfile
+
+            profiler = cProfile.Profile(time.process_time)  # CPU, not waits
+            profiler.runcall(trainer.fit, Net(), data)
+            profiler.dump_stats(profile / f"{config}.rank{rank}.prof")
+        else:
+            trainer.fit(Net(), data)
+    if rank == 0:
+        gaps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)][warmup:]
+        out.write_text(json.dumps({"ms": 1e3 * statistics.median(gaps)}))
+
+
+def run(config: str, args: argparse.Namespace, folder: Path) -> float:
+    out = folder / f"{config}.json"
+    ddp = config.startswith("ddp")
+    cmd = [sys.executable, __file__, "--worker", config, "--out", str(out)]
+    cmd += ["--layers", str(args.layers), "--width", str(args.width)]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--profile", str(args.profile)] if args.profile else []
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    procs = []
+    if ddp:
+        sys.path.insert(0, str(ROOT))
+        from tests.launch import free_port
+
+        port = str(free_port())
+        for rank in range(2):
+            rank_env = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2")
+            rank_env |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0"}
+            procs.append(subprocess.Popen(cmd, env=rank_env, stdout=subprocess.DEVNULL))
+    else:
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
+    for proc in procs:
+        if proc.wait(timeout=args.timeout) != 0:
+            raise RuntimeError(f"{config} failed")
+    return float(json.loads(out.read_text())["ms"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--worker")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="a folder: run single_probe and ddp_probe once each under cProfile, write each "
+        "rank's statistics there (<config>.rank<r>.prof) and print bnprobe's share per step",
+    )
+    args = parser.parse_args()
+    if args.worker:
+        worker(
+            args.worker, args.out, args.layers, args.width, args.steps, args.warmup, args.profile
+        )
+        return
+    if args.profile:
+        profile(args)
+        return
+    rows: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for config in CONFIGS:
+                rows[config].append(run(config, args, Path(tmp)))
+            print(f"round {r + 1}: " + ", ".join(f"{c} {rows[c][-1]:.2f} ms" for c in CONFIGS))
+
+    def summary(values: list[float]) -> str:
+        return f"{statistics.median(values):.3f} ({min(values):.3f}..{max(values):.3f})"
+
+    def per_round(f: Any) -> list[float]:
+        return [f(*(rows[c][i] for c in CONFIGS)) for i in range(args.rounds)]
+
+    print(f"\n{args.layers} BN layers of width {args.width}, rank 0 CPU ms per step, median:")
+    for c in CONFIGS:
+        print(f"  {c:18s} {statistics.median(rows[c]):8.3f}")
+    print("ratios per round, median (min..max):")
+    print("  A/A single none_again/none  ", summary(per_round(lambda a, b, *_: b / a)))
+    print("  A/A ddp    none_again/none  ", summary(per_round(lambda *v: v[4] / v[3])))
+    print("  single probe/none           ", summary(per_round(lambda a, b, p, *_: p / a)))
+    print("  ddp    probe/none           ", summary(per_round(lambda *v: v[5] / v[3])))
+    print(
+        "  probe cost ddp/single       ",
+        summary(per_round(lambda *v: (v[5] - v[3]) / max(v[2] - v[0], 1e-9))),
+        "(target <= 1.2)",
+    )
+
+
+def profile(args: argparse.Namespace) -> None:
+    """Where the probe's time goes per step: cProfile of single_probe and ddp_probe (each
+    rank), the callback's hooks and bnprobe's heaviest functions, cumulative ms per step."""
+    import pstats
+
+    args.profile.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in ("single_probe", "ddp_probe"):
+            run(config, args, Path(tmp))
+    for name in ("single_probe.rank0", "ddp_probe.rank0", "ddp_probe.rank1"):
+        stats = pstats.Stats(str(args.profile / f"{name}.prof"))
+        rows = []
+        for (file, line, func), (_, calls, _, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
+            if "bnprobe" in file and "benchmarks" not in file:
+                rows.append((cum, calls, f"{Path(file).name}:{line}({func})"))
+        rows.sort(reverse=True)
+        print(
+            f"\n{name}: bnprobe functions, cumulative CPU ms per step, calls ({args.steps} steps)"
+        )
+        for cum, calls, where in rows[:30]:
+            print(f"  {1e3 * cum / args.steps:8.3f}  {calls:7d}  {where}")
+
+
+if __name__ == "__main__":
+    main()
