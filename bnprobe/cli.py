@@ -271,9 +271,7 @@ def _report(args: argparse.Namespace) -> int:
     if df.empty:
         raise CLIError(f"{args.run}: the run holds no bnprobe rows yet")
     single = len(runs.tables) == 1
-    digests = {
-        None if single else name: d for name, d in runs.digests.items() if len(d.table())
-    }
+    digests = {None if single else name: d for name, d in runs.digests.items() if len(d.table())}
     findings = diagnose_digests(digests)  # each run on its own
     code = exit_code(findings, args.fail_on)
     steps = {name: d.steps() for name, d in digests.items()}

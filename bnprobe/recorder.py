@@ -215,7 +215,7 @@ class Recorder:
         if DIGEST in self.failures:
             df = self.to_dataframe()
             return format_report(df, diagnose(df))
-        steps = {None: self.digest.steps()}
+        steps: dict[str | None, dict[str, dict[str, int | None]]] = {None: self.digest.steps()}
         return format_report(self.digest.table(), self.digest.diagnose(), steps=steps)
 
     def steps(self) -> dict[str, dict[str, int | None]]:

@@ -108,7 +108,7 @@ def long_run() -> pd.DataFrame:
 
 
 def test_a_run_within_the_windows_is_kept_whole_and_judged_identically() -> None:
-    df = synthetic(200, collapse_at=120, nan_at=50)
+    df = synthetic(150, collapse_at=120, nan_at=50)
     d = _fed(df)
     assert d.rows_kept == d.rows_seen == len(df)
     pd.testing.assert_frame_equal(d.table(), df)

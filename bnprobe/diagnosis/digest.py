@@ -16,8 +16,8 @@ What it keeps, per stage:
   for each (rank, layer, metric) the bucket's first and last row, the first row where the value
   changes, the first non-finite value, and the first rows with the smallest and the largest
   value of the metrics in :data:`EXTREMES`; each kept (layer, step) keeps all its metrics and
-  every rank, so wide rows stay whole. Buckets are merged pairwise when more than ``buckets``
-  exist, so the middle stays bounded.
+  every rank, so wide rows stay whole. Neighbouring buckets are merged when more than ``buckets``
+  exist (the pair spanning the fewest steps), so the middle stays bounded.
 
 Per-channel rows are kept only where a rule reads them: non-finite values (``nonfinite``) and,
 for tables without ``var_small_frac`` (bnprobe before 0.2), ``batch_var`` of stage train.
@@ -34,7 +34,6 @@ This module imports no torch and no Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -42,14 +41,14 @@ import pandas as pd
 
 from bnprobe import store
 
-HEAD_STEPS = 64
+HEAD_STEPS = 32
 """Measured steps per stage kept whole from the start of a run."""
-TAIL_STEPS = 256
+TAIL_STEPS = 128
 """Latest measured steps per stage kept whole."""
-BUCKET_STEPS = 64
+BUCKET_STEPS = 32
 """Steps per middle bucket when it is closed (before any merge)."""
-MAX_BUCKETS = 32
-"""Middle buckets per stage; beyond, neighbours are merged pairwise."""
+MAX_BUCKETS = 16
+"""Middle buckets per stage; beyond, the two neighbours spanning the fewest steps are merged."""
 
 EXTREMES: frozenset[str] = frozenset(
     {
@@ -174,7 +173,12 @@ class Digest:
                 raise ValueError(f"Digest {name} must be an integer >= 1; got {value!r}")
         if not isinstance(buckets, int) or buckets < 2:
             raise ValueError(f"Digest buckets must be an integer >= 2; got {buckets!r}")
-        self.head, self.tail, self.bucket_steps, self.max_buckets = head, tail, bucket_steps, buckets
+        self.head, self.tail, self.bucket_steps, self.max_buckets = (
+            head,
+            tail,
+            bucket_steps,
+            buckets,
+        )
         self.rows_seen = 0
         self._stages: dict[str, _Stage] = {}
         self._legacy = True  # no var_small_frac row seen yet: keep channel batch_var of train
@@ -237,8 +241,8 @@ class Digest:
         if counted.any():
             keep |= counted & np.fromiter((m in _COUNTS for m in metric), bool, len(metric))
         if self._legacy and stage == "train":
-            keep |= metric == "batch_var"
-        return keep
+            keep |= np.asarray(metric == "batch_var", dtype=bool)
+        return np.asarray(keep, dtype=bool)
 
     def _add_block(self, block: Block) -> None:
         """A block of one stage and one step, its seq not yet set."""
@@ -280,14 +284,11 @@ class Digest:
         rows = _concat(st.open)
         st.buckets.append((min(st.open_steps), max(st.open_steps), _select(rows)))
         st.open, st.open_steps = [], set()
-        if len(st.buckets) > self.max_buckets:
-            merged = []
-            for i in range(0, len(st.buckets) - 1, 2):
-                (a, _, x), (_, b, y) = st.buckets[i], st.buckets[i + 1]
-                merged.append((a, b, _select(_concat([x, y]))))
-            if len(st.buckets) % 2:
-                merged.append(st.buckets[-1])
-            st.buckets = merged
+        if len(st.buckets) > self.max_buckets:  # one merge per close: no spike of work
+            spans = [st.buckets[i + 1][1] - st.buckets[i][0] for i in range(len(st.buckets) - 1)]
+            i = int(np.argmin(spans))
+            (a, _, x), (_, b, y) = st.buckets[i], st.buckets[i + 1]
+            st.buckets[i : i + 2] = [(a, b, _select(_concat([x, y])))]
 
     # -- reading -------------------------------------------------------------------------------
     @property
@@ -458,9 +459,7 @@ def _select(rows: Block) -> Block:
     return rows.take(np.flatnonzero(keep))
 
 
-def diagnose_digests(
-    digests: dict[str | None, Digest], *, thresholds: Any = None
-) -> list[Any]:
+def diagnose_digests(digests: dict[str | None, Digest], *, thresholds: Any = None) -> list[Any]:
     """The findings of several runs' digests, as :func:`bnprobe.diagnose` gives them for a
     table with a ``run`` column (each run on its own, findings carry ``run``)."""
     from dataclasses import replace

@@ -110,7 +110,7 @@ class _Coded:
 
     @property
     def values(self) -> np.ndarray:
-        return self.categories[self.codes]
+        return np.asarray(self.categories[self.codes], dtype=object)
 
 
 def _strings(column: pa.Array) -> _Coded:
@@ -124,7 +124,7 @@ def _strings(column: pa.Array) -> _Coded:
 def _ints(column: pa.Array, na: int = 0) -> np.ndarray:
     if column.null_count:
         column = column.fill_null(na)
-    return column.to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 __all__ = ["BATCH_ROWS", "digest_parts", "digest_runs"]
