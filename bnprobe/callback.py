@@ -225,17 +225,13 @@ class BNProbeBase:
         return self.store.to_dataframe(**filters)
 
     def findings(self) -> list[Finding]:
-        """What is wrong with the BN layers so far, in plain words (:func:`bnprobe.diagnose`)."""
-        from bnprobe.diagnosis import diagnose
-
-        return diagnose(self.to_dataframe())
+        """What is wrong with the BN layers so far, in plain words (:func:`bnprobe.diagnose`,
+        from the recorder's running state: the cost does not grow with the run)."""
+        return self.recorder.findings()
 
     def report(self) -> str:
         """A readable summary: latest key metrics per layer, then findings with advice."""
-        from bnprobe.diagnosis import diagnose, format_report
-
-        df = self.to_dataframe()
-        return format_report(df, diagnose(df))
+        return self.recorder.report()
 
     @property
     def store_dir(self) -> Path | None:
@@ -470,7 +466,7 @@ class BNProbeBase:
         """What the end-of-fit summary prints: what was watched and for how long, what was
         switched off and why, the findings of severity warning or error, and where to look."""
         return summary_text(
-            self.to_dataframe(),
+            self.recorder.steps(),
             self.findings(),
             layers=len(self.layer_names),
             every=self._every,

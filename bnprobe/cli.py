@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
+    from bnprobe.diagnosis.digest import Digest
+
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
 
 RUN_HELP = (
@@ -49,9 +51,15 @@ class DataError(CLIError):
 class Runs:
     """The runs read from a RUN argument, and the problems met reading them."""
 
-    def __init__(self, tables: dict[str, pd.DataFrame], problems: list[str]) -> None:
+    def __init__(
+        self,
+        tables: dict[str, pd.DataFrame],
+        problems: list[str],
+        digests: dict[str, Digest] | None = None,
+    ) -> None:
         self.tables = tables
         self.problems = problems
+        self.digests = digests or {}
 
     def table(self) -> pd.DataFrame:
         """One table: the plain SPEC table of one run, or every run with a ``run`` column."""
@@ -62,25 +70,39 @@ class Runs:
         return with_runs(self.tables)
 
 
-def read_run(path: str | Path, run: str | None = None) -> Runs:
+def read_run(path: str | Path, run: str | None = None, *, stream: bool = False) -> Runs:
     """Every run at ``path``: from its parquet store where it has one, else from its
     TensorBoard event files (run names as :func:`bnprobe.load` and
-    :func:`bnprobe.read_tensorboard` give them). ``run`` picks one of them."""
+    :func:`bnprobe.read_tensorboard` give them). ``run`` picks one of them.
+
+    ``stream=True`` (``bnprobe report``): a store's part files are streamed into a
+    :class:`~bnprobe.diagnosis.digest.Digest` per run (:mod:`bnprobe.diagnosis.stream`) and
+    :attr:`Runs.tables` holds the digests' tables, :attr:`Runs.digests` the digests."""
     root = Path(path)
     if not root.exists():
         raise CLIError(f"{root}: no such file or folder")
     problems: list[str] = []
+    digests: dict[str, Digest] = {}
     if root.is_file():
         tables = _read_file(root)
     else:
-        tables, problems = _read_folder(root)
+        tables, problems, digests = _read_folder(root, stream)
+    if stream:
+        from bnprobe.diagnosis.digest import Digest
+
+        for name, table in tables.items():
+            if name not in digests:
+                digests[name] = Digest()
+                digests[name].add(table)
+        tables = {name: d.table() for name, d in digests.items()}
     if run is not None:
         if run not in tables:
             raise CLIError(
                 f"{root}: no run {run!r}; the runs here are: {', '.join(map(repr, tables))}"
             )
         tables = {run: tables[run]}
-    return Runs(tables, problems)
+        digests = {run: digests[run]} if run in digests else {}
+    return Runs(tables, problems, digests)
 
 
 def _read_file(path: Path) -> dict[str, pd.DataFrame]:
@@ -102,23 +124,32 @@ def _read_file(path: Path) -> dict[str, pd.DataFrame]:
         raise DataError(f"{path} could not be read: {type(err).__name__}: {err}") from None
 
 
-def _read_folder(root: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
+def _read_folder(
+    root: Path, stream: bool = False
+) -> tuple[dict[str, pd.DataFrame], list[str], dict[str, Digest]]:
+    """The runs of a folder: tables (of event-file runs, and of stores unless ``stream``),
+    problems, and with ``stream`` a digest per store run."""
+    from bnprobe.diagnosis.stream import digest_runs
     from bnprobe.store import StoreError, load_runs
     from bnprobe.tensorboard import read_runs
 
     problems: list[str] = []
     tables: dict[str, pd.DataFrame] = {}
+    digests: dict[str, Digest] = {}
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                tables = load_runs(root)
+                if stream:
+                    digests = digest_runs(root)[0]
+                else:
+                    tables = load_runs(root)
             except FileNotFoundError:
                 pass
             except StoreError as err:
                 problems.append(str(err))
         problems += [str(w.message) for w in caught if str(w.message).startswith("bnprobe")]
-        store_runs = list(tables)  # a run whose store could not be read falls back to events
+        store_runs = list(tables) + list(digests)  # unreadable stores fall back to events
         event_runs = sorted(
             {p.parent.relative_to(root).as_posix() for p in root.rglob("events.out.tfevents.*")}
         )
@@ -131,14 +162,15 @@ def _read_folder(root: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
             tables.update({r: t for r, t in from_events.items() if r in uncovered})
     except Exception as err:  # anything else that stops reading: data, not a finding
         raise DataError(f"{root} could not be read: {type(err).__name__}: {err}") from None
-    if not tables:
+    if not tables and not digests:
         if problems:
             raise DataError(problems[-1])
         raise CLIError(
             f"{root}: no bnprobe data here (neither a parquet store nor TensorBoard event files "
             f"with bnprobe tags). RUN is {RUN_HELP}."
         )
-    return dict(sorted(tables.items())), problems
+    names = sorted([*tables, *digests])
+    return dict(sorted(tables.items())), problems, {n: digests[n] for n in names if n in digests}
 
 
 def _covered(event_run: str, store_runs: list[str]) -> bool:
@@ -231,15 +263,19 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from bnprobe.diagnosis import diagnose, exit_code, format_report
+    from bnprobe.diagnosis import exit_code, format_report
+    from bnprobe.diagnosis.digest import diagnose_digests
 
-    runs = read_run(args.run, args.run_name)
+    runs = read_run(args.run, args.run_name, stream=True)  # bounded memory, any run length
     df = runs.table()
     if df.empty:
         raise CLIError(f"{args.run}: the run holds no bnprobe rows yet")
-    findings = diagnose(df)  # each run on its own
+    single = len(runs.tables) == 1
+    digests = {None if single else name: d for name, d in runs.digests.items() if len(d.table())}
+    findings = diagnose_digests(digests)  # each run on its own
     code = exit_code(findings, args.fail_on)
-    text = format_report(df, findings, fmt=args.format)
+    steps = {name: d.steps() for name, d in digests.items()}
+    text = format_report(df, findings, fmt=args.format, steps=steps)
     _warn("report", runs.problems)
     _emit(text)
     if runs.problems and code == EXIT_OK:

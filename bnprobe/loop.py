@@ -154,19 +154,13 @@ class Watcher:
 
     def report(self) -> str:
         """Latest key metrics per layer, then findings with advice (:func:`bnprobe.diagnose`)."""
-        from bnprobe.diagnosis import diagnose, format_report
-
-        df = self.to_dataframe()
-        return format_report(df, diagnose(df))
+        return self.recorder.report()
 
     def summary(self) -> str:
         """What was watched, what was switched off, the serious findings (as the callback)."""
-        from bnprobe.diagnosis import diagnose
-
-        df = self.to_dataframe()
         return summary_text(
-            df,
-            diagnose(df),
+            self.recorder.steps(),
+            self.recorder.findings(),
             layers=len(self.tap.layers),
             every=self.every_n_steps,
             off=switched_off(self.recorder.failures, self.tap),

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pandas as pd
 
 from bnprobe import tensorboard as tb
+from bnprobe.diagnosis.digest import Digest
 from bnprobe.store import STORE_NAME, Store
 from bnprobe.tensorboard import checksum
 
@@ -93,6 +94,8 @@ class Recorder:
         self._last_flush = time.monotonic()
         self._checksums = False
         self._said_no_figures = False
+        self.digest = Digest()
+        """The running diagnosis: what the rules need of every recorded row, bounded."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, charts: dict[str, tuple[str, ...]] | None = None) -> None:
@@ -140,6 +143,7 @@ class Recorder:
         ``spill_rows`` unsaved rows (so memory stays bounded however long the run)."""
         for part in snapshot.parts:
             self.store.append(part)
+        self.guard(DIGEST, partial(_digest, self.digest, snapshot.parts))
         keep = self.scalars
         for writer, root in self.writers:
             write = partial(tb.write_snapshot, writer, snapshot, keep, root)
@@ -197,6 +201,34 @@ class Recorder:
                 "That part of the probe is now off; training goes on."
             )
 
+    # -- diagnosis -------------------------------------------------------------------------------
+    def findings(self) -> list[Finding]:
+        """:func:`bnprobe.diagnose` of what was recorded, from the running state (its cost does
+        not grow with the run); from the whole table if that state was switched off."""
+        from bnprobe.diagnosis import diagnose
+
+        if DIGEST in self.failures:
+            return diagnose(self.to_dataframe())
+        return self.digest.diagnose()
+
+    def report(self) -> str:
+        """:func:`bnprobe.diagnosis.format_report` of what was recorded (as :meth:`findings`)."""
+        from bnprobe.diagnosis import diagnose, format_report
+
+        if DIGEST in self.failures:
+            df = self.to_dataframe()
+            return format_report(df, diagnose(df))
+        steps: dict[str | None, dict[str, dict[str, int | None]]] = {None: self.digest.steps()}
+        return format_report(self.digest.table(), self.digest.diagnose(), steps=steps)
+
+    def steps(self) -> dict[str, dict[str, int | None]]:
+        """Per stage: measured steps ``count``, ``first`` and ``last`` (:meth:`Digest.steps`)."""
+        if DIGEST in self.failures:
+            from bnprobe.diagnosis.report import stage_steps
+
+            return stage_steps(self.to_dataframe())
+        return self.digest.steps()
+
     # -- reading ---------------------------------------------------------------------------------
     def to_dataframe(self, **filters: Any) -> pd.DataFrame:
         """Every row recorded so far (SPEC schema), read from the store's part files; filters
@@ -230,7 +262,7 @@ def switched_off(failures: dict[str, str], tap: BNTap | None) -> dict[str, str]:
 
 
 def summary_text(
-    df: pd.DataFrame,
+    steps: dict[str, dict[str, int | None]],
     findings: list[Finding],
     *,
     layers: int,
@@ -239,21 +271,24 @@ def summary_text(
     run_dir: Path | None,
     report_call: str = "BNProbe.report()",
 ) -> str:
-    """What was watched and for how long, what was switched off and why, the findings of
-    severity warning or error, and where to look."""
-    steps = df.loc[df["stage"] == "train", "step"]
+    """What was watched and for how long (``steps``: per stage, the ``count``, ``first`` and
+    ``last`` measured step, :meth:`Recorder.steps`), what was switched off and why, the findings
+    of severity warning or error, and where to look."""
+    train = steps.get("train", {})
     watched = f"bnprobe watched {_plural(layers, 'BatchNorm layer')}"
-    if steps.empty:
+    measured = bool(train.get("count"))
+    if not measured:
         lines = [f"{watched} but measured no training step, so there is nothing to judge."]
     else:
-        first, last = int(steps.min()), int(steps.max())
+        first, last = train["first"], train["last"]
         span = f"step {first}" if first == last else f"steps {first}..{last}"
         lines = [
-            f"{watched} at {_plural(steps.nunique(), 'training step')} ({span}, every {every})"
+            f"{watched} at {_plural(int(train['count'] or 0), 'training step')} ({span}, "
+            f"every {every})"
             + "".join(
-                f", {_plural(df.loc[df['stage'] == stage, 'step'].nunique(), what)}"
+                f", {_plural(int(steps[stage]['count'] or 0), what)}"
                 for stage, what in (("val", "validation"), ("probe", "train/eval probe"))
-                if (df["stage"] == stage).any()
+                if steps.get(stage, {}).get("count")
             )
             + "."
         ]
@@ -263,13 +298,22 @@ def summary_text(
     if serious:
         lines.append(f"{_plural(len(serious), 'BatchNorm problem')} found:")
         lines += [f"  - {finding}" for finding in serious]
-    elif not steps.empty:
+    elif measured:
         partly = " in what was measured" if off else ""
         lines.append(f"No BatchNorm problem of severity warning or error found{partly}.")
     where = f"run `bnprobe report {shlex.quote(str(run_dir))}`" if run_dir is not None else ""
     if serious or off:
         lines.append(f"  Call {report_call}" + (f" or {where}" if where else "") + " for advice.")
     return "\n".join(lines)
+
+
+DIGEST = "keeping the running diagnosis"
+"""The part name of the running diagnosis state in :attr:`Recorder.failures`."""
+
+
+def _digest(digest: Digest, parts: Sequence[Any]) -> None:
+    for part in parts:
+        digest.add(part)
 
 
 def _log_metrics(logger: MetricsLogger, snapshot: Snapshot, keep: frozenset[str] | None) -> None:

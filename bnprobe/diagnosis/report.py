@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ def format_report(
     *,
     fmt: str = "text",
     thresholds: Thresholds | None = None,
+    steps: Mapping[str | None, dict[str, dict[str, int | None]]] | None = None,
 ) -> str:
     """A readable report: per run, what was watched and the latest key metrics per layer, then
     that run's findings by severity.
@@ -46,6 +47,10 @@ def format_report(
     JSON document with the keys ``version``, ``counts`` (per severity, all runs), ``runs`` (one
     summary per run: ``run``, ``steps``, ``layers``, ``model``, ``counts``) and ``findings``
     (:meth:`Finding.to_dict`, with ``run`` when the table held several runs).
+
+    ``steps`` (per run name, None for a table without a ``run`` column) replaces the measured
+    steps counted in the table (:func:`stage_steps`): the streaming report passes the exact counts
+    of a :class:`~bnprobe.diagnosis.digest.Digest`, whose table keeps only part of a long run.
     """
     if fmt not in ("text", "json"):
         raise ValueError(f"fmt must be 'text' or 'json'; got {fmt!r}")
@@ -54,6 +59,9 @@ def format_report(
     summaries = [_summary(part, name) for name, part in runs(df)]
     if not summaries:
         summaries = [_summary(df, None)]
+    for s in summaries:
+        if steps is not None and s["run"] in steps:
+            s["steps"] = {stage: dict(v) for stage, v in steps[s["run"]].items()}
     single = len(summaries) == 1
     per_run: list[list[Finding]] = [
         [f for f in found if single or f.run == s["run"]] for s in summaries
@@ -97,19 +105,30 @@ def _count_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{counts[s]} {plural[s] if counts[s] != 1 else s}" for s in SEVERITIES)
 
 
+def stage_steps(df: pd.DataFrame) -> dict[str, dict[str, int | None]]:
+    """Per stage, over the layer aggregates of the lowest rank: the ``count`` of measured steps,
+    the ``first`` and the ``last``."""
+    base = df[df["rank"] == df["rank"].min()] if len(df) else df
+    agg = base[base["channel"].isna()]
+    steps: dict[str, dict[str, int | None]] = {}
+    for stage in ("train", "val", "probe"):
+        rows = agg.loc[agg["stage"] == stage, "step"]
+        steps[stage] = {
+            "count": int(rows.nunique()),
+            "first": int(rows.min()) if len(rows) else None,
+            "last": int(rows.max()) if len(rows) else None,
+        }
+    return steps
+
+
 def _summary(df: pd.DataFrame, run: str | None) -> dict[str, Any]:
     """Latest key metrics per layer and stage (lowest rank), and the model-level probe."""
     base = df[df["rank"] == df["rank"].min()] if len(df) else df
     agg = base[base["channel"].isna()]
-    steps: dict[str, Any] = {}
+    steps: dict[str, Any] = stage_steps(df)
     latest: dict[str, pd.DataFrame] = {}
     for stage in ("train", "val", "probe"):
         rows = agg[agg["stage"] == stage]
-        steps[stage] = {
-            "count": int(rows["step"].nunique()),
-            "first": int(rows["step"].min()) if len(rows) else None,
-            "last": int(rows["step"].max()) if len(rows) else None,
-        }
         latest[stage] = rows.sort_values("step", kind="stable").drop_duplicates(
             ["layer", "metric"], keep="last"
         )

@@ -1,0 +1,497 @@
+"""Bounded running state of one run for the diagnosis: :class:`Digest`.
+
+The rules (``shifts``, ``batches``, ``parameters``, ``variance``, ``structure``) read a table.
+A digest keeps the part of a run's table that they can be decided by, in memory bounded
+independently of the run's length, updated as rows arrive (one measured step from the recorder,
+or a batch of a parquet part from ``bnprobe report``), and hands the rules that table
+(:meth:`Digest.table`), so that streaming and full-table diagnosis run the same code.
+
+What it keeps, per stage:
+
+* every row of the first ``head`` measured steps (first measurements: zero-init gammas, variance
+  at the start, trace metrics, structure);
+* every row of the latest ``tail`` measured steps (the rules judge the latest state: trailing
+  stretches of bad rows, rolling medians over ``train_window`` steps, the latest probe);
+* in between, per bucket of steps, only the (layer, step) rows some rule could be decided by:
+  for each (rank, layer, metric) the bucket's first and last row, the first row where the value
+  changes, the first non-finite value, and the first rows with the smallest and the largest
+  value of the metrics in :data:`EXTREMES`; each kept (layer, step) keeps all its metrics and
+  every rank, so wide rows stay whole. Neighbouring buckets are merged when more than ``buckets``
+  exist (the pair spanning the fewest steps), so the middle stays bounded.
+
+Per-channel rows are kept only where a rule reads them: non-finite values (``nonfinite``) and,
+for tables without ``var_small_frac`` (bnprobe before 0.2), ``batch_var`` of stage train.
+
+A run of at most ``head + tail`` measured steps per stage is kept whole: its findings are those of
+the full table, by construction. On longer runs the kept rows are a subset, and what can differ
+from the full table is listed in docs/diagnosis.md ("Streaming diagnosis"): counts of logged
+steps quoted in messages, medians over the whole run (``small_batch``), and the first step of a
+long stretch (never earlier than the full table's, later by at most :attr:`Digest.resolution`).
+The step counts of the report's summary are exact (:meth:`Digest.steps`).
+
+This module imports no torch and no Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from bnprobe import store
+
+HEAD_STEPS = 32
+"""Measured steps per stage kept whole from the start of a run."""
+TAIL_STEPS = 128
+"""Latest measured steps per stage kept whole."""
+BUCKET_STEPS = 32
+"""Steps per middle bucket when it is closed (before any merge)."""
+MAX_BUCKETS = 16
+"""Middle buckets per stage; beyond, the two neighbours spanning the fewest steps are merged."""
+
+EXTREMES: frozenset[str] = frozenset(
+    {
+        "batch_var",
+        "running_mean",
+        "running_var",
+        "mean_shift",
+        "var_shift",
+        "kl",
+        "mean_shift_excess",
+        "var_shift_excess",
+        "local_gap",
+        "logits_gap",
+        "pred_agreement",
+        "recal_pred_change",
+        "batch_size",
+        "samples_per_channel",
+        "gamma_small_frac",
+        "gamma_drift",
+        "beta_drift",
+        "var_small_frac",
+        "rank_divergence",
+        "nonfinite",
+        "running_invalid",
+        "forward_calls",
+        "momentum",
+        "train_mode",
+        "has_running_stats",
+        "input_dropout",
+        "input_bias",
+    }
+)
+"""Metrics whose smallest and largest value per bucket are kept (a rule compares them with a
+threshold, or looks for their worst value)."""
+
+READ_METRICS: frozenset[str] = EXTREMES | frozenset(
+    {
+        "batch_mean",
+        "eps",
+        "warmup_residual",
+        "num_batches_tracked",
+        "mean_shift_max",
+        "var_shift_max",
+        "mean_shift_excess_max",
+        "var_shift_excess_max",
+        "output_gap",
+        "recal_logits_shift",
+        "gamma_mean",
+        "gamma_std",
+        "beta_mean",
+        "beta_std",
+        "gamma",
+        "beta",
+        "model_train_mode",
+    }
+)
+"""Every metric the rules and the report's summary read: ``bnprobe report`` reads only these."""
+
+_NONFINITE = frozenset(
+    {"batch_mean", "batch_var", "running_mean", "running_var", "gamma_mean", "gamma_std"}
+    | {"beta_mean", "beta_std", "gamma", "beta"}
+)
+_COUNTS = ("nonfinite", "running_invalid")
+
+
+class Block(NamedTuple):
+    """Rows as parallel columns; ``seq`` is the arrival order, ``channel`` -1 for aggregates."""
+
+    seq: np.ndarray
+    step: np.ndarray
+    epoch: np.ndarray
+    stage: np.ndarray
+    rank: np.ndarray
+    layer: np.ndarray
+    channel: np.ndarray
+    metric: np.ndarray
+    value: np.ndarray
+
+    def take(self, idx: np.ndarray) -> Block:
+        return Block(*(c[idx] for c in self))
+
+    @property
+    def n(self) -> int:
+        return len(self.seq)
+
+
+def _concat(blocks: list[Block]) -> Block:
+    if len(blocks) == 1:
+        return blocks[0]
+    return Block(*(np.concatenate(cols) for cols in zip(*blocks, strict=True)))
+
+
+class _Stage:
+    """The kept rows of one stage."""
+
+    def __init__(self) -> None:
+        self.head: list[Block] = []
+        self.head_steps: set[int] = set()
+        self.tail: dict[int, list[Block]] = {}
+        self.open: list[Block] = []
+        self.open_steps: set[int] = set()
+        self.buckets: list[tuple[int, int, Block]] = []  # (first step, last step, rows)
+
+
+class Digest:
+    """The bounded running state of one run that the rules are run on (module docstring).
+
+    ``add`` rows as they arrive (:class:`bnprobe.store.Rows` or a table with the SPEC columns),
+    then :meth:`diagnose` (or :meth:`table` for :func:`bnprobe.diagnose` and the report).
+    """
+
+    def __init__(
+        self,
+        *,
+        head: int = HEAD_STEPS,
+        tail: int = TAIL_STEPS,
+        bucket_steps: int = BUCKET_STEPS,
+        buckets: int = MAX_BUCKETS,
+    ) -> None:
+        for name, value in (("head", head), ("tail", tail), ("bucket_steps", bucket_steps)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Digest {name} must be an integer >= 1; got {value!r}")
+        if not isinstance(buckets, int) or buckets < 2:
+            raise ValueError(f"Digest buckets must be an integer >= 2; got {buckets!r}")
+        self.head, self.tail, self.bucket_steps, self.max_buckets = (
+            head,
+            tail,
+            bucket_steps,
+            buckets,
+        )
+        self.rows_seen = 0
+        self._stages: dict[str, _Stage] = {}
+        self._legacy = True  # no var_small_frac row seen yet: keep channel batch_var of train
+        self._counts: dict[tuple[str, int], list[int]] = {}  # (stage, rank) -> [n, first, last]
+        self._cache: pd.DataFrame | None = None
+
+    # -- feeding -------------------------------------------------------------------------------
+    def add(self, rows: store.Rows | pd.DataFrame) -> None:
+        """Take rows of the run (any number of steps; the steps of a stage in order)."""
+        if isinstance(rows, store.Rows):
+            self._add_rows(rows)
+        else:
+            self.add_columns(columns(rows))
+
+    def add_columns(self, cols: dict[str, np.ndarray]) -> None:
+        """Take rows given as numpy arrays, one per SPEC column (:func:`columns`)."""
+        for block in _blocks(cols, self):
+            self._add_block(block)
+
+    def _add_rows(self, rows: store.Rows) -> None:
+        n = len(rows.metrics)
+        if n == 0:
+            return
+        value = np.asarray(rows.values, dtype=np.float64)
+        metric = np.asarray(rows.metrics, dtype=object)
+        layer = np.asarray(rows.layers, dtype=object)
+        if rows.channels is None:
+            channel = np.full(n, -1, dtype=np.int64)
+            if self._legacy and "var_small_frac" in rows.metrics:
+                self._legacy = False
+            self._count(rows.stage, rows.rank, rows.step)
+        else:
+            keep = self._channel_keep(rows.stage, metric, value)
+            if not keep.any():
+                self.rows_seen += n
+                return
+            idx = np.flatnonzero(keep)
+            value, metric, layer = value[idx], metric[idx], layer[idx]
+            channel = np.asarray(rows.channels, dtype=np.int64)[idx]
+        m = len(value)
+        block = Block(
+            np.arange(self.rows_seen, self.rows_seen + m, dtype=np.int64),
+            np.full(m, rows.step, dtype=np.int64),
+            np.full(m, rows.epoch, dtype=np.int64),
+            np.full(m, rows.stage, dtype=object),
+            np.full(m, rows.rank, dtype=np.int64),
+            layer,
+            channel,
+            metric,
+            value,
+        )
+        self.rows_seen += n
+        self._put(rows.stage, rows.step, block)
+
+    def _channel_keep(self, stage: str, metric: np.ndarray, value: np.ndarray) -> np.ndarray:
+        keep = ~np.isfinite(value)
+        if keep.any():
+            keep &= np.fromiter((m in _NONFINITE for m in metric), bool, len(metric))
+        counted = value > 0
+        if counted.any():
+            keep |= counted & np.fromiter((m in _COUNTS for m in metric), bool, len(metric))
+        if self._legacy and stage == "train":
+            keep |= np.asarray(metric == "batch_var", dtype=bool)
+        return np.asarray(keep, dtype=bool)
+
+    def _add_block(self, block: Block) -> None:
+        """A block of one stage and one step, its seq not yet set."""
+        n = block.n
+        block = block._replace(seq=np.arange(self.rows_seen, self.rows_seen + n, dtype=np.int64))
+        self.rows_seen += n
+        self._put(str(block.stage[0]), int(block.step[0]), block)
+
+    def _count(self, stage: str, rank: int, step: int) -> None:
+        c = self._counts.get((stage, rank))
+        if c is None:
+            self._counts[(stage, rank)] = [1, step, step]
+        elif step > c[2]:
+            c[0] += 1
+            c[2] = step
+        elif step < c[1]:
+            c[0] += 1
+            c[1] = step
+
+    def _put(self, stage: str, step: int, block: Block) -> None:
+        self._cache = None
+        st = self._stages.setdefault(stage, _Stage())
+        if step in st.head_steps or (len(st.head_steps) < self.head and step not in st.tail):
+            st.head_steps.add(step)
+            st.head.append(block)
+            return
+        if step in st.open_steps:
+            st.open.append(block)
+            return
+        st.tail.setdefault(step, []).append(block)
+        while len(st.tail) > self.tail:
+            oldest = min(st.tail)
+            st.open += st.tail.pop(oldest)
+            st.open_steps.add(oldest)
+            if len(st.open_steps) >= self.bucket_steps:
+                self._close(st)
+
+    def _close(self, st: _Stage) -> None:
+        rows = _concat(st.open)
+        st.buckets.append((min(st.open_steps), max(st.open_steps), _select(rows)))
+        st.open, st.open_steps = [], set()
+        if len(st.buckets) > self.max_buckets:  # one merge per close: no spike of work
+            spans = [st.buckets[i + 1][1] - st.buckets[i][0] for i in range(len(st.buckets) - 1)]
+            i = int(np.argmin(spans))
+            (a, _, x), (_, b, y) = st.buckets[i], st.buckets[i + 1]
+            st.buckets[i : i + 2] = [(a, b, _select(_concat([x, y])))]
+
+    # -- reading -------------------------------------------------------------------------------
+    @property
+    def rows_kept(self) -> int:
+        return sum(b.n for b in self._blocks())
+
+    @property
+    def resolution(self) -> int:
+        """The most steps one middle bucket spans (0: nothing was summarized, the table is
+        whole): how much later than the full table's a first step may be on a long run."""
+        spans = [b - a + 1 for st in self._stages.values() for a, b, _ in st.buckets]
+        return max(spans, default=0)
+
+    def _blocks(self) -> list[Block]:
+        out: list[Block] = []
+        for st in self._stages.values():
+            out += st.head
+            out += [b for _, _, b in st.buckets]
+            out += st.open
+            for blocks in st.tail.values():
+                out += blocks
+        return out
+
+    def table(self) -> pd.DataFrame:
+        """The kept rows in arrival order, SPEC schema (:data:`bnprobe.store.COLUMNS`)."""
+        if self._cache is not None:
+            return self._cache
+        blocks = [b for b in self._blocks() if b.n]
+        if not blocks:
+            self._cache = store.empty_frame()
+            return self._cache
+        rows = _concat(blocks)
+        rows = rows.take(np.argsort(rows.seq, kind="stable"))
+        channel = pd.arrays.IntegerArray(rows.channel.copy(), rows.channel < 0)
+        df = pd.DataFrame(
+            {
+                "step": rows.step,
+                "epoch": rows.epoch,
+                "stage": pd.Series(rows.stage, dtype=object),
+                "rank": rows.rank,
+                "layer": pd.Series(rows.layer, dtype=object),
+                "channel": channel,
+                "metric": pd.Series(rows.metric, dtype=object),
+                "value": rows.value,
+            }
+        )
+        self._cache = df
+        return df
+
+    def steps(self) -> dict[str, dict[str, int | None]]:
+        """Per stage, over the layer aggregates of the lowest rank: ``count`` (measured steps),
+        ``first`` and ``last`` step: exact, however long the run (steps that arrive in order)."""
+        out: dict[str, dict[str, int | None]] = {}
+        for stage in ("train", "val", "probe"):
+            ranks = sorted(r for s, r in self._counts if s == stage)
+            if ranks:
+                n, first, last = self._counts[(stage, ranks[0])]
+                out[stage] = {"count": n, "first": first, "last": last}
+            else:
+                out[stage] = {"count": 0, "first": None, "last": None}
+        return out
+
+    def diagnose(self, *, thresholds: Any = None) -> list[Any]:
+        """:func:`bnprobe.diagnose` of the kept rows."""
+        from bnprobe.diagnosis.engine import diagnose
+
+        return diagnose(self.table(), thresholds=thresholds)
+
+
+def columns(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """A table's SPEC columns as numpy arrays (``channel`` -1 where NA)."""
+    chan = df["channel"]
+    return {
+        "step": df["step"].to_numpy(dtype=np.int64),
+        "epoch": df["epoch"].to_numpy(dtype=np.int64),
+        "stage": df["stage"].to_numpy(dtype=object),
+        "rank": df["rank"].to_numpy(dtype=np.int64),
+        "layer": df["layer"].to_numpy(dtype=object),
+        "channel": chan.fillna(-1).to_numpy(dtype=np.int64),
+        "metric": df["metric"].to_numpy(dtype=object),
+        "value": df["value"].to_numpy(dtype=np.float64),
+    }
+
+
+def _blocks(cols: dict[str, np.ndarray], digest: Digest) -> list[Block]:
+    """Rows as blocks of one stage and step each, in order; per-channel rows filtered as in
+    :meth:`Digest.add`; steps counted."""
+    step, stage, rank, metric, value = (
+        cols[c] for c in ("step", "stage", "rank", "metric", "value")
+    )
+    n = len(step)
+    if n == 0:
+        return []
+    na = cols["channel"] < 0
+    if digest._legacy and (metric[na] == "var_small_frac").any():
+        digest._legacy = False
+    keep = na.copy()
+    if not na.all():
+        ch = ~na
+        keep[ch] = digest._channel_keep("", metric[ch], value[ch]) | (
+            digest._legacy & (stage[ch] == "train") & (metric[ch] == "batch_var")
+        )
+    change = np.zeros(n, dtype=bool)
+    change[0] = True
+    change[1:] = (step[1:] != step[:-1]) | (stage[1:] != stage[:-1])
+    starts = np.flatnonzero(change).tolist()
+    out = []
+    for a, b in zip(starts, [*starts[1:], n], strict=True):
+        for r in np.unique(rank[a:b][na[a:b]]):
+            digest._count(str(stage[a]), int(r), int(step[a]))
+        k = np.flatnonzero(keep[a:b]) + a
+        if len(k):
+            seq = np.zeros(len(k), dtype=np.int64)
+            out.append(Block(seq, *(cols[c][k] for c in store.COLUMNS)))
+        digest.rows_seen += (b - a) - len(k)
+    return out
+
+
+def _select(rows: Block) -> Block:
+    """The rows of a middle bucket a rule could be decided by (module docstring)."""
+    if rows.n == 0:
+        return rows
+    agg = rows.channel < 0
+    ia = np.flatnonzero(agg)
+    df = pd.DataFrame(
+        {
+            "i": ia,
+            "stage": rows.stage[ia],
+            "rank": rows.rank[ia],
+            "layer": rows.layer[ia],
+            "metric": rows.metric[ia],
+            "step": rows.step[ia],
+            "value": rows.value[ia],
+        }
+    )
+    keys = ["stage", "rank", "layer", "metric"]
+    picked: list[np.ndarray] = []
+    g = df.groupby(keys, sort=False)["i"]
+    picked += [g.first().to_numpy(), g.last().to_numpy()]
+    value = df["value"].to_numpy()
+    first = df.groupby(keys, sort=False)["value"].transform("first").to_numpy()
+    same = (value == first) | (np.isnan(value) & np.isnan(first))
+    changed = df[~same]
+    if len(changed):
+        picked.append(changed.groupby(keys, sort=False)["i"].first().to_numpy())
+    bad = df[~np.isfinite(value)]
+    if len(bad):
+        picked.append(bad.groupby(keys, sort=False)["i"].first().to_numpy())
+    ext = df[np.isfinite(value) & df["metric"].isin(EXTREMES).to_numpy()]
+    if len(ext):
+        lo = ext.sort_values(["value", "i"], kind="stable").drop_duplicates(keys)
+        hi = ext.assign(neg=-ext["value"]).sort_values(["neg", "i"], kind="stable")
+        picked += [lo["i"].to_numpy(), hi.drop_duplicates(keys)["i"].to_numpy()]
+    chosen = np.unique(np.concatenate(picked))
+    # whole (stage, layer, step) rows, every rank and metric, of the chosen rows
+    kept = pd.MultiIndex.from_arrays(
+        [rows.stage[chosen], rows.layer[chosen], rows.step[chosen]]
+    ).unique()
+    every = pd.MultiIndex.from_arrays([rows.stage, rows.layer, rows.step])
+    keep = every.isin(kept)
+    if not agg.all():  # per-channel rows: those of kept steps, and the first of each key
+        ch = np.flatnonzero(~agg)
+        cdf = pd.DataFrame(
+            {"i": ch, "s": rows.stage[ch], "r": rows.rank[ch], "l": rows.layer[ch]}
+            | {"c": rows.channel[ch], "m": rows.metric[ch]}
+        )
+        keep[cdf.drop_duplicates(["s", "r", "l", "c", "m"])["i"].to_numpy()] = True
+    return rows.take(np.flatnonzero(keep))
+
+
+def diagnose_digests(digests: dict[str | None, Digest], *, thresholds: Any = None) -> list[Any]:
+    """The findings of several runs' digests, as :func:`bnprobe.diagnose` gives them for a
+    table with a ``run`` column (each run on its own, findings carry ``run``)."""
+    from dataclasses import replace
+
+    found: list[Any] = []
+    for name, d in digests.items():
+        found += [
+            f if name is None else replace(f, run=name) for f in d.diagnose(thresholds=thresholds)
+        ]
+    return found
+
+
+def digest_table(df: pd.DataFrame, **options: int) -> dict[str | None, Digest]:
+    """A digest per run of a table (``None`` for a table without a ``run`` column), in table
+    order, as :func:`bnprobe.diagnose` splits runs."""
+    from bnprobe.diagnosis.table import runs
+
+    out: dict[str | None, Digest] = {}
+    for name, part in runs(df):
+        d = out.setdefault(name, Digest(**options))
+        d.add(part)
+    return out
+
+
+__all__ = [
+    "BUCKET_STEPS",
+    "EXTREMES",
+    "HEAD_STEPS",
+    "MAX_BUCKETS",
+    "READ_METRICS",
+    "TAIL_STEPS",
+    "Digest",
+    "diagnose_digests",
+    "digest_table",
+]
