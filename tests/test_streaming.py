@@ -267,3 +267,21 @@ def test_healthy_replicas_streamed_as_the_full_table(net: str, tmp_path: Path) -
     assert probe.findings() == full  # the recorder's running state
     tiny = _fed(df, **TINY)
     assert_within_bound(full, tiny.diagnose(), tiny.resolution)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny_batches", "frozen_bn", "tf_momentum"])
+def test_report_of_a_saved_run_whose_constants_are_stored_when_they_change(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The store keeps a constant (batch size, mode, momentum) only when it changes; the
+    streamed report fills in the value in force, as ``load`` does, and judges the same."""
+    df = pathologies.fit(name, 12, root=tmp_path)
+    folder = tmp_path / "run" / store.STORE_NAME
+    _write_store(folder, df)
+    stored = bnprobe.load(tmp_path / "run", constants="changes")
+    assert len(stored) < len(df)  # constants were thinned on disk
+    loaded = bnprobe.load(tmp_path / "run")
+    full = json.loads(format_report(loaded, diagnose(loaded), fmt="json"))
+    assert any(f["kind"] == pathologies.get(name).finding.kind for f in full["findings"])
+    assert _report(tmp_path / "run", capsys) == full

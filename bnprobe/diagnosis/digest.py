@@ -313,7 +313,8 @@ class Digest:
         return out
 
     def table(self) -> pd.DataFrame:
-        """The kept rows in arrival order, SPEC schema (:data:`bnprobe.store.COLUMNS`)."""
+        """The kept rows in arrival order, SPEC schema (:data:`bnprobe.store.COLUMNS`), with each
+        constant's value in force at every kept step (:func:`bnprobe.store.fill_constants`)."""
         if self._cache is not None:
             return self._cache
         blocks = [b for b in self._blocks() if b.n]
@@ -335,6 +336,9 @@ class Digest:
                 "value": rows.value,
             }
         )
+        # A store keeps a constant only when it changes: give every kept step the value in
+        # force, as bnprobe.load does (a table fed whole is unchanged).
+        df = store.fill_constants(df)
         self._cache = df
         return df
 
