@@ -1,4 +1,4 @@
-"""Several processes (DDP): gather every rank's train rows to rank 0 and measure rank divergence.
+"""One collective per measured step: every rank's train rows to rank 0, failures included.
 
 Uses ``torch.distributed`` only (no Lightning). Under DDP every rank runs its own probe; at each
 logging step every rank calls :meth:`RankGather.gather` (a collective: it must be called by all
@@ -9,24 +9,12 @@ change):
 - the layer-aggregate rows of stage ``train`` (about 25 numbers per BN layer), and
 - the per-channel running moments mu_R, var_R of each layer (2·C numbers per layer, as they were
   before this step's batch updated them), from which rank 0 computes ``rank_divergence``.
-
-For a layer with C channels, ranks r = 1..R, running moments mu_R^r, var_R^r and eps::
-
-    m = mean_r mu_R^r,   s2 = mean_r var_R^r                     (per channel)
-    rank_divergence = max over r, c of max( |mu_R^r - m| / sqrt(s2 + eps),
-                                            |log((var_R^r + eps) / (s2 + eps))| )
-
-the largest distance, over channels and ranks, of one rank's running mean from the mean over
-ranks in running standard deviations, or of its running variance in abs(log ratio). It is 0 when
-every rank holds the same running statistics, which DDP's default ``broadcast_buffers=True``
-ensures at every forward (rank 0's buffers are copied to every rank before the forward).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import pickle
 import warnings
 import zlib
@@ -37,104 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from bnprobe.distributed.divergence import (
+    RunningMoments,
+    layer_divergences,
+    rank_divergence,
+    running_moments,
+)
+from bnprobe.distributed.ranks import collective_device, is_distributed
 from bnprobe.metrics import CATALOGUE
-from bnprobe.stats import Moments, combine, mean_shift, var_shift
 from bnprobe.store import Rows
 from bnprobe.tap import Snapshot
-
-RunningMoments = dict[str, tuple[np.ndarray, np.ndarray]]
-"""layer -> (running mean, running variance) per channel, float64."""
-
-
-def is_distributed() -> bool:
-    """True inside an initialized ``torch.distributed`` process group of more than one process."""
-    return (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    )
-
-
-def global_rank() -> int:
-    """This process's rank in the default group (0 without torch.distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return int(torch.distributed.get_rank())
-    return 0
-
-
-def gather_to_rank_zero(obj: Any) -> list[Any] | None:
-    """Every rank's ``obj``, in rank order, on rank 0; None on the other ranks.
-
-    A collective: every rank of the default group must call it. Without a process group of more
-    than one process it returns ``[obj]``.
-    """
-    if not is_distributed():
-        return [obj]
-    rank = torch.distributed.get_rank()
-    out: list[Any] | None = [None] * torch.distributed.get_world_size() if rank == 0 else None
-    torch.distributed.gather_object(obj, out, dst=0)
-    return out
-
-
-def running_moments(snapshot: Snapshot) -> RunningMoments:
-    """Per-channel running mean and variance of each layer in a snapshot taken with
-    ``keep_channels=True`` (layers without running statistics are left out)."""
-    out: RunningMoments = {}
-    for layer, per in snapshot.channels.items():
-        if "running_mean" in per and "running_var" in per:
-            mean = np.asarray(per["running_mean"], dtype=np.float64)
-            var = np.asarray(per["running_var"], dtype=np.float64)
-            out[layer] = (mean, var)
-    return out
-
-
-def rank_divergence(
-    by_rank: Sequence[Mapping[str, tuple[np.ndarray, np.ndarray]]], eps: Mapping[str, float]
-) -> dict[str, float]:
-    """``rank_divergence`` of each layer that every rank measured (see the module docstring).
-
-    ``by_rank`` holds one mapping layer -> (running mean, running variance) per rank; ``eps`` the
-    layers' eps. NaN when a running moment is not finite on some rank.
-    """
-    if len(by_rank) < 2:
-        return {}
-    common = [name for name in by_rank[0] if all(name in r for r in by_rank[1:])]
-    names: list[str] = []
-    for name in common:
-        shapes = {r[name][0].shape for r in by_rank} | {r[name][1].shape for r in by_rank}
-        if len(shapes) == 1 and by_rank[0][name][0].ndim == 1:
-            names.append(name)
-    if not names:
-        return {}
-    mu = np.stack([np.concatenate([r[name][0] for name in names]) for r in by_rank])
-    var = np.stack([np.concatenate([r[name][1] for name in names]) for r in by_rank])
-    counts = np.array([by_rank[0][name][0].size for name in names], dtype=np.int64)
-    eps_values = np.array([float(eps.get(name, 1e-5)) for name in names])
-    return dict(zip(names, _divergence(mu, var, counts, eps_values).tolist(), strict=True))
-
-
-def _divergence(mu: np.ndarray, var: np.ndarray, counts: np.ndarray, eps: np.ndarray) -> np.ndarray:
-    """:func:`rank_divergence` of every layer at once: ``mu``, ``var`` are (ranks, channels of
-    all layers, in layer order), ``counts`` each layer's channels, ``eps`` each layer's eps.
-    The same arithmetic per channel as one layer at a time, so the same values."""
-    mu = mu.astype(np.float64, copy=False)
-    var = var.astype(np.float64, copy=False)
-    e = np.repeat(eps, counts)
-    with np.errstate(divide="ignore", invalid="ignore"):  # d and v against the rank means
-        mean_gap = np.abs(mean_shift(mu, mu.mean(axis=0), var.mean(axis=0), e))
-        var_gap = np.abs(var_shift(var, var.mean(axis=0), e))
-    gap = np.fmax.reduce(np.fmax(mean_gap, var_gap), axis=0)  # NaN gaps (0/0) ignored
-    gap = np.where(np.isnan(gap), 0.0, gap)
-    finite = np.isfinite(mu).all(axis=0) & np.isfinite(var).all(axis=0)
-    out = np.zeros(len(counts))
-    nonempty = counts > 0
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[nonempty]
-    if len(starts):
-        out[nonempty] = np.maximum.reduceat(gap, starts)
-        ok = np.logical_and.reduceat(finite, starts)
-        out[np.flatnonzero(nonempty)[~ok]] = math.nan
-    return out
-
 
 Warn = Callable[[str], None]
 
@@ -288,7 +188,7 @@ class RankGather:
             return None
         dist = torch.distributed
         rank, world = dist.get_rank(), dist.get_world_size()
-        device = _device()
+        device = collective_device()
         status, vector, cause = _NOTHING, np.zeros(0), error
         own: Layout | None = None
         if error is None and snapshot is not None:
@@ -433,7 +333,7 @@ class RankGather:
             if any(m != n for m in spread):  # other row counts: the moments sit elsewhere
                 mu = np.stack([values[r, m : m + total] for r, m in enumerate(spread)])
                 var = np.stack([values[r, m + total : m + 2 * total] for r, m in enumerate(spread)])
-            result = _divergence(mu, var, counts, eps)
+            result = layer_divergences(mu, var, counts, eps)
             names = names_array
         return Rows(0, 0, "train", 0, names, ["rank_divergence"] * len(names), result)
 
@@ -485,7 +385,7 @@ class RankGather:
         if not is_distributed():
             return value
         dist = torch.distributed
-        flag = torch.tensor([value], dtype=torch.int64).to(_device())
+        flag = torch.tensor([value], dtype=torch.int64).to(collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
         return int(flag.item())
 
@@ -511,82 +411,5 @@ def _running(layout: Layout, values: np.ndarray) -> RunningMoments:
     return out
 
 
-def _device() -> torch.device:
-    """Where this group's collectives want their tensors (NCCL: the current CUDA device)."""
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
-
-
-__all__ = [
-    "Layout",
-    "RankGather",
-    "capacity",
-    "gather_to_rank_zero",
-    "global_rank",
-    "is_distributed",
-    "rank_divergence",
-    "running_moments",
-]
-
-
-def pool_moments_across_ranks(
-    names: Sequence[str],
-    moments: Mapping[str, Moments],
-    channels: Mapping[str, int],
-    error: str | None = None,
-) -> dict[str, Moments]:
-    """Every rank's per-channel ``(n, mean, M2)``, pooled exactly: the same moments on all ranks.
-
-    A collective: every rank of the default group must call it, also a rank whose own pass
-    failed (``error``); then every rank raises, naming the ranks that failed, instead of the
-    others waiting for the process-group timeout. Each rank sends one float64 vector laid out by
-    ``names`` (``[failed, n, mean[C], M2[C]]`` per layer; zeros for a layer it never ran),
-    gathers all of them, and pools them in rank order with Chan's formula
-    (:func:`bnprobe.stats.combine`), so every rank computes bit-identical moments, equal up to
-    float64 rounding to one process pooling the union of the shards.
-    """
-    dist = torch.distributed
-    parts = [torch.tensor([1.0 if error else 0.0], dtype=torch.float64)]
-    for name in names:
-        c = channels[name]
-        m = moments.get(name)
-        if m is None or error:
-            parts.append(torch.zeros(1 + 2 * c, dtype=torch.float64))
-            continue
-        parts += [
-            torch.tensor([m.n], dtype=torch.float64),
-            m.mean.detach().to("cpu", torch.float64).reshape(c),
-            (m.var.detach().to("cpu", torch.float64) * m.n).reshape(c),
-        ]
-    local = torch.cat(parts)
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    gathered = [torch.empty_like(local, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local.to(device))
-    vectors = [g.cpu() for g in gathered]
-    failed = [r for r, vec in enumerate(vectors) if vec[0].item() != 0.0]
-    if failed:
-        raise RuntimeError(
-            f"recalibrate failed on rank(s) {failed}"
-            + (f" (this rank: {error})" if error else "")
-            + "; no rank wrote its running statistics"
-        )
-    pooled: dict[str, Moments] = {}
-    offset = 1
-    for name in names:
-        c = channels[name]
-        for vec in vectors:
-            n = float(vec[offset].item())
-            if n > 0:
-                mean = vec[offset + 1 : offset + 1 + c]
-                m2 = vec[offset + 1 + c : offset + 1 + 2 * c]
-                part = Moments(mean, m2 / n, n)
-                pooled[name] = part if name not in pooled else combine(pooled[name], part)
-        offset += 1 + 2 * c
-    return pooled
