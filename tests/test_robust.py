@@ -542,3 +542,35 @@ def test_full_disk_error_is_raised_once_and_the_file_keeps_whole_records(
     (own,) = (small_disk / "run").iterdir()
     assert len(_records(own)) > 1
     (small_disk / "filler").write_bytes(b"")  # the disk takes small writes again
+
+
+def test_batched_metric_failure_warns_once_for_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The metrics of all layers are computed at once: when that fails, the 64 layers are
+    turned off with one warning (one per cause, not per layer), each with its line in
+    ``failures`` (what the end-of-fit summary lists)."""
+    import warnings
+
+    from bnprobe import stats
+    from bnprobe.recorder import switched_off
+    from bnprobe.tap import BNTap
+
+    model = nn.Sequential(*[nn.BatchNorm1d(3) for _ in range(64)])
+
+    def broken(seg: Any) -> Any:
+        raise FloatingPointError("the batched metrics broke")
+
+    monkeypatch.setattr(stats, "segment_metrics", broken)
+    with BNTap(model) as tap, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tap.start()
+        out = model(torch.randn(8, 3))
+        tap.collect(step=0)
+        tap.start()  # every layer is off now: nothing more to warn about
+        model(torch.randn(8, 3))
+        tap.collect(step=1)
+    mine = [str(w.message) for w in caught if "bnprobe" in str(w.message)]
+    assert len(mine) == 1 and "FloatingPointError: the batched metrics broke" in mine[0]
+    assert len(tap.failures) == 64 and all(layer.failed for layer in tap.layers)
+    off = switched_off({}, tap)
+    assert off["measuring layer '63'"] == "FloatingPointError: the batched metrics broke"
+    assert out.shape == (8, 3)

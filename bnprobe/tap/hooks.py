@@ -81,6 +81,7 @@ class BNTap:
         self._handles: list[RemovableHandle] = []
         self._trace = ProducerTrace(model)
         self._failures: list[str] = []
+        self._warned_causes: set[tuple[str, str]] = set()
         self._started = False
         self._pooling = False
         self._on_input: _Hook = self._first_forward
@@ -205,7 +206,7 @@ class BNTap:
         try:
             seg = plan(tuple(layouts)).segments(to_host(pieces))
             table, per = stats.segment_metrics(seg)
-        except Exception as err:  # the probe must never stop training
+        except Exception as err:  # the probe must never stop training: one warning, every layer
             for layer in ok:
                 self._fail(layer, err)
             return {}, [], None, {}
@@ -249,6 +250,9 @@ class BNTap:
             self._fail(layer, err)
 
     def _fail(self, layer: LayerState, err: Exception) -> None:
+        """Turn ``layer`` off; warn once per cause (the error's type and message), not per
+        layer: a failure of the batched computation, or the same error in every layer's hook,
+        is one warning. :attr:`failures` keeps one line per layer."""
         layer.failed = True
         layer.layout, layer.before, layer.after = None, None, None
         line = (
@@ -256,7 +260,12 @@ class BNTap:
             f"{type(err).__name__}: {err}. This layer is no longer measured; training goes on."
         )
         self._failures.append(line)
-        warnings.warn(line, RuntimeWarning, stacklevel=2)
+        cause = (type(err).__name__, str(err))
+        if cause in self._warned_causes:
+            return
+        self._warned_causes.add(cause)
+        more = " Other layers that fail the same way are turned off without another warning."
+        warnings.warn(line + more, RuntimeWarning, stacklevel=2)
 
     # -- a measured step: the first forward of each layer ---------------------------------------
     def _first_forward(self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
