@@ -122,7 +122,7 @@ class BNProbeBase:
     """
 
     _tensorboard_logger: type[Any] = TensorBoardLogger
-    """The trainer loggers in whose ``log_dir`` bnprobe writes its own event file (by isinstance)."""
+    """The trainer loggers in whose ``log_dir`` bnprobe writes its event file (by isinstance)."""
 
     def __init__(
         self,

@@ -184,7 +184,7 @@ def _log_dir(writer: Any) -> str | None:
             f"watch(writer=...) takes a SummaryWriter (bnprobe writes its own event file in its "
             f"log_dir); got {type(writer).__name__}, which has no log_dir"
         )
-    return os.fspath(folder)
+    return str(os.fspath(folder))
 
 
 def watch(

@@ -6,8 +6,9 @@ TensorBoard writers it is handed (scalars, histograms, the Custom Scalars layout
 part that fails warns once, is switched off, and training goes on. Both drivers use it: the
 Lightning callback (:mod:`bnprobe.callback`) and the plain-loop driver (:mod:`bnprobe.loop`).
 
-It may not import Lightning (the adapter resolves Lightning's loggers and hands down their
-``log_dir`` as bnprobe's own :class:`~bnprobe.tensorboard.EventWriter`), nor drive the tap: it only records what it is given.
+It may not import Lightning (the adapter resolves Lightning's loggers and hands down bnprobe's
+own :class:`~bnprobe.tensorboard.EventWriter` for each one's ``log_dir``), nor drive the tap: it
+only records what it is given.
 """
 
 from __future__ import annotations

@@ -488,8 +488,9 @@ def test_nearly_full_disk_stops_bnprobe_events_and_the_users_logging_goes_on(
     small_disk: Path, tmp_path: Path, reserve: int
 ) -> None:
     """80 steps, the user's ``self.log`` every step, bnprobe every step with histograms into
-    its own event file (about 640 KB in all) on a 1.5 MiB disk: bnprobe stops with one warning when a write would leave
-    under ``reserve`` bytes (1 MiB: after some steps; 64 MiB, the default: at once); both runs
+    its own event file (about 640 KB in all) on a 1.5 MiB disk: bnprobe stops with one warning
+    when a write would leave under ``reserve`` bytes (1 MiB: after some steps; 64 MiB, the
+    default: at once); both runs
     finish, the user's 80 points are all there, and bnprobe's file holds whole records, every
     CRC TensorBoard's own, read back by read_tensorboard."""
     from tests.test_tensorboard_write import _records

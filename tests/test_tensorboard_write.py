@@ -147,13 +147,17 @@ def test_own_event_file_reads_back_with_tensorboards_reader(tmp_path: Path) -> N
     channels = {f"layer{i}.bn": {"gamma": rng.standard_normal(16)} for i in range(3)}
     for folder in ("own", "torch"):
         writer: object = (
-            tb.EventWriter(tmp_path / folder) if folder == "own" else SummaryWriter(str(tmp_path / folder))
+            tb.EventWriter(tmp_path / folder)
+            if folder == "own"
+            else SummaryWriter(str(tmp_path / folder))
         )
         for step in range(3):
             tb.write_scalars(writer, {k: v + step for k, v in big.items()}, step)
             tb.write_histograms(writer, "train", step, channels)
         tb.write_layout(writer, ("train",))
-        writer.add_image("bnprobe/train/figure/x", np.zeros((4, 5, 3), np.uint8), 2, dataformats="HWC")  # type: ignore[attr-defined]
+        writer.add_image(
+            "bnprobe/train/figure/x", np.zeros((4, 5, 3), np.uint8), 2, dataformats="HWC"
+        )  # type: ignore[attr-defined]
         writer.close()  # type: ignore[attr-defined]
     (own,) = (tmp_path / "own").iterdir()
     assert own.name.startswith("events.out.tfevents.") and own.name.endswith(".bnprobe")

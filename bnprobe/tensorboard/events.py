@@ -23,6 +23,7 @@ Imports no Lightning; torch only for the image and layout summaries.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -51,7 +52,7 @@ def _crc_function() -> Callable[[bytes], int]:
     try:
         import google_crc32c
     except ImportError:
-        google_crc32c = None
+        google_crc32c = None  # type: ignore[assignment]
     if google_crc32c is not None and getattr(google_crc32c, "implementation", "") == "c":
         value = google_crc32c.value
 
@@ -63,6 +64,11 @@ def _crc_function() -> Callable[[bytes], int]:
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
     return masked_crc32c  # type: ignore[no-any-return]
+
+
+def fast_crc() -> bool:
+    """Whether the checksum is ``google-crc32c``'s C one (else TensorBoard's pure Python)."""
+    return masked_crc32c.__module__ == __name__
 
 
 masked_crc32c: Callable[[bytes], int] = _crc_function()
@@ -150,7 +156,9 @@ class EventWriter:
         wall = time.time() if wall_time is None else wall_time
         self._add(record(event_bytes(int(step), wall, summary)))
 
-    def add_summary(self, summary: Any, global_step: int | None = None, walltime: float | None = None) -> None:
+    def add_summary(
+        self, summary: Any, global_step: int | None = None, walltime: float | None = None
+    ) -> None:
         """``FileWriter.add_summary``: a ``Summary`` protobuf (or its bytes) at ``global_step``."""
         data = summary if isinstance(summary, bytes) else summary.SerializeToString()
         self.write_summary(data, 0 if global_step is None else global_step, walltime)
@@ -159,7 +167,7 @@ class EventWriter:
         """``SummaryWriter.add_custom_scalars``: the Custom Scalars layout at step 0."""
         from torch.utils.tensorboard.summary import custom_scalars
 
-        self.add_summary(custom_scalars(layout))
+        self.add_summary(custom_scalars(layout))  # type: ignore[no-untyped-call]
 
     def add_image(
         self,
@@ -172,7 +180,8 @@ class EventWriter:
         """``SummaryWriter.add_image``: one image (PNG) at ``global_step``."""
         from torch.utils.tensorboard.summary import image
 
-        self.add_summary(image(tag, img_tensor, dataformats=dataformats), global_step, walltime)
+        summary = image(tag, img_tensor, dataformats=dataformats)  # type: ignore[no-untyped-call]
+        self.add_summary(summary, global_step, walltime)
 
     def flush(self) -> None:
         """Write the buffered records to the file (raises :class:`EventFileError` once)."""
@@ -246,10 +255,8 @@ class EventWriter:
         self._pending, self._pending_bytes = [], 0
         if self._file is not None:
             file, self._file = self._file, None
-            try:
+            with contextlib.suppress(OSError):
                 file.close()
-            except OSError:
-                pass
         try:
             if self.path.exists() and self.path.stat().st_size > self._size:
                 os.truncate(self.path, self._size)
@@ -270,6 +277,7 @@ __all__ = [
     "EventFileError",
     "EventWriter",
     "event_bytes",
+    "fast_crc",
     "masked_crc32c",
     "record",
     "varint",

@@ -164,7 +164,9 @@ def _rooted(tag: str, root: str) -> str:
     return tag if root == PREFIX else f"{root}{tag[len(PREFIX) :]}"
 
 
-def _write_summary(writer: Writer, tags: tuple[str, ...], values: Iterable[float], step: int) -> None:
+def _write_summary(
+    writer: Writer, tags: tuple[str, ...], values: Iterable[float], step: int
+) -> None:
     if tags:
         _add_summary(writer, summary_bytes(tags, values), int(step))
 
