@@ -83,6 +83,11 @@ class BNProbeBase:
     Two probes with different options may share one Trainer: each keeps its own checkpoint
     state under :attr:`state_key` (give them different ``save_dir`` folders).
 
+    TensorBoard loggers get these in bnprobe's own event file in their ``log_dir``
+    (``events.out.tfevents.*.bnprobe``, read with Lightning's as one run), not through their
+    ``SummaryWriter``: a full disk stops bnprobe's events with one warning, never the user's
+    ``self.log`` or ``fit``.
+
     Logged keys (scalars, through the TensorBoard loggers, or every logger with ``log_to="all"``;
     rank zero only), one per BN layer and metric:
 
@@ -111,11 +116,6 @@ class BNProbeBase:
     - ``bnprobe/<stage>/epoch`` with every logging step of a stage;
     - histograms ``bnprobe/train/hist/{gamma,beta,d,v}/<layer>`` and figures
       ``bnprobe/<stage>/figure/<name>`` (TensorBoard only).
-
-    TensorBoard loggers get these in bnprobe's own event file in their ``log_dir``
-    (``events.out.tfevents.*.bnprobe``, read with Lightning's as one run), not through their
-    ``SummaryWriter``: a full disk stops bnprobe's events with one warning, never the user's
-    ``self.log`` or ``fit``.
 
     With a logger made with ``prefix="exp"`` every key starts with ``exp-bnprobe/`` instead,
     histograms, figures and the Custom Scalars layout included. docs/metrics.md defines each metric.
