@@ -5,8 +5,8 @@ data, computed in pure Python on the writer thread. This script records real sna
 model (default: the 21-BN ResNet-20-style net of ``overhead.py``) through a
 :class:`bnprobe.Recorder` into a ``SummaryWriter``, reads back the records each logging step
 added to the event file, and times both checksums of exactly those records: TensorBoard's
-``masked_crc32c`` and ``google-crc32c``'s (``bnprobe.tensorboard.checksum``, what
-``fast_checksums=True`` installs; skipped when the package is missing). It prints bytes and ms
+``masked_crc32c`` and ``google-crc32c``'s (``bnprobe.tensorboard.events``, what
+bnprobe's own event file uses; skipped when the package is missing). It prints bytes and ms
 per logging step, with and without histograms, the same per training step at every 50 steps
 (the defaults) and every step, and a training step of the model for scale.
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from overhead import BATCH, MODELS, build_model, quiet
 
 from bnprobe.recorder import Recorder
-from bnprobe.tensorboard import checksum
+from bnprobe.tensorboard import events
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -111,7 +111,7 @@ def main() -> int:
 
     train_step()
     train_ms = best_ms(train_step, args.repeats)
-    fast = checksum.available()
+    fast = events.fast_crc()
     layers = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     print(f"model {args.model}: {layers} BN layers; a training step takes {train_ms:.1f} ms")
     print(f"google-crc32c: {'installed (C)' if fast else 'not installed'}")
@@ -133,7 +133,7 @@ def main() -> int:
 
         def c_crc(pieces: list[bytes] = pieces) -> None:
             for piece in pieces:
-                checksum.masked_crc32c(piece)
+                events.masked_crc32c(piece)
 
         slow = best_ms(python_crc, max(3, args.repeats // 4))
         quick = best_ms(c_crc, args.repeats) if fast else float("nan")

@@ -17,7 +17,8 @@ minimum over repeats (the least disturbed figure on a shared machine):
   ``tensorboard.write_histograms`` (one event, what the recorder does);
 - the CRC-32C of each record, which TensorBoard's writer thread computes: TensorBoard's
   pure-Python ``masked_crc32c`` and, when ``google-crc32c`` is installed,
-  ``tensorboard.checksum.masked_crc32c`` (what ``fast_checksums=True`` has TensorBoard use).
+  ``tensorboard.events.masked_crc32c`` (bnprobe's own event file's
+  checksum when google-crc32c is installed).
   ``crc.py`` measures the checksum per logging step of a real run.
 
 Usage: ``.venv/bin/python benchmarks/logging_step.py [--model resnet|demo|mlp]``
@@ -42,7 +43,7 @@ from overhead import BATCH, MODELS, build_model, quiet
 from bnprobe import tensorboard as tb
 from bnprobe.store import Store
 from bnprobe.tap import BNTap
-from bnprobe.tensorboard import checksum
+from bnprobe.tensorboard import events
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -143,10 +144,10 @@ def main() -> int:
     scalar_bytes, hist_bytes = scalars.SerializeToString(), hists.SerializeToString()
     crc_scalars = best_ms(lambda: masked_crc32c(scalar_bytes), n)
     crc_hists = best_ms(lambda: masked_crc32c(hist_bytes), n)
-    fast = checksum.available()
+    fast = events.fast_crc()
     nan = float("nan")
-    fast_crc_scalars = best_ms(lambda: checksum.masked_crc32c(scalar_bytes), n) if fast else nan
-    fast_crc_hists = best_ms(lambda: checksum.masked_crc32c(hist_bytes), n) if fast else nan
+    fast_crc_scalars = best_ms(lambda: events.masked_crc32c(scalar_bytes), n) if fast else nan
+    fast_crc_hists = best_ms(lambda: events.masked_crc32c(hist_bytes), n) if fast else nan
     tap.detach()
     layers = len(tap.layers)
     n_hists = len(protos)

@@ -27,6 +27,7 @@ Configurations:
   the machine's noise alone moves a ratio (an A/A control);
 - ``defaults``: ``BNProbe()`` (every ``log_every_n_steps`` = 50 steps, histograms on);
 - ``every_step``: ``BNProbe(every_n_steps=1, histograms=False)``;
+- ``every_step_hist``: ``BNProbe(every_n_steps=1, histograms=True)``;
 - ``every_step_hist_pc``: ``BNProbe(every_n_steps=1, histograms=True, per_channel=True)``;
 - ``bolts_hist``: a reference written here, like Lightning Bolts' data monitors: a forward hook
   on every BN layer that, on each logging step of the trainer (every 50 steps), writes TensorBoard
@@ -40,10 +41,24 @@ After the runs, one extra process per model times the train/eval probe
 step) and a PreciseBN recalibration over 20 batches (``bnprobe.recalibrate(apply=False)``),
 each against the median training step of that model.
 
+``--targets`` checks the targets of docs/performance.md on nets of 4 and 256 BN layers
+(``bn4``, ``bn256``: ``Linear(32, 32) + BatchNorm1d + ReLU`` blocks after a linear stem, cheap
+enough that bnprobe's cost is not hidden under the model's), in CPU time per step against no
+probe, taken within each round:
+
+- every step without histograms <= 1.05x at 4 and at 256 layers;
+- every step with histograms <= 1.10x at 256 layers;
+- the defaults within the A/A noise at 256 layers: their median ratio no higher than the highest
+  ratio of the second no-probe run (``none_again``) over the rounds.
+
+It prints PASS or FAIL per target with the A/A spread and writes benchmarks/results_targets.md.
+
 Usage::
 
     .venv/bin/python benchmarks/overhead.py            # full run, writes benchmarks/results.md
     .venv/bin/python benchmarks/overhead.py --quick    # a short run while iterating
+    .venv/bin/python benchmarks/overhead.py --targets  # the targets (make bench runs it)
+    .venv/bin/python benchmarks/overhead.py --targets --rounds 1 --steps 2 --warmup 1  # smoke
 """
 
 from __future__ import annotations
@@ -82,6 +97,7 @@ CONFIGS = (
     "none_again",
     "defaults",
     "every_step",
+    "every_step_hist",
     "every_step_hist_pc",
     "bolts_hist",
     "fastai_item",
@@ -91,16 +107,28 @@ CONFIG_LABELS = {
     "none_again": "no probe, a second run (the noise floor)",
     "defaults": "bnprobe defaults (every 50 steps, histograms)",
     "every_step": "bnprobe every step (no histograms)",
+    "every_step_hist": "bnprobe every step + histograms",
     "every_step_hist_pc": "bnprobe every step + histograms + per_channel",
     "bolts_hist": "Bolts-style activation histograms (every 50 steps)",
     "fastai_item": "fastai-style mean/std .item() (every step)",
 }
-MODELS = ("demo", "resnet", "mlp")
+MODELS = ("demo", "resnet", "mlp", "bn4", "bn256")
 MODEL_LABELS = {
     "demo": "DemoNet (2 BN2d)",
     "resnet": "ResNet-20-style (21 BN2d)",
     "mlp": "MLP (3 BN1d)",
+    "bn4": "Deep MLP, 4 BN1d of 32 channels",
+    "bn256": "Deep MLP, 256 BN1d of 32 channels",
 }
+TARGET_MODELS = ("bn4", "bn256")
+TARGET_CONFIGS = ("none", "none_again", "every_step", "every_step_hist", "defaults")
+TARGETS: tuple[tuple[str, str, float | None], ...] = (
+    ("bn4", "every_step", 1.05),
+    ("bn256", "every_step", 1.05),
+    ("bn256", "every_step_hist", 1.10),
+    ("bn256", "defaults", None),  # None: within the A/A noise
+)
+"""(model, configuration, highest CPU-time ratio to no probe) of docs/performance.md."""
 
 
 # --------------------------------------------------------------------------- models
@@ -164,7 +192,19 @@ def mlp() -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def deep_mlp(depth: int, width: int = 32) -> nn.Module:
+    """Flatten -> Linear stem -> ``depth`` x (Linear, BatchNorm1d, ReLU) of ``width`` channels
+    -> Linear; 3x28x28 -> 10 logits. Many BN layers, little arithmetic each."""
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(3 * 28 * 28, width)]
+    for _ in range(depth):
+        layers += [nn.Linear(width, width, bias=False), nn.BatchNorm1d(width), nn.ReLU()]
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers)
+
+
 def build_model(name: str) -> nn.Module:
+    if name in ("bn4", "bn256"):
+        return deep_mlp(int(name[2:]))
     if name == "demo":
         return DemoNet()
     if name == "resnet":
@@ -269,6 +309,8 @@ def make_callbacks(config: str) -> list[pl.Callback]:
         return [BNProbe()]
     if config == "every_step":
         return [BNProbe(every_n_steps=1, histograms=False)]
+    if config == "every_step_hist":
+        return [BNProbe(every_n_steps=1, histograms=True)]
     if config == "every_step_hist_pc":
         return [BNProbe(every_n_steps=1, histograms=True, per_channel=True)]
     if config == "bolts_hist":
@@ -437,20 +479,31 @@ def fmt_ratio(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds of 50 steps")
+    parser.add_argument(
+        "--targets",
+        action="store_true",
+        help="check the targets on bn4 and bn256 (default 10 rounds; results_targets.md)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="default 6 (quick: 2)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per run (x50)")
     parser.add_argument("--warmup", type=int, default=9, help="steps excluded at the start")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).with_name("results.md"), help="Markdown table"
-    )
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=None)
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="Markdown table")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (2 if args.quick else 6)
+    here = Path(__file__).parent
+    if args.targets:
+        args.models = args.models or list(TARGET_MODELS)
+        args.configs = args.configs or list(TARGET_CONFIGS)
+        args.out = args.out or here / "results_targets.md"
+    args.models = args.models or [m for m in MODELS if m not in TARGET_MODELS]
+    args.configs = args.configs or [c for c in CONFIGS if c != "every_step_hist"]
+    args.out = args.out or here / "results.md"
+    rounds = args.rounds or (2 if args.quick else 10 if args.targets else 6)
     steps = args.steps or (50 if args.quick else 150)
-    if steps % LOG_EVERY:
+    if steps % LOG_EVERY and steps > LOG_EVERY:  # under 50: a smoke run
         parser.error(f"--steps must be a multiple of log_every_n_steps={LOG_EVERY}; got {steps}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
@@ -483,16 +536,61 @@ def main(argv: list[str] | None = None) -> int:
                 run_probe_costs, (Job(model, "none", 0, 0, args.threads, args.device),)
             )
             for model in args.models
+            if not args.targets  # the targets need step times only
         }
     elapsed = time.perf_counter() - started
 
     lines = report(results, probe, args, rounds, steps, configs, elapsed)
+    if args.targets:
+        lines += check_targets(results)
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(f"wrote {args.out}")
     return 0
+
+
+def cpu_ratios(runs: list[dict[str, Any]], base: list[dict[str, Any]]) -> list[float]:
+    """CPU time per step of each round's run over that round's no-probe run."""
+    return [
+        statistics.fmean(r["cpu"]) / statistics.fmean(b["cpu"])
+        for r, b in zip(runs, base, strict=True)
+    ]
+
+
+def check_targets(results: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
+    """PASS/FAIL per target of :data:`TARGETS` (median CPU-time ratio over rounds), with the
+    A/A spread of the same model; printed and appended to the report."""
+    lines = [
+        "## Targets (CPU-time ratio to no probe, median over rounds)",
+        "",
+        "| target | ratio (min..max) | limit | A/A ratio (min..max) | result |",
+        "|---|---:|---:|---:|---|",
+    ]
+    verdicts = []
+    for model, config, limit in TARGETS:
+        if (model, config) not in results or (model, "none_again") not in results:
+            continue
+        base = results[(model, "none")]
+        ratio = cpu_ratios(results[(model, config)], base)
+        aa = cpu_ratios(results[(model, "none_again")], base)
+        bound = max(1.0, max(aa)) if limit is None else limit
+        ok = statistics.median(ratio) <= bound
+        verdicts.append(ok)
+        what = f"{CONFIG_LABELS[config]}, {MODEL_LABELS[model]}"
+        shown = f"{bound:.3f} (A/A max)" if limit is None else f"{limit:.2f}"
+        lines.append(
+            f"| {what} | {fmt_ratio(ratio)} | {shown} | {fmt_ratio(aa)} "
+            f"| {'PASS' if ok else 'FAIL'} |"
+        )
+        print(
+            f"{'PASS' if ok else 'FAIL'}: {what}: {fmt_ratio(ratio)} <= {shown}; "
+            f"A/A {fmt_ratio(aa)}"
+        )
+    if verdicts:
+        lines += ["", f"{sum(verdicts)} of {len(verdicts)} targets met.", ""]
+    return lines
 
 
 def report(
@@ -541,10 +639,7 @@ def report(
             medians = [statistics.median(r["times"]) for r in runs]
             base_means = [statistics.fmean(b["times"]) for b in base]
             mean_ratio = [m / b for m, b in zip(means, base_means, strict=True)]
-            cpu_ratio = [
-                statistics.fmean(r["cpu"]) / statistics.fmean(b["cpu"])
-                for r, b in zip(runs, base, strict=True)
-            ]
+            cpu_ratio = cpu_ratios(runs, base)
             median_ratio = [
                 m / statistics.median(b["times"]) for m, b in zip(medians, base, strict=True)
             ]
@@ -555,7 +650,10 @@ def report(
                 f"| {statistics.median(medians):.2f} | {fmt_ratio(mean_ratio)} "
                 f"| {fmt_ratio(median_ratio)} | {fmt_ratio(cpu_ratio)} | {peak:.1f} | {kept:.3f} |"
             )
-        p = probe[model]
+        p = probe.get(model)
+        if p is None:
+            lines.append("")
+            continue
         lines += [
             "",
             f"Train/eval probe (`check_mismatch`, one validation batch of {BATCH}): "

@@ -4,7 +4,9 @@ and hands what it measures to a :class:`~bnprobe.recorder.Recorder`.
 It owns the options, the schedule (which steps to measure), rank handling (only rank zero
 writes; warnings once, on rank zero), the train/eval probe after validation, and resume
 (``state_dict`` under a ``state_key`` of its options). It resolves the trainer's
-``TensorBoardLogger`` objects by ``isinstance`` and hands their ``SummaryWriter`` down; the sinks,
+``TensorBoardLogger`` objects by ``isinstance`` and hands the recorder bnprobe's own event writer
+in each one's ``log_dir`` (never Lightning's ``SummaryWriter``: a disk error in bnprobe's events
+must not reach the user's logging), and closes them at teardown; the sinks,
 the flush policy and the failure isolation are the recorder's. Only this module and
 :mod:`bnprobe.lightning` import Lightning. :class:`BNProbeBase` holds the logic with the logger
 class as a class attribute, so the same body serves ``pytorch_lightning`` (here) and
@@ -40,7 +42,7 @@ from bnprobe.options import (
 from bnprobe.recorder import Recorder, summary_text, switched_off
 from bnprobe.store import Rows, Store
 from bnprobe.tap import BNTap, LayerSelection, Snapshot, find_layers
-from bnprobe.tensorboard import tag_root
+from bnprobe.tensorboard import EventWriter, tag_root
 
 if TYPE_CHECKING:
     from bnprobe.diagnosis import Finding
@@ -79,9 +81,6 @@ class BNProbeBase:
         scalars: which metrics are logged as scalars: None (every metric), or metric names and
             glob patterns (``["mean_shift*", "kl"]``). The table and the store keep every
             metric whatever this says.
-        fast_checksums: during fit, have TensorBoard checksum its event records with the C
-            library ``google-crc32c`` (``pip install "bnprobe[fast-crc]"``) instead of its
-            pure-Python loop; put back at teardown. Off by default (docs/performance.md).
         gather_every: under DDP, bring the other ranks' train rows to rank 0 at every k-th
             measured step only (default 1: every measured step). Rank 0 keeps its own rows at
             every measured step; what it holds for the other ranks shrinks k-fold
@@ -89,6 +88,11 @@ class BNProbeBase:
 
     Two probes with different options may share one Trainer: each keeps its own checkpoint
     state under :attr:`state_key` (give them different ``save_dir`` folders).
+
+    TensorBoard loggers get these in bnprobe's own event file in their ``log_dir``
+    (``events.out.tfevents.*.bnprobe``, read with Lightning's as one run), not through their
+    ``SummaryWriter``: a full disk stops bnprobe's events with one warning, never the user's
+    ``self.log`` or ``fit``.
 
     Logged keys (scalars, through the TensorBoard loggers, or every logger with ``log_to="all"``;
     rank zero only), one per BN layer and metric:
@@ -124,7 +128,7 @@ class BNProbeBase:
     """
 
     _tensorboard_logger: type[Any] = TensorBoardLogger
-    """The trainer loggers whose ``SummaryWriter`` the recorder writes into (by isinstance)."""
+    """The trainer loggers in whose ``log_dir`` bnprobe writes its event file (by isinstance)."""
     _tap_class: type[BNTap] = BNTap
     """What measures the layers (a subclass may change how; the failure tests use one)."""
     _gather_class: type[RankGather] = RankGather
@@ -142,7 +146,6 @@ class BNProbeBase:
         summary: bool = True,
         log_to: str = "tensorboard",
         scalars: str | Sequence[str] | None = None,
-        fast_checksums: bool = False,
         gather_every: int = 1,
     ) -> None:
         if isinstance(gather_every, bool) or not isinstance(gather_every, int) or gather_every < 1:
@@ -156,7 +159,6 @@ class BNProbeBase:
                 ("histograms", histograms),
                 ("per_channel", per_channel),
                 ("summary", summary),
-                ("fast_checksums", fast_checksums),
             ),
             save_dir=save_dir,
             log_to=log_to,
@@ -171,7 +173,6 @@ class BNProbeBase:
         self.summary = summary
         self.log_to = log_to
         self.scalars = scalars
-        self.fast_checksums = fast_checksums
         self.gather_every = gather_every
         self.tap: BNTap | None = None
         self.recorder = Recorder(warn=self._warn)
@@ -290,12 +291,11 @@ class BNProbeBase:
         boards = [lg for lg in loggers if isinstance(lg, self._tensorboard_logger)]
         self.recorder = Recorder(
             store,
-            writers=[(lg.experiment, tag_root(_logger_prefix(lg))) for lg in boards],
+            writers=[(EventWriter(lg.log_dir), tag_root(_logger_prefix(lg))) for lg in boards],
             loggers=[lg for lg in loggers if lg not in boards] if self.log_to == "all" else [],
             histograms=self.histograms,
             scalars=self._scalar_metrics,
             flush_every_s=FLUSH_EVERY_S,
-            fast_checksums=self.fast_checksums,
             warn=self._warn,
         )
 
@@ -602,6 +602,8 @@ class BNProbeBase:
         self._measuring, self._validating, self._first_val_batch = None, False, None
         self._recal_batches = []
         self.recorder.close()
+        for writer, _ in self.recorder.writers:
+            self.recorder.guard("writing TensorBoard events", writer.close)
         if self.tap is not None:
             self.tap.detach()
 

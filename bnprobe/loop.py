@@ -29,6 +29,7 @@ from bnprobe.drive import RECAL_HELD, probe
 from bnprobe.recorder import MetricsLogger, Recorder, summary_text, switched_off
 from bnprobe.store import STORE_NAME, Store
 from bnprobe.tap import BNTap, LayerSelection
+from bnprobe.tensorboard import EventWriter
 
 
 class Watcher:
@@ -48,7 +49,6 @@ class Watcher:
         writer: Any = None,
         loggers: Sequence[MetricsLogger] = (),
         save_dir: str | os.PathLike[str] | bool | None = None,
-        fast_checksums: bool = False,
     ) -> None:
         if (
             isinstance(every_n_steps, bool)
@@ -61,23 +61,20 @@ class Watcher:
         self.model = model
         self.every_n_steps = every_n_steps
         self.layers = layers
-        self._own_writer = writer is None and log_dir is not None
-        if self._own_writer:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(os.fspath(log_dir))  # type: ignore[arg-type]
+        folder_of_events = _log_dir(writer) if writer is not None else log_dir
+        events = None if folder_of_events is None else EventWriter(folder_of_events)
         if save_dir is None and log_dir is not None:
             save_dir = Path(os.fspath(log_dir)) / STORE_NAME
         folder = None if save_dir is None or save_dir is False else Path(os.fspath(save_dir))  # type: ignore[arg-type]
-        self.writer = writer
+        self.writer = events
+        """bnprobe's own event writer (None: no TensorBoard)."""
         self.tap = BNTap(model, layers, keep_channels=histograms, per_channel=per_channel)
         self.recorder = Recorder(
             Store(folder),
-            writers=[] if writer is None else [writer],
+            writers=[] if events is None else [events],
             loggers=loggers,
             histograms=histograms,
             scalars=scalars,
-            fast_checksums=fast_checksums,
         )
         self._last_step = -1
         self._traced = False
@@ -92,11 +89,11 @@ class Watcher:
         self.close()
 
     def close(self) -> None:
-        """Save the store, remove the hooks, close the writer the watcher opened."""
+        """Save the store, remove the hooks, close bnprobe's event file."""
         self.recorder.close()
         self.tap.detach()
-        if self._own_writer and self.writer is not None:
-            self.writer.close()
+        if self.writer is not None:
+            self.recorder.guard("writing TensorBoard events", self.writer.close)
 
     @contextmanager
     def step(self, step: int, epoch: int = 0) -> Iterator[None]:
@@ -167,6 +164,21 @@ class Watcher:
             run_dir=self.recorder.run_dir,
             report_call="report()",
         )
+
+
+def _log_dir(writer: Any) -> str | None:
+    """The folder of a ``SummaryWriter`` (or anything with ``log_dir`` / ``get_logdir()``)."""
+    if writer is None:
+        return None
+    folder = getattr(writer, "log_dir", None)
+    if folder is None and callable(getattr(writer, "get_logdir", None)):
+        folder = writer.get_logdir()
+    if folder is None:
+        raise TypeError(
+            f"watch(writer=...) takes a SummaryWriter (bnprobe writes its own event file in its "
+            f"log_dir); got {type(writer).__name__}, which has no log_dir"
+        )
+    return str(os.fspath(folder))
 
 
 def watch(

@@ -6,8 +6,9 @@ TensorBoard writers it is handed (scalars, histograms, the Custom Scalars layout
 part that fails warns once, is switched off, and training goes on. Both drivers use it: the
 Lightning callback (:mod:`bnprobe.callback`) and the plain-loop driver (:mod:`bnprobe.loop`).
 
-It may not import Lightning (the adapter resolves Lightning's loggers and hands down their
-``SummaryWriter``), nor drive the tap: it only records what it is given.
+It may not import Lightning (the adapter resolves Lightning's loggers and hands down bnprobe's
+own :class:`~bnprobe.tensorboard.EventWriter` for each one's ``log_dir``), nor drive the tap: it
+only records what it is given.
 """
 
 from __future__ import annotations
@@ -27,11 +28,8 @@ import pandas as pd
 from bnprobe import tensorboard as tb
 from bnprobe.diagnosis.digest import Digest
 from bnprobe.store import STORE_NAME, Store
-from bnprobe.tensorboard import checksum
 
 if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter
-
     from bnprobe.diagnosis import Finding
     from bnprobe.tap import BNTap, Snapshot
 
@@ -54,15 +52,16 @@ class Recorder:
 
     Args:
         store: where the rows go (default: in memory only).
-        writers: ``torch.utils.tensorboard.SummaryWriter`` objects, or ``(writer, root)`` pairs
-            where ``root`` is :func:`bnprobe.tensorboard.tag_root` of a logger's prefix. The
-            recorder writes into them and never closes them: their owner does.
+        writers: TensorBoard writers, or ``(writer, root)`` pairs where ``root`` is
+            :func:`bnprobe.tensorboard.tag_root` of a logger's prefix: bnprobe's own
+            :class:`~bnprobe.tensorboard.EventWriter` (what both drivers hand it: a disk error
+            there stops bnprobe's events, never the user's logging) or a
+            ``torch.utils.tensorboard.SummaryWriter``. The recorder writes into them, flushes
+            them with the store, and never closes them: their owner does.
         loggers: ``log_metrics`` loggers that get every scalar as ``{tag: value}`` per step.
         histograms: write per-channel histograms (when the snapshot has channels).
         scalars: the metric names written as scalars (None: all); the store keeps every metric.
         flush_every_s: write a part file at most this often from :meth:`record`.
-        fast_checksums: have TensorBoard checksum records with ``google-crc32c`` between
-            :meth:`start` and :meth:`close` (:mod:`bnprobe.tensorboard.checksum`; off by default).
         warn: how a failing part is reported (default: ``warnings.warn``); the Lightning adapter
             passes one that warns once, on rank zero.
     """
@@ -71,28 +70,25 @@ class Recorder:
         self,
         store: Store | None = None,
         *,
-        writers: Iterable[SummaryWriter | tuple[SummaryWriter, str]] = (),
+        writers: Iterable[tb.Writer | tuple[tb.Writer, str]] = (),
         loggers: Sequence[MetricsLogger] = (),
         histograms: bool = True,
         scalars: frozenset[str] | None = None,
         flush_every_s: float = FLUSH_EVERY_S,
-        fast_checksums: bool = False,
         warn: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store if store is not None else Store(None)
-        self.writers: list[tuple[SummaryWriter, str]] = [
+        self.writers: list[tuple[tb.Writer, str]] = [
             w if isinstance(w, tuple) else (w, tb.PREFIX) for w in writers
         ]
         self.loggers = list(loggers)
         self.histograms = histograms
         self.scalars = scalars
         self.flush_every_s = flush_every_s
-        self.fast_checksums = fast_checksums
         self.failures: dict[str, str] = {}
         """Parts switched off after an error -> why."""
         self._warn = warn or _warn
         self._last_flush = time.monotonic()
-        self._checksums = False
         self._said_no_figures = False
         self.digest = Digest()
         """The running diagnosis: what the rules need of every recorded row, bounded."""
@@ -101,25 +97,15 @@ class Recorder:
     def start(self, charts: dict[str, tuple[str, ...]] | None = None) -> None:
         """Write the Custom Scalars layout (``charts``: stage -> metrics; default: every stage
         of :data:`bnprobe.tensorboard.METRICS_BY_STAGE` that the recorder's ``scalars`` keep,
-        without ``rank_divergence``) and, if asked, switch to the C checksum."""
-        if self.fast_checksums and not self._checksums and self.writers:
-            self._checksums = checksum.install()
-            if not self._checksums:
-                self._warn(
-                    "bnprobe: fast_checksums=True needs the google-crc32c package "
-                    '(pip install "bnprobe[fast-crc]"); TensorBoard\'s own checksum is used.'
-                )
+        without ``rank_divergence``)."""
         layout = self.charts() if charts is None else charts
         for writer, root in self.writers:
             write = partial(tb.write_layout, writer, tuple(layout), layout, root)
             self.guard("writing the TensorBoard layout", write)
 
     def close(self) -> None:
-        """Save what is not saved yet and put TensorBoard's checksum back (idempotent)."""
+        """Save what is not saved yet (idempotent)."""
         self.flush()
-        if self._checksums:
-            self._checksums = False
-            checksum.uninstall()
 
     def charts(self, world_size: int = 1) -> dict[str, tuple[str, ...]]:
         """The Custom Scalars charts per stage: the metrics written as scalars; rank_divergence
@@ -183,10 +169,14 @@ class Recorder:
                 tb.add_figures(writer, df, int(step), root)
 
     def flush(self) -> None:
-        """Save the rows not saved yet as one part file (guarded): while training, at the end
-        of each epoch, before each checkpoint, at the end of fit and when fit fails."""
+        """Save the rows not saved yet as one part file, and put bnprobe's buffered TensorBoard
+        events into their file (each guarded): while training, at the end of each epoch, before
+        each checkpoint, at the end of fit and when fit fails."""
         self._last_flush = time.monotonic()
         self.guard("saving the store", self.store.flush)
+        for writer, _ in self.writers:
+            if isinstance(writer, tb.EventWriter):
+                self.guard("writing TensorBoard events", writer.flush)
 
     def guard(self, what: str, fn: Callable[[], object]) -> None:
         """Run one part; on error warn once, switch that part off, never raise."""

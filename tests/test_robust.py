@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+import bnprobe
 from bnprobe import BNProbe, load
 from tests.reference import Lit, Reference, loader, make_model, trainer
 
@@ -462,3 +464,114 @@ def test_lightning_cli_config_adds_the_probe(tmp_path, monkeypatch) -> None:
     assert sorted(df[df["stage"] == "train"]["step"].unique()) == [0, 1, 2]
     assert set(df[df["stage"] == "train"]["layer"]) == {"net.features.1", "net.features.5"}
     assert len(load(Path(cli.trainer.log_dir) / "bnprobe_store")) == len(df)
+
+
+# -- a nearly full disk under the log folder: bnprobe's own event file --------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1.5 MiB tmpfs (needs root and ``mount``; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("reserve", [2**20, pytest.param(64 * 2**20, marks=pytest.mark.slow)])
+def test_nearly_full_disk_stops_bnprobe_events_and_the_users_logging_goes_on(
+    small_disk: Path, tmp_path: Path, reserve: int
+) -> None:
+    """80 steps, the user's ``self.log`` every step, bnprobe every step with histograms into
+    its own event file (about 640 KB in all) on a 1.5 MiB disk: bnprobe stops with one warning
+    when a write would leave under ``reserve`` bytes (1 MiB: after some steps; 64 MiB, the
+    default: at once); both runs
+    finish, the user's 80 points are all there, and bnprobe's file holds whole records, every
+    CRC TensorBoard's own, read back by read_tensorboard."""
+    from tests.test_tensorboard_write import _records
+
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.disk_run", str(small_disk), str(out), str(reserve)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["same_weights"]
+    assert result["user_steps"] == list(range(80))  # the user's logging went on
+    assert len(result["warnings"]) == 1, result["warnings"]
+    assert "nearly full" in result["warnings"][0] and "your own logging" in result["warnings"][0]
+    assert result["rows"] > 0  # the table goes on
+    log_dir = Path(result["log_dir"])
+    ours = [log_dir / f for f in result["files"] if f.endswith(".bnprobe")]
+    if reserve == 64 * 2**20:
+        assert ours == []  # nothing fits above the reserve: not even a file
+        return
+    (own,) = ours
+    assert len(_records(own)) > 2  # whole records only, every CRC TensorBoard's
+    df = bnprobe.read_tensorboard(log_dir)
+    steps = sorted(df["step"].unique())
+    assert steps == list(range(len(steps))) and 0 < len(steps) < 80
+
+
+def test_full_disk_error_is_raised_once_and_the_file_keeps_whole_records(
+    small_disk: Path,
+) -> None:
+    """With no reserve, a write that meets ENOSPC raises EventFileError once; the file is cut
+    back to its last whole record and every later call is a no-op."""
+    from bnprobe.tensorboard import EventFileError, EventWriter
+    from tests.test_tensorboard_write import _records
+
+    writer = EventWriter(small_disk / "run", reserve=0)
+    big = {f"bnprobe/train/kl/layer{i}.bn": float(i) for i in range(5000)}
+    with pytest.raises(EventFileError, match="No space left on device"):
+        for step in range(1000):
+            bnprobe.tensorboard.write_scalars(writer, big, step)
+    assert writer.failure is not None and "No space left" in writer.failure
+    bnprobe.tensorboard.write_scalars(writer, big, 1000)  # off: no error, nothing written
+    writer.flush()
+    writer.close()
+    (own,) = (small_disk / "run").iterdir()
+    assert len(_records(own)) > 1
+    (small_disk / "filler").write_bytes(b"")  # the disk takes small writes again
+
+
+def test_batched_metric_failure_warns_once_for_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The metrics of all layers are computed at once: when that fails, the 64 layers are
+    turned off with one warning (one per cause, not per layer), each with its line in
+    ``failures`` (what the end-of-fit summary lists)."""
+    import warnings
+
+    from bnprobe import stats
+    from bnprobe.recorder import switched_off
+    from bnprobe.tap import BNTap
+
+    model = nn.Sequential(*[nn.BatchNorm1d(3) for _ in range(64)])
+
+    def broken(seg: Any) -> Any:
+        raise FloatingPointError("the batched metrics broke")
+
+    monkeypatch.setattr(stats, "segment_metrics", broken)
+    with BNTap(model) as tap, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tap.start()
+        out = model(torch.randn(8, 3))
+        tap.collect(step=0)
+        tap.start()  # every layer is off now: nothing more to warn about
+        model(torch.randn(8, 3))
+        tap.collect(step=1)
+    mine = [str(w.message) for w in caught if "bnprobe" in str(w.message)]
+    assert len(mine) == 1 and "FloatingPointError: the batched metrics broke" in mine[0]
+    assert len(tap.failures) == 64 and all(layer.failed for layer in tap.layers)
+    off = switched_off({}, tap)
+    assert off["measuring layer '63'"] == "FloatingPointError: the batched metrics broke"
+    assert out.shape == (8, 3)

@@ -1,9 +1,11 @@
-"""bnprobe.tensorboard.write (one scalar writer, one histogram writer) and the opt-in C checksum:
-the same points as add_scalar/add_histogram, read back with TensorBoard's own reader."""
+"""bnprobe.tensorboard.write (one scalar writer, one histogram writer) and bnprobe's own event
+file (bnprobe.tensorboard.events): the same points as add_scalar/add_histogram, the same bytes as
+protobuf, every record's CRC TensorBoard's, read back with TensorBoard's own reader."""
 
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from bnprobe import tensorboard as tb
-from bnprobe.tensorboard import checksum
+from bnprobe.tensorboard import events
 
 
 def _read(path: Path) -> EventAccumulator:
@@ -91,8 +93,7 @@ def test_snapshot_metrics_from_plain_lists_equal_those_from_the_rows() -> None:
     assert fast[4]["bnprobe/train/epoch"] == 2.0 and len(fast[4]) > 40
 
 
-def test_c_checksum_equals_tensorboards_on_every_length() -> None:
-    pytest.importorskip("google_crc32c")
+def test_checksum_equals_tensorboards_on_every_length() -> None:
     from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as reference
 
     rng = np.random.default_rng(7)
@@ -100,29 +101,106 @@ def test_c_checksum_equals_tensorboards_on_every_length() -> None:
     lengths += rng.integers(1, 300_000, size=6).tolist()
     for n in lengths:
         data = rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
-        assert checksum.masked_crc32c(data) == reference.masked_crc32c(data), n
+        assert events.masked_crc32c(data) == reference.masked_crc32c(data), n
 
 
-def test_fast_checksums_write_files_tensorboards_reader_verifies_and_are_undone(
-    tmp_path: Path,
-) -> None:
-    pytest.importorskip("google_crc32c")
-    from tensorboard.summary.writer import record_writer
+def _records(path: Path) -> list[bytes]:
+    """The data of every TFRecord of an event file, each CRC checked with TensorBoard's own
+    ``masked_crc32c``; the file must end at a record's end."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-    original = record_writer.masked_crc32c
-    with checksum.fast_checksums() as fast:
-        assert fast and record_writer.masked_crc32c is checksum.masked_crc32c
-        writer = SummaryWriter(str(tmp_path))
-        big = {f"bnprobe/train/kl/layer{i}.bn": i / 7 for i in range(900)}  # a ~40 KB event
+    blob, at, out = path.read_bytes(), 0, []
+    while at < len(blob):
+        header = blob[at : at + 8]
+        (length,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", blob[at + 8 : at + 12])[0] == masked_crc32c(header)
+        data = blob[at + 12 : at + 12 + length]
+        assert len(data) == length
+        footer = blob[at + 12 + length : at + 16 + length]
+        assert struct.unpack("<I", footer)[0] == masked_crc32c(data)
+        out.append(data)
+        at += 16 + length
+    assert at == len(blob)
+    return out
+
+
+def test_event_bytes_are_what_protobuf_serializes() -> None:
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    summary = Summary(value=[Summary.Value(tag="a", simple_value=1.5)])
+    data = summary.SerializeToString()
+    for step in (0, 1, 127, 128, 2**31, 2**62, -1, -(2**40)):
+        for wall in (0.0, -0.0, 1.25, 1.7e9):
+            want = Event(step=step, wall_time=wall, summary=summary).SerializeToString()
+            assert events.event_bytes(step, wall, data) == want, (step, wall)
+
+
+def test_own_event_file_reads_back_with_tensorboards_reader(tmp_path: Path) -> None:
+    """Scalars, histograms, the layout and an image through bnprobe's EventWriter: one
+    ``*.bnprobe`` event file, every record's CRC TensorBoard's own, EventAccumulator reads the
+    same points as from a SummaryWriter."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    rng = np.random.default_rng(1)
+    big = {f"bnprobe/train/kl/layer{i}.bn": i / 7 for i in range(900)}  # a ~40 KB event
+    channels = {f"layer{i}.bn": {"gamma": rng.standard_normal(16)} for i in range(3)}
+    for folder in ("own", "torch"):
+        writer: object = (
+            tb.EventWriter(tmp_path / folder)
+            if folder == "own"
+            else SummaryWriter(str(tmp_path / folder))
+        )
         for step in range(3):
             tb.write_scalars(writer, {k: v + step for k, v in big.items()}, step)
-        writer.close()
-    assert record_writer.masked_crc32c is original
-    acc = _read(tmp_path)  # the reader checks every record's CRC with TensorBoard's own code
-    assert len(acc.Tags()["scalars"]) == 900
-    points = acc.Scalars("bnprobe/train/kl/layer899.bn")
-    assert [e.step for e in points] == [0, 1, 2]
-    assert [e.value for e in points] == pytest.approx([899 / 7 + s for s in range(3)])
+            tb.write_histograms(writer, "train", step, channels)
+        tb.write_layout(writer, ("train",))
+        writer.add_image(
+            "bnprobe/train/figure/x", np.zeros((4, 5, 3), np.uint8), 2, dataformats="HWC"
+        )  # type: ignore[attr-defined]
+        writer.close()  # type: ignore[attr-defined]
+    (own,) = (tmp_path / "own").iterdir()
+    assert own.name.startswith("events.out.tfevents.") and own.name.endswith(".bnprobe")
+    first, *rest = [Event.FromString(r) for r in _records(own)]
+    assert first.file_version == "brain.Event:2" and len(rest) == 8
+    accs = {name: _read(tmp_path / name) for name in ("own", "torch")}
+    assert accs["own"].Tags()["scalars"] == accs["torch"].Tags()["scalars"]
+    assert len(accs["own"].Tags()["scalars"]) == 900
+    for tag in ("bnprobe/train/kl/layer899.bn", "bnprobe/train/kl/layer0.bn"):
+        points = [(e.step, e.value) for e in accs["own"].Scalars(tag)]
+        assert points == [(e.step, e.value) for e in accs["torch"].Scalars(tag)]
+        assert [s for s, _ in points] == [0, 1, 2]
+    hist = "bnprobe/train/hist/gamma/layer2.bn"
+    assert [e.histogram_value for e in accs["own"].Histograms(hist)] == [
+        e.histogram_value for e in accs["torch"].Histograms(hist)
+    ]
+    assert accs["own"].Tags()["images"] == ["bnprobe/train/figure/x"]
+
+
+def test_histogram_bytes_are_what_protobuf_serializes() -> None:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    rng = np.random.default_rng(5)
+    vectors = {
+        f"bnprobe/train/hist/{n}/blocks.{i}.bn": rng.standard_normal(int(rng.integers(1, 300)))
+        for i in range(200)
+        for n in tb.HIST_NAMES
+    }
+    vectors |= {
+        "zeros": np.zeros(64),  # min, max, sum, sum_squares zero: left out
+        "signed_zeros": np.array([-0.0, 0.0]),  # -0.0 is written (nonzero bits)
+        "mixed": np.array([1.0, np.inf, np.nan, 3.0, -2.0]),
+        "nothing_finite": np.full(5, np.nan),  # skipped
+        "x" * 200: np.array([1e300, -1e300]),  # a two-byte tag length
+        "ünïcode": np.array([2.0]),
+    }
+    for bins in (30, 3, 200):
+        protos = tb.histogram_protos(vectors, bins)
+        want = Summary(value=[Summary.Value(tag=t, histo=h) for t, h in protos.items()])
+        tags, data = tb.histogram_bytes(vectors, bins)
+        assert tags == list(protos) and "nothing_finite" not in tags
+        assert data == want.SerializeToString()
+    assert tb.histogram_bytes({}) == ([], b"")
 
 
 def test_summary_bytes_are_the_message_protobuf_builds() -> None:

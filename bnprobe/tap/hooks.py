@@ -81,6 +81,7 @@ class BNTap:
         self._handles: list[RemovableHandle] = []
         self._trace = ProducerTrace(model)
         self._failures: list[str] = []
+        self._warned_causes: set[tuple[str, str]] = set()
         self._started = False
         self._pooling = False
         self._on_input: _Hook = self._first_forward
@@ -178,47 +179,74 @@ class BNTap:
     def _host_metrics(
         self, measured: list[LayerState]
     ) -> tuple[
-        build.LayerMetrics,
+        build.LayerMetrics | None,
         list[tuple[LayerState, Layout]],
         stats.Segments | None,
         dict[str, np.ndarray],
     ]:
-        """Metric names and values of each measured layer, computed for all layers at once
+        """The metrics of the measured layers, computed for all layers at once
         (:func:`bnprobe.stats.segment_metrics`), and, for the per-channel vectors and rows, the
-        layers measured, their segments and per-channel vectors (None, {} when none)."""
+        layers measured, their segments and per-channel vectors (None, [], None, {} when none)."""
         ok: list[LayerState] = []
         layouts: list[Layout] = []
         pieces: list[Tensor] = []
         for layer in measured:
-            lay, parts = layer.layout, raw_pieces(layer)
-            if lay is None or parts is None:
+            lay = layer.layout
+            if lay is None:
                 continue
-            size = sum(p.numel() for p in parts)
-            if lay.channels < 1 or size != lay.size:
-                self._fail(layer, RuntimeError(f"measured {size} values, the layout is {lay}"))
+            parts = raw_pieces(layer)
+            if parts is None:
+                continue
+            if lay.channels < 1:
+                self._fail(
+                    layer, RuntimeError(f"measured {_numel(parts)} values, the layout is {lay}")
+                )
                 continue
             ok.append(layer)
             layouts.append(lay)
             pieces += parts
         if not ok:
-            return {}, [], None, {}
+            return None, [], None, {}
         try:
-            seg = plan(tuple(layouts)).segments(to_host(pieces))
-            table, per = stats.segment_metrics(seg)
-        except Exception as err:  # the probe must never stop training
+            step_plan = plan(tuple(layouts))
+            raw = to_host(pieces)
+        except Exception as err:  # the probe must never stop training: one warning, every layer
             for layer in ok:
                 self._fail(layer, err)
-            return {}, [], None, {}
+            return None, [], None, {}
+        if raw.size != step_plan.size:  # a layer measured what its layout does not say
+            return self._host_metrics(self._sized(ok))
+        try:
+            seg = step_plan.segments(raw)
+            table, per = stats.segment_metrics(seg)
+        except Exception as err:  # the probe must never stop training: one warning, every layer
+            for layer in ok:
+                self._fail(layer, err)
+            return None, [], None, {}
         out = build.layer_metrics(ok, layouts, table)
-        ill = seg.ill_conditioned.tolist() if seg.ill_conditioned is not None else []
-        for i, (layer, lay) in enumerate(zip(ok, layouts, strict=True)):
-            if lay.recoverable and ill:
-                layer.suspect = bool(ill[i])
+        if seg.ill_conditioned is not None:
+            for layer, lay, ill in zip(ok, layouts, seg.ill_conditioned.tolist(), strict=True):
+                if lay.recoverable:
+                    layer.suspect = bool(ill)
         chan: dict[str, np.ndarray] = {}
         if self.keep_channels:
             chan = {"batch_mean": seg.mean, "batch_var": seg.var, "running_mean": seg.mu_r}
             chan |= {"running_var": seg.var_r, "gamma": seg.gamma, "beta": seg.beta, **per}
         return out, list(zip(ok, layouts, strict=True)), seg, chan
+
+    def _sized(self, layers: list[LayerState]) -> list[LayerState]:
+        """``layers`` without those whose raw vector is not the size their layout says (turned
+        off, one warning per cause)."""
+        kept = []
+        for layer in layers:
+            lay, parts = layer.layout, raw_pieces(layer)
+            assert lay is not None and parts is not None
+            size = _numel(parts)
+            if size != lay.size:
+                self._fail(layer, RuntimeError(f"measured {size} values, the layout is {lay}"))
+            else:
+                kept.append(layer)
+        return kept
 
     def frozen_layers(self) -> list[str]:
         """The layers that were in eval mode while the model trained, at their last measured
@@ -249,6 +277,9 @@ class BNTap:
             self._fail(layer, err)
 
     def _fail(self, layer: LayerState, err: Exception) -> None:
+        """Turn ``layer`` off; warn once per cause (the error's type and message), not per
+        layer: a failure of the batched computation, or the same error in every layer's hook,
+        is one warning. :attr:`failures` keeps one line per layer."""
         layer.failed = True
         layer.layout, layer.before, layer.after = None, None, None
         line = (
@@ -256,7 +287,12 @@ class BNTap:
             f"{type(err).__name__}: {err}. This layer is no longer measured; training goes on."
         )
         self._failures.append(line)
-        warnings.warn(line, RuntimeWarning, stacklevel=2)
+        cause = (type(err).__name__, str(err))
+        if cause in self._warned_causes:
+            return
+        self._warned_causes.add(cause)
+        more = " Other layers that fail the same way are turned off without another warning."
+        warnings.warn(line + more, RuntimeWarning, stacklevel=2)
 
     # -- a measured step: the first forward of each layer ---------------------------------------
     def _first_forward(self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
@@ -333,6 +369,10 @@ class BNTap:
     def _pool_input(self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
         """Post-hook of a pooled step: add this forward's input moments to the layer's pool."""
         self._guarded(layer, _accumulate, layer, args[0])
+
+
+def _numel(tensors: list[Tensor]) -> int:
+    return sum(t.numel() for t in tensors)
 
 
 def _ignore(layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:

@@ -82,9 +82,12 @@ def raw_pieces(layer: LayerState) -> list[Tensor] | None:
 
 def to_host(tensors: list[Tensor]) -> np.ndarray:
     """Concatenate 1-d tensors into one float64 host array, with one transfer per device."""
-    devices = {t.device for t in tensors}
-    if len(devices) == 1:
+    try:  # one device (nearly always): one cat, one transfer
         return torch.cat(tensors).to("cpu", torch.float64).numpy()
+    except RuntimeError:
+        devices = {t.device for t in tensors}
+        if len(devices) == 1:
+            raise
     host = {
         d: torch.cat([t for t in tensors if t.device == d]).to("cpu", torch.float64).numpy()
         for d in devices
@@ -147,6 +150,8 @@ class Plan:
     recoverable: np.ndarray
     samples: np.ndarray
     starts: np.ndarray
+    size: int
+    """The length of the layouts' concatenated raw vectors."""
 
     def segments(self, raw: np.ndarray) -> stats.Segments:
         values = np.concatenate([raw, (0.0, np.nan)])[self.index]
@@ -247,6 +252,7 @@ def plan(layouts: tuple[Layout, ...]) -> Plan:
         channels=channels,
         index=np.stack([np.concatenate(parts[key]) for key in QUANTITIES]),
         starts=np.concatenate([[0], np.cumsum(channels)[:-1]]),
+        size=total,
         **repeated,
         **flags,
     )

@@ -14,8 +14,8 @@ where rows become a DataFrame (:attr:`Snapshot.rows`, through the store).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import cache
-from typing import TYPE_CHECKING
+from functools import cache, lru_cache
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -86,44 +86,127 @@ def _metric_index(
     return tuple(names), tuple(_ALL_METRICS.index(n) for n in names)
 
 
-LayerMetrics = dict[LayerState, tuple[tuple[str, ...], list[float]]]
-"""Each measured layer's metric names (row order) and values."""
+STRUCTURE: tuple[str, ...] = (
+    "forward_calls",
+    "train_mode",
+    "model_train_mode",
+    "momentum",
+    "has_running_stats",
+    "input_bias",
+    "input_dropout",
+    "samples_per_channel",
+    "batch_size",
+    "eps",
+)
+"""Every structural metric a layer row may have (store.STRUCTURE_METRICS and
+store.TRACE_METRICS), in row order: the columns of :func:`structure_values`."""
+
+_STRUCTURE_KINDS: dict[str, tuple[int, ...]] = {
+    "none": (),
+    "calls": (0,),
+    "pooled": (7,),
+    "full": (0, 1, 2, 3, 4, 7, 8, 9),
+    "traced": tuple(range(len(STRUCTURE))),
+}
+"""Which columns of :data:`STRUCTURE` a layer has, by kind (:func:`structure_values`)."""
+
+_NAN = float("nan")
+
+
+class LayerMetrics(NamedTuple):
+    """The metrics of the layers measured this step, computed for all of them at once."""
+
+    layers: list[LayerState]
+    """The measured layers, in tap order."""
+    layouts: list[Layout]
+    table: np.ndarray
+    """(layers, ``_ALL_METRICS``) values; a layer's row order takes the ones it has."""
 
 
 def layer_metrics(
     layers: list[LayerState], layouts: list[Layout], table: dict[str, np.ndarray]
 ) -> LayerMetrics:
-    """Split :func:`bnprobe.stats.segment_metrics`'s ``{metric: one value per layer}`` into each
-    layer's metrics, in row order."""
-    columns = np.stack([table[name] for name in _ALL_METRICS], axis=1).tolist()
-    out: LayerMetrics = {}
-    for layer, lay, row in zip(layers, layouts, columns, strict=True):
-        names, index = _metric_index(lay.running, lay.affine, lay.tracked)
-        out[layer] = (names, [row[i] for i in index])
-    return out
+    """Keep :func:`bnprobe.stats.segment_metrics`'s ``{metric: one value per layer}`` as one
+    (layers, metrics) matrix that :func:`layer_rows` reads each layer's metrics from."""
+    return LayerMetrics(layers, layouts, np.stack([table[name] for name in _ALL_METRICS], axis=1))
+
+
+def structure_values(layer: LayerState, pooled: bool) -> tuple[str, tuple[float, ...]]:
+    """The structural metrics of a layer this step as a row of :data:`STRUCTURE` (NaN where
+    absent) and its kind (:data:`_STRUCTURE_KINDS`: which columns it has). A ``pooled``
+    (validation) step has ``samples_per_channel`` only; a traced step adds
+    ``input_bias``/``input_dropout``."""
+    lay = layer.layout
+    nan = _NAN
+    if pooled:
+        if lay is None:
+            return "none", (nan,) * 10
+        return "pooled", (nan, nan, nan, nan, nan, nan, nan, lay.samples, nan, nan)
+    if lay is None:
+        return "calls", (float(layer.calls), nan, nan, nan, nan, nan, nan, nan, nan, nan)
+    m = layer.module
+    momentum = m.momentum
+    modes, producer = layer.modes, layer.producer
+    bias, dropout = producer if producer is not None else (nan, nan)
+    return "full" if producer is None else "traced", (
+        float(layer.calls),
+        float(modes[0]),
+        float(modes[1]),
+        nan if momentum is None else float(momentum),
+        float(lay.running and m.track_running_stats),
+        bias,
+        dropout,
+        lay.samples,
+        layer.batch_size,
+        lay.eps,
+    )
 
 
 def structure_metrics(layer: LayerState, pooled: bool) -> dict[str, float]:
     """The structural metrics of a layer this step (store.STRUCTURE_METRICS and, on a traced
     step, store.TRACE_METRICS), in the order the table has them. A ``pooled`` (validation) step
     has ``samples_per_channel`` only."""
-    lay = layer.layout
-    if pooled:
-        return {"samples_per_channel": lay.samples} if lay is not None else {}
-    if lay is None:
-        return {"forward_calls": float(layer.calls)}
-    m = layer.module
-    out = {
-        "forward_calls": float(layer.calls),
-        "train_mode": float(layer.modes[0]),
-        "model_train_mode": float(layer.modes[1]),
-        "momentum": float("nan") if m.momentum is None else float(m.momentum),
-        "has_running_stats": float(lay.running and m.track_running_stats),
-    }
-    if layer.producer is not None:
-        out["input_bias"], out["input_dropout"] = layer.producer
-    out |= {"samples_per_channel": lay.samples, "batch_size": layer.batch_size, "eps": lay.eps}
-    return out
+    kind, row = structure_values(layer, pooled)
+    return {STRUCTURE[i]: row[i] for i in _STRUCTURE_KINDS[kind]}
+
+
+class _RowPlan(NamedTuple):
+    layers: np.ndarray
+    metrics: np.ndarray
+    positions: np.ndarray
+    """Into ``[*metrics table.ravel(), *structure matrix.ravel()]``."""
+
+
+@lru_cache(maxsize=16)
+def _row_plan(
+    shape: tuple[tuple[str, tuple[bool, bool, bool] | None, int, str], ...], measured: int
+) -> _RowPlan:
+    """The layer, metric and value position of every row of a step of this shape: per layer
+    its name, metric kind (running, affine, tracked; None: not measured), row in the metrics
+    table, structure kind. Steps nearly always have the shape of the step before: cached, so
+    a step's rows take one numpy gather however many layers there are."""
+    width, offset = len(_ALL_METRICS), measured * len(_ALL_METRICS)
+    layers: list[str] = []
+    names: list[str] = []
+    index: list[int] = []
+    for j, (name, kind, row, structure) in enumerate(shape):
+        if kind is not None:
+            metric_names, at = _metric_index(*kind)
+            names += metric_names
+            index += [row * width + i for i in at]
+            layers += [name] * len(metric_names)
+        columns = _STRUCTURE_KINDS[structure]
+        names += [STRUCTURE[i] for i in columns]
+        index += [offset + j * len(STRUCTURE) + i for i in columns]
+        layers += [name] * len(columns)
+    plan = _RowPlan(
+        np.array(layers, dtype=object),
+        np.array(names, dtype=object),
+        np.array(index, dtype=np.int64),
+    )
+    for column in plan:
+        column.setflags(write=False)  # shared by every step of this shape
+    return plan
 
 
 def layer_rows(
@@ -132,24 +215,36 @@ def layer_rows(
     stage: str,
     rank: int,
     layers: Iterable[LayerState],
-    measured: LayerMetrics,
+    measured: LayerMetrics | None,
     pooled: bool,
 ) -> Rows:
-    """The layer rows (channel NA) of a step: per layer its metrics, then its structure."""
-    names: list[str] = []
-    metrics: list[str] = []
-    values: list[float] = []
+    """The layer rows (channel NA) of a step: per layer its metrics, then its structure.
+
+    ``layers`` and ``metrics`` of the Rows are arrays shared by every step of the same shape
+    (read them, never change them); ``values`` is a new float64 array."""
+    row_of: dict[LayerState, int] = {}
+    kinds: dict[LayerState, tuple[bool, bool, bool]] = {}
+    if measured is not None:
+        for i, (layer, lay) in enumerate(zip(measured.layers, measured.layouts, strict=True)):
+            row_of[layer] = i
+            kinds[layer] = (lay.running, lay.affine, lay.tracked)
+    shape = []
+    structure = []
     for layer in layers:
         if layer.failed:
             continue
-        layer_names, layer_values = measured.get(layer, ((), []))
-        structure = structure_metrics(layer, pooled)
-        names += [layer.name] * (len(layer_names) + len(structure))
-        metrics += layer_names
-        metrics += structure
-        values += layer_values
-        values += structure.values()
-    return Rows(step, epoch, stage, rank, names, metrics, values)
+        kind, row = structure_values(layer, pooled)
+        shape.append((layer.name, kinds.get(layer), row_of.get(layer, -1), kind))
+        structure.append(row)
+    if not shape:
+        return Rows(step, epoch, stage, rank, [], [], [])
+    n = 0 if measured is None else len(measured.layers)
+    plan = _row_plan(tuple(shape), n)
+    parts = [np.asarray(structure, dtype=np.float64).ravel()]
+    if measured is not None:
+        parts.insert(0, measured.table.ravel())
+    values = np.concatenate(parts)[plan.positions]
+    return Rows(step, epoch, stage, rank, plan.layers, plan.metrics, values)
 
 
 # -- per-channel vectors and rows ----------------------------------------------------------------

@@ -24,12 +24,15 @@ as scalars; their distribution goes into the histograms.
 Modules: :mod:`~bnprobe.tensorboard.tags` (the scheme), :mod:`~bnprobe.tensorboard.write` (the
 one scalar writer and the one histogram writer), :mod:`~bnprobe.tensorboard.layout` (Custom Scalars
 layout, figures), :mod:`~bnprobe.tensorboard.read` (event files -> table) and
-:mod:`~bnprobe.tensorboard.checksum` (an opt-in C CRC-32C). Nothing here imports Lightning: the
-callback hands down its ``TensorBoardLogger``'s ``SummaryWriter`` and a plain PyTorch loop its own.
+:mod:`~bnprobe.tensorboard.events` (bnprobe's own event file: :class:`EventWriter`). Nothing here
+imports Lightning: the callback makes one :class:`EventWriter` in each ``TensorBoardLogger``'s
+``log_dir`` (next to Lightning's own event file; TensorBoard reads both as one run), and a plain
+PyTorch loop one in its ``log_dir``.
 """
 
 from __future__ import annotations
 
+from bnprobe.tensorboard.events import EventFileError, EventWriter
 from bnprobe.tensorboard.layout import (
     FIGURE_METRICS,
     add_figures,
@@ -54,7 +57,9 @@ from bnprobe.tensorboard.tags import (
     tag_root,
 )
 from bnprobe.tensorboard.write import (
+    Writer,
     add_histograms,
+    histogram_bytes,
     histogram_protos,
     snapshot_metrics,
     summary_bytes,
@@ -70,12 +75,16 @@ __all__ = [
     "METRICS_BY_STAGE",
     "MODEL_TAG",
     "PREFIX",
+    "EventFileError",
+    "EventWriter",
     "Tag",
+    "Writer",
     "add_figures",
     "add_histograms",
     "epoch_tag",
     "figure_tag",
     "hist_tag",
+    "histogram_bytes",
     "histogram_protos",
     "layout",
     "parse_tag",

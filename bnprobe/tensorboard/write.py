@@ -32,12 +32,17 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from bnprobe.store import Rows
+from bnprobe.tensorboard.events import EventWriter, varint
 from bnprobe.tensorboard.tags import HIST_BINS, HIST_NAMES, PREFIX, epoch_tag, hist_tag, scalar_tag
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
     from torch.utils.tensorboard import SummaryWriter
+
+Writer = Any
+"""What the write functions take: bnprobe's :class:`~bnprobe.tensorboard.events.EventWriter`
+(what the drivers hand the recorder) or a ``torch.utils.tensorboard.SummaryWriter``."""
 
 
 def file_writer(writer: SummaryWriter) -> Any:
@@ -58,13 +63,13 @@ def file_writer(writer: SummaryWriter) -> Any:
     return target
 
 
-def write_scalars(writer: SummaryWriter, metrics: Mapping[str, float], step: int) -> None:
+def write_scalars(writer: Writer, metrics: Mapping[str, float], step: int) -> None:
     """Every ``tag: value`` of ``metrics`` as one event at ``step`` of a ``SummaryWriter``."""
     _write_summary(writer, tuple(metrics), metrics.values(), step)
 
 
 def write_snapshot(
-    writer: SummaryWriter, snapshot: Any, keep: frozenset[str] | None = None, root: str = PREFIX
+    writer: Writer, snapshot: Any, keep: frozenset[str] | None = None, root: str = PREFIX
 ) -> None:
     """The layer aggregates of rank 0 of a :class:`bnprobe.tap.Snapshot` (and
     ``<root>/<stage>/epoch``), one event per step. ``keep``: the metrics to write (None: all);
@@ -95,15 +100,16 @@ def _points(
     by_step: dict[int, list[tuple[tuple[str, ...], Iterable[float]]]] = {}
     for part in snapshot.parts:
         for rows in _layer_rows(part):
-            metrics = tuple(rows.metrics)
-            tags = _aggregate_tags(root, rows.stage, tuple(rows.layers), metrics)
-            values: Iterable[float] = itertools.chain((rows.epoch,), rows.values)
-            if keep is not None:
-                index = _kept(metrics, keep)
-                if len(index) == 1:  # nothing but the epoch
-                    continue
-                tags = tuple(tags[i] for i in index)
-                values = np.fromiter(values, dtype=np.float64, count=len(metrics) + 1)[index]
+            tags, index = _tags_of(root, rows.stage, rows.layers, rows.metrics, keep)
+            if index is not None and len(index) == 1:  # nothing but the epoch
+                continue
+            values: Iterable[float]
+            if isinstance(rows.values, np.ndarray):
+                values = np.concatenate([(float(rows.epoch),), rows.values.astype(np.float64)])
+            else:
+                values = itertools.chain((rows.epoch,), rows.values)
+            if index is not None:
+                values = np.fromiter(values, dtype=np.float64, count=len(rows.metrics) + 1)[index]
             by_step.setdefault(int(rows.step), []).append((tags, values))
     out: dict[int, tuple[tuple[str, ...], Iterable[float]]] = {}
     for step, blocks in by_step.items():
@@ -140,6 +146,46 @@ def _layer_rows(part: Rows | pd.DataFrame) -> list[Rows]:
     return out
 
 
+_last_tags: list[Any] = [None, None, None, None, None, None]
+"""The last call of :func:`_tags_of`: its arguments and result (the tap hands the same
+``layers`` and ``metrics`` arrays every step of the same shape)."""
+
+
+def _tags_of(
+    root: str,
+    stage: str,
+    layers: Sequence[str] | np.ndarray,
+    metrics: Sequence[str] | np.ndarray,
+    keep: frozenset[str] | None,
+) -> tuple[tuple[str, ...], np.ndarray | None]:
+    """The tags of ``(epoch, *rows)`` (only the kept ones when ``keep``), and their indices
+    into ``(epoch, *values)`` (None: all). The same read-only ``layers`` and ``metrics`` arrays
+    as the last call take no work."""
+    last = _last_tags
+    if (
+        last[2] is layers
+        and last[3] is metrics
+        and last[0] == root
+        and last[1] == stage
+        and last[4] == keep
+    ):
+        return cast("tuple[tuple[str, ...], np.ndarray | None]", last[5])
+    names = tuple(metrics)
+    tags = _aggregate_tags(root, stage, tuple(layers), names)
+    index = None
+    if keep is not None:
+        index = _kept(names, keep)
+        tags = tuple(tags[i] for i in index)
+    if _frozen(layers) and _frozen(metrics):
+        _last_tags[:] = [root, stage, layers, metrics, keep, (tags, index)]
+    return tags, index
+
+
+def _frozen(column: object) -> bool:
+    """A read-only array (the tap's, shared by the steps of one shape): safe to know by id."""
+    return isinstance(column, np.ndarray) and not column.flags.writeable
+
+
 @lru_cache(maxsize=8)
 def _kept(metrics: tuple[str, ...], keep: frozenset[str]) -> np.ndarray:
     """Indices into (epoch, *metrics) of the epoch and the kept metrics."""
@@ -160,13 +206,21 @@ def _rooted(tag: str, root: str) -> str:
 
 
 def _write_summary(
-    writer: SummaryWriter, tags: tuple[str, ...], values: Iterable[float], step: int
+    writer: Writer, tags: tuple[str, ...], values: Iterable[float], step: int
 ) -> None:
+    if tags:
+        _add_summary(writer, summary_bytes(tags, values), int(step))
+
+
+def _add_summary(writer: Writer, summary: bytes, step: int) -> None:
+    """One event of the serialized ``Summary`` ``summary``: bnprobe's own writer takes the
+    bytes; a ``SummaryWriter`` gets the message parsed back, through its file writer."""
+    if isinstance(writer, EventWriter):
+        writer.write_summary(summary, step)
+        return
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    if tags:
-        summary = Summary.FromString(summary_bytes(tags, values))
-        file_writer(writer).add_summary(summary, int(step))
+    file_writer(writer).add_summary(Summary.FromString(summary), step)
 
 
 def summary_bytes(tags: tuple[str, ...], values: Iterable[float]) -> bytes:
@@ -179,7 +233,10 @@ def summary_bytes(tags: tuple[str, ...], values: Iterable[float]) -> bytes:
     in one numpy assignment: ~20 us for 500 values, against ~400 us to build the message object.
     """
     template, slots = _summary_template(tags)
-    floats = np.fromiter(values, dtype=np.float64, count=len(tags))
+    if isinstance(values, np.ndarray) and values.shape == (len(tags),):
+        floats = values
+    else:
+        floats = np.fromiter(values, dtype=np.float64, count=len(tags))
     with np.errstate(over="ignore"):  # beyond float32: inf, as protobuf stores it
         packed = floats.astype("<f4").view(np.uint8).reshape(-1, 4)
     out = template.copy()
@@ -199,8 +256,8 @@ def _summary_template(tags: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     size = 0
     for tag in tags:
         name = tag.encode()
-        value = b"\x0a" + _varint(len(name)) + name + b"\x15"
-        head = b"\x0a" + _varint(len(value) + 4) + value
+        value = b"\x0a" + varint(len(name)) + name + b"\x15"
+        head = b"\x0a" + varint(len(value) + 4) + value
         slots.append(size + len(head))
         parts += [head, bytes(4)]
         size += len(head) + 4
@@ -208,40 +265,123 @@ def _summary_template(tags: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     return template, np.array(slots, dtype=np.int64)[:, None] + np.arange(4)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def histogram_protos(vectors: Mapping[str, np.ndarray], bins: int = HIST_BINS) -> dict[str, Any]:
     """``{tag: HistogramProto}`` of each vector's finite values in ``bins`` equal-width bins
     between its min and max (a constant vector: one bin of width 1 around it, as
-    ``np.histogram`` does). Vectors with no finite value are left out."""
+    ``np.histogram`` does). Vectors with no finite value are left out. The reference for
+    :func:`histogram_bytes`, which writes the same messages without building them."""
     from tensorboard.compat.proto.summary_pb2 import HistogramProto
 
+    binned = _bin(vectors, bins)
+    if binned is None:
+        return {}
+    tags, fields, limits, counts = binned
+    return {
+        tag: HistogramProto(
+            min=float(fields[i, 0]),
+            max=float(fields[i, 1]),
+            num=int(fields[i, 2]),
+            sum=float(fields[i, 3]),
+            sum_squares=float(fields[i, 4]),
+            bucket_limit=limits[i].tolist(),
+            bucket=counts[i].tolist(),
+        )
+        for i, tag in enumerate(tags)
+    }
+
+
+def histogram_bytes(
+    vectors: Mapping[str, np.ndarray], bins: int = HIST_BINS
+) -> tuple[list[str], bytes]:
+    """The tags and the serialized ``Summary`` of :func:`histogram_protos`'s histograms, built
+    as bytes: the same bytes as ``Summary(value=[Value(tag=t, histo=h), ...])
+    .SerializeToString()``, without a protobuf object (about 1 us a histogram, not ~8).
+
+    Wire format: ``HistogramProto`` holds ``min, max, num, sum, sum_squares`` (fields 1-5,
+    doubles, each left out when its bits are zero, as proto3 does) and the packed doubles
+    ``bucket_limit`` (6) and ``bucket`` (7); a ``Summary.Value`` holds ``tag`` (1) and ``histo``
+    (5). Each histogram is one row of a byte matrix (tag head, fields, arrays); the rows' kept
+    bytes, in order, are the message.
+    """
+    binned = _bin(vectors, bins)
+    if binned is None:
+        return [], b""
+    tags, fields, limits, counts = binned
+    n, width = len(tags), bins + 1
+    packed = varint(8 * width)
+    scalars = np.ascontiguousarray(fields, dtype="<f8")
+    present = scalars.view(np.uint64) != 0  # (n, 5): proto3 leaves out zero bits
+    body = np.empty((n, 5 * 9 + 2 * (1 + len(packed) + 8 * width)), dtype=np.uint8)
+    scalar_part = body[:, : 5 * 9].reshape(n, 5, 9)
+    scalar_part[:, :, 0] = np.array([0x09, 0x11, 0x19, 0x21, 0x29], dtype=np.uint8)
+    scalar_part[:, :, 1:] = scalars.view(np.uint8).reshape(n, 5, 8)
+    at = 5 * 9
+    for key, array in ((0x32, limits), (0x3A, counts)):
+        head = np.frombuffer(bytes([key]) + packed, dtype=np.uint8)
+        body[:, at : at + len(head)] = head
+        at += len(head)
+        body[:, at : at + 8 * width] = np.ascontiguousarray(array, dtype="<f8").view(np.uint8)
+        at += 8 * width
+    keep = np.ones(body.shape, dtype=bool)
+    keep[:, : 5 * 9] = np.repeat(present, 9, axis=1)
+    missing = 5 - present.sum(axis=1)
+    heads, head_keep = _histogram_heads(tuple(tags), body.shape[1], missing.tobytes())
+    matrix = np.concatenate([heads, body], axis=1)
+    mask = np.concatenate([head_keep, keep], axis=1)
+    return list(tags), matrix[mask].tobytes()
+
+
+@lru_cache(maxsize=8)
+def _histogram_heads(
+    tags: tuple[str, ...], full: int, missing: bytes
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per histogram, the bytes before its ``HistogramProto`` (``Summary.value`` key and length,
+    ``Value.tag``, ``Value.histo`` key and length) left-aligned in a row, and which are bytes."""
+    sizes = [full - 9 * m for m in np.frombuffer(missing, dtype=np.int64).tolist()]
+    rows = []
+    for tag, size in zip(tags, sizes, strict=True):
+        name = tag.encode()
+        value = b"\x0a" + varint(len(name)) + name + b"\x2a" + varint(size)
+        rows.append(b"\x0a" + varint(len(value) + size) + value)
+    longest = max(len(r) for r in rows)
+    heads = np.zeros((len(rows), longest), dtype=np.uint8)
+    keep = np.zeros((len(rows), longest), dtype=bool)
+    for i, row in enumerate(rows):
+        heads[i, : len(row)] = np.frombuffer(row, dtype=np.uint8)
+        keep[i, : len(row)] = True
+    return heads, keep
+
+
+def _bin(
+    vectors: Mapping[str, np.ndarray], bins: int
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray] | None:
+    """The histograms of ``vectors`` with a finite value: their tags, ``(min, max, num, sum,
+    sum_squares)`` rows, bucket limits and bucket counts (TensorBoard reads right edges: each
+    count row starts with a 0), all float64; None when there is none."""
     tags = list(vectors)
     if not tags:
-        return {}
+        return None
     arrays = [np.asarray(vectors[t], dtype=np.float64).ravel() for t in tags]
     sizes = np.array([a.size for a in arrays], dtype=np.int64)
     flat = np.concatenate(arrays)
     owner = np.repeat(np.arange(len(tags)), sizes)
     finite = np.isfinite(flat)
-    flat, owner = flat[finite], owner[finite]
-    num = np.bincount(owner, minlength=len(tags))
-    out: dict[str, Any] = {}
+    if not finite.all():
+        flat, owner = flat[finite], owner[finite]
     if flat.size == 0:
-        return out
+        return None
+    num = np.bincount(owner, minlength=len(tags))
+    bounds = np.cumsum(num)
+    starts = bounds - num
+    has = num > 0
+    # owner is sorted: per-vector min and max by reduceat over the non-empty segments
     lo = np.full(len(tags), np.inf)
     hi = np.full(len(tags), -np.inf)
-    np.minimum.at(lo, owner, flat)
-    np.maximum.at(hi, owner, flat)
+    lo[has] = np.minimum.reduceat(flat, starts[has])
+    hi[has] = np.maximum.reduceat(flat, starts[has])
     total = np.bincount(owner, weights=flat, minlength=len(tags))
-    squares = np.bincount(owner, weights=flat * flat, minlength=len(tags))
+    with np.errstate(over="ignore"):  # beyond 1e154: an infinite sum of squares
+        squares = np.bincount(owner, weights=flat * flat, minlength=len(tags))
     left, right = lo.copy(), hi.copy()
     flat_range = left == right
     left[flat_range] -= 0.5
@@ -250,27 +390,21 @@ def histogram_protos(vectors: Mapping[str, np.ndarray], bins: int = HIST_BINS) -
     with np.errstate(all="ignore"):
         index = np.floor((flat - left[owner]) / width[owner]).astype(np.int64)
     index = np.clip(index, 0, bins - 1)
-    counts = np.bincount(owner * bins + index, minlength=len(tags) * bins).reshape(-1, bins)
-    steps = np.arange(bins + 1)
-    for i, tag in enumerate(tags):
-        if num[i] == 0:
-            continue
-        limits = left[i] + width[i] * steps
-        limits[-1] = right[i]
-        out[tag] = HistogramProto(
-            min=float(lo[i]),
-            max=float(hi[i]),
-            num=int(num[i]),
-            sum=float(total[i]),
-            sum_squares=float(squares[i]),
-            bucket_limit=limits.tolist(),
-            bucket=[0, *counts[i].tolist()],  # TensorBoard reads right edges: a leading 0
-        )
-    return out
+    counts = np.zeros((len(tags), bins + 1))
+    counts[:, 1:] = np.bincount(owner * bins + index, minlength=len(tags) * bins).reshape(-1, bins)
+    with np.errstate(invalid="ignore", over="ignore"):  # no finite value: dropped below
+        limits = left[:, None] + width[:, None] * np.arange(bins + 1)
+    limits[:, -1] = right
+    fields = np.stack([lo, hi, num.astype(np.float64), total, squares], axis=1)
+    keep = np.flatnonzero(has)
+    if keep.size < len(tags):
+        tags = [tags[i] for i in keep]
+        fields, limits, counts = fields[keep], limits[keep], counts[keep]
+    return tags, fields, limits, counts
 
 
 def write_histograms(
-    writer: SummaryWriter,
+    writer: Writer,
     stage: str,
     step: int,
     channels: Mapping[str, Mapping[str, Any]],
@@ -287,17 +421,14 @@ def write_histograms(
         for name in names
         if name in per
     }
-    protos = histogram_protos(vectors)
-    if protos:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        summary = Summary(value=[Summary.Value(tag=t, histo=h) for t, h in protos.items()])
-        file_writer(writer).add_summary(summary, int(step))
-    return list(protos)
+    tags, summary = histogram_bytes(vectors)
+    if tags:
+        _add_summary(writer, summary, int(step))
+    return tags
 
 
 def add_histograms(
-    writer: SummaryWriter,
+    writer: Writer,
     stage: str,
     layer: str,
     step: int,

@@ -1,0 +1,196 @@
+"""bnprobe's own host work per measured step, against the number of BN layers (no Lightning).
+
+For nets of ``--depths`` BN layers (blocks of ``Linear(width, width) + BatchNorm1d + ReLU``,
+width 32, batch 32: cheap, so bnprobe's cost is not hidden under the model's), one process runs
+``BNTap`` and :class:`bnprobe.recorder.Recorder` directly, the way both drivers do: every step
+``tap.start()``, forward, backward, optimizer step, then ``tap.collect`` and ``recorder.record``
+into a :class:`bnprobe.store.Store` on disk and bnprobe's own
+:class:`~bnprobe.tensorboard.EventWriter`, with and without histograms.
+
+What it times (process CPU time, ``time.process_time``, with ``torch.set_num_threads(1)``):
+
+- *host ms*: ``collect`` + ``record`` per measured step (the probe's host work after the
+  forward: packing, metrics, rows, store, events);
+- *hooks ms*: what the hooks add inside the forward of a measured step: the same forward and
+  backward with the tap started, minus with it idle, interleaved step by step (a difference of
+  two noisy times: the median over steps).
+
+A least-squares line over the depths gives the per-layer cost and the fixed cost per measured
+step of *host + hooks* (the issue's targets: ~30 us a layer, ~0.3 ms fixed).
+
+Usage::
+
+    .venv/bin/python benchmarks/host_cost.py                   # 4, 16, 64, 256 layers
+    .venv/bin/python benchmarks/host_cost.py --steps 5 --depths 4 16   # a smoke run
+    .venv/bin/python benchmarks/host_cost.py --profile 256     # cProfile of 50 measured steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnprobe.recorder import Recorder
+from bnprobe.store import Store
+from bnprobe.tap import BNTap
+from bnprobe.tensorboard import EventWriter
+
+WIDTH = 32
+BATCH = 32
+
+
+def mlp(depth: int, width: int = WIDTH) -> nn.Sequential:
+    """``depth`` blocks of Linear(width, width), BatchNorm1d(width), ReLU, then a Linear."""
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width, bias=False), nn.BatchNorm1d(width), nn.ReLU()]
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
+class Bench:
+    """One net, its tap and recorder, and a training step."""
+
+    def __init__(self, depth: int, histograms: bool, folder: Path) -> None:
+        torch.manual_seed(0)
+        self.model = mlp(depth)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        self.x = torch.randn(BATCH, WIDTH)
+        self.tap = BNTap(self.model, keep_channels=histograms).attach()
+        self.writer = EventWriter(folder)
+        self.recorder = Recorder(
+            Store(folder / "bnprobe"), writers=[self.writer], histograms=histograms
+        )
+        self.step = 0
+
+    def train(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.model(self.x).square().mean().backward()
+        self.opt.step()
+
+    def record(self) -> None:
+        self.recorder.record(self.tap.collect(step=self.step))
+        self.step += 1
+
+    def measured_step(self) -> None:
+        self.tap.start()
+        self.train()
+        self.record()
+
+    def close(self) -> None:
+        self.tap.detach()
+        self.recorder.close()
+        self.writer.close()
+
+
+def cpu(fn: Callable[[], None]) -> float:
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def measure(depth: int, histograms: bool, steps: int, warmup: int) -> dict[str, float]:
+    """Median CPU ms per step of host work (collect + record) and of the hooks."""
+    with tempfile.TemporaryDirectory(prefix="bnprobe-host-") as tmp:
+        bench = Bench(depth, histograms, Path(tmp))
+        for _ in range(warmup):
+            bench.measured_step()
+            bench.train()
+        host, plain, hooked = [], [], []
+        for _ in range(steps):
+            plain.append(cpu(bench.train))
+            bench.tap.start()
+            hooked.append(cpu(bench.train))
+            host.append(cpu(bench.record))
+        bench.close()
+    hooks = [h - p for h, p in zip(hooked, plain, strict=True)]
+    return {
+        "host_ms": 1e3 * statistics.median(host),
+        "hooks_ms": 1e3 * statistics.median(hooks),
+        "plain_ms": 1e3 * statistics.median(plain),
+    }
+
+
+def fit(depths: list[int], ms: list[float]) -> tuple[float, float]:
+    """Least squares ``ms = fixed + per_layer * depth``: (us a layer, ms fixed)."""
+    slope, intercept = np.polyfit(np.array(depths, float), np.array(ms, float), 1)
+    return 1e3 * float(slope), float(intercept)
+
+
+def profile(depth: int, histograms: bool, steps: int, top: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="bnprobe-host-") as tmp:
+        bench = Bench(depth, histograms, Path(tmp))
+        for _ in range(5):
+            bench.measured_step()
+        prof = cProfile.Profile()
+        for _ in range(steps):
+            bench.tap.start()
+            bench.train()
+            prof.enable()
+            bench.record()
+            prof.disable()
+        bench.close()
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(top)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--depths", type=int, nargs="+", default=[4, 16, 64, 256])
+    parser.add_argument("--steps", type=int, default=60, help="measured steps per net")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1, help="passes over every net")
+    parser.add_argument("--profile", type=int, metavar="DEPTH", help="cProfile collect+record")
+    parser.add_argument("--histograms", action="store_true", help="with --profile")
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    if args.profile:
+        profile(args.profile, args.histograms, args.steps, args.top)
+        return 0
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average {load:.2f} on {os.cpu_count()} cores; CPU ms per measured step")
+    print(f"{'histograms':>10} {'layers':>6} {'host ms':>8} {'hooks ms':>8} {'plain ms':>8}")
+    results: dict[bool, dict[int, list[dict[str, float]]]] = {False: {}, True: {}}
+    for _ in range(args.repeats):
+        for depth in args.depths:
+            for hist in (False, True):
+                res = measure(depth, hist, args.steps, args.warmup)
+                results[hist].setdefault(depth, []).append(res)
+                print(
+                    f"{hist!s:>10} {depth:6d} {res['host_ms']:8.3f} {res['hooks_ms']:8.3f} "
+                    f"{res['plain_ms']:8.3f}",
+                    flush=True,
+                )
+    print()
+    for hist in (False, True):
+        depths = sorted(results[hist])
+        med = {
+            key: [statistics.median(r[key] for r in results[hist][d]) for d in depths]
+            for key in ("host_ms", "hooks_ms")
+        }
+        total = [h + k for h, k in zip(med["host_ms"], med["hooks_ms"], strict=True)]
+        label = "with histograms" if hist else "without histograms"
+        if len(depths) > 1:
+            for name, ms in (("host", med["host_ms"]), ("host + hooks", total)):
+                per_layer, fixed = fit(depths, ms)
+                print(f"{label:>18}, {name:>12}: {per_layer:6.1f} us a layer + {fixed:.3f} ms")
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
