@@ -397,7 +397,11 @@ def fit(
     checkpoints, validation at every epoch end when ``data.val`` is set), ``probe`` attached."""
     pl.seed_everything(seed, verbose=False)
     module = net if isinstance(net, ReplicaModule) else ReplicaModule(net, lr, momentum)
-    folder = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="bnprobe-replica-"))
+    if root is None:  # nothing of the run is kept: train in a folder removed afterwards
+        with tempfile.TemporaryDirectory(prefix="bnprobe-replica-") as scratch:
+            return fit(net, data, steps, probe, root=scratch, callbacks=callbacks, lr=lr,
+                       momentum=momentum, seed=seed, **trainer_kwargs)  # fmt: skip
+    folder = Path(root)
     opts: dict[str, Any] = dict(
         max_steps=steps,
         accelerator="cpu",

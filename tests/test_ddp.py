@@ -112,8 +112,11 @@ def test_only_rank0_writes_the_store_and_tensorboard(ddp_out: Path) -> None:
     table = _table(ddp_out, "broadcast")
     assert len(saved) == len(table)
     assert set(saved["rank"]) == {0, 1}
-    events = list((ddp_out / "broadcast" / "tb").rglob("events.out.tfevents.*"))
-    assert len(events) == 1
+    events = sorted((ddp_out / "broadcast" / "tb").rglob("events.out.tfevents.*"))
+    # Lightning's file and bnprobe's own (``*.bnprobe``), both from rank 0's process: the pid
+    # is the part of the name after the host
+    assert [e.name.endswith(".bnprobe") for e in events] == [False, True]
+    assert len({e.name.split(".")[4] for e in events}) == 1
 
 
 def test_a_layer_failing_on_one_rank_does_not_hang_the_others(ddp_out: Path) -> None:

@@ -206,7 +206,9 @@ def test_a_store_with_every_part_damaged_is_a_data_error(
 def test_an_event_file_or_a_csv_as_run_says_what_run_should_be(
     runs: Path, tmp_path: Path, cli: Any
 ) -> None:
-    (event,) = (runs / "healthy" / "version_0").glob("events.out.tfevents.*")
+    events = sorted((runs / "healthy" / "version_0").glob("events.out.tfevents.*"))
+    assert len(events) == 2  # Lightning's and bnprobe's own (``*.bnprobe``)
+    event = events[-1]
     csv = tmp_path / "table.csv"
     assert bnprobe_cli("export", str(runs), "-o", str(csv), cwd=tmp_path).returncode == EXIT_OK
     for path, kind in ((event, "a TensorBoard event file"), (csv, "a CSV file")):
