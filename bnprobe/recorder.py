@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
     from bnprobe.diagnosis import Finding
+    from bnprobe.figures import FigureRows
     from bnprobe.tap import BNTap, Snapshot
 
 FLUSH_EVERY_S = 30.0
@@ -92,6 +93,7 @@ class Recorder:
         self._last_flush = time.monotonic()
         self._checksums = False
         self._said_no_figures = False
+        self._figure_rows: FigureRows | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, charts: dict[str, tuple[str, ...]] | None = None) -> None:
@@ -170,11 +172,20 @@ class Recorder:
         self.guard("drawing figures", partial(self._figures, step))
 
     def _figures(self, step: int) -> None:
-        df = self.store.select(tb.FIGURE_METRICS)
+        from bnprobe import figures
+
+        if self._figure_rows is None:
+            self._figure_rows = figures.FigureRows()
+        df = self._figure_rows.add(self._new_figure_rows(self._figure_rows))
         with warnings.catch_warnings():  # matplotlib's, on odd data: the figure says it
             warnings.simplefilter("ignore", RuntimeWarning)
             for writer, root in self.writers:
                 tb.add_figures(writer, df, int(step), root)
+
+    def _new_figure_rows(self, kept: FigureRows) -> pd.DataFrame:
+        """The figure metrics' rows recorded since the last figures: the one read of the store
+        for figures (a ``steps=`` filter pushed down to the store makes it read only those)."""
+        return kept.new(self.store.select(tb.FIGURE_METRICS))
 
     def flush(self) -> None:
         """Save the rows not saved yet as one part file (guarded)."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 from bnprobe.tensorboard.layout import (
     FIGURE_METRICS,
     add_figures,
+    default_charts,
     layout,
     render,
     write_layout,
@@ -73,6 +74,7 @@ __all__ = [
     "Tag",
     "add_figures",
     "add_histograms",
+    "default_charts",
     "epoch_tag",
     "figure_tag",
     "hist_tag",
