@@ -29,7 +29,9 @@ _LAYOUT_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
 def default_charts(world_size: int = 1) -> dict[str, tuple[str, ...]]:
     """The charts of every stage that can have data: :data:`METRICS_BY_STAGE` without the
     metrics only a multi-process run records (``rank_divergence``) when ``world_size`` is 1."""
-    ddp_only = set() if world_size > 1 else {m.name for m in metrics.CATALOGUE if metrics.DDP in m.needs}
+    ddp_only = (
+        set() if world_size > 1 else {m.name for m in metrics.CATALOGUE if metrics.DDP in m.needs}
+    )
     return {
         stage: tuple(m for m in names if m not in ddp_only)
         for stage, names in METRICS_BY_STAGE.items()

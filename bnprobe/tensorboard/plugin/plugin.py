@@ -171,15 +171,17 @@ class BatchNormPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
         return order
 
     # -- routes ----------------------------------------------------------------------------------
-    @wrappers.Request.application  # type: ignore[misc]
+    @wrappers.Request.application  # type: ignore[arg-type]
     def _serve_static(self, request: wrappers.Request) -> wrappers.Response:
         name = request.path.rsplit("/", 1)[-1]
         kind = _FILES.get(f"/{name}")
         if kind is None:
             raise errors.NotFoundError(f"no file {name!r}")
-        return http_util.Respond(request, (_STATIC / name).read_bytes(), kind)
+        body = (_STATIC / name).read_bytes()
+        response: wrappers.Response = http_util.Respond(request, body, kind)
+        return response
 
-    @wrappers.Request.application  # type: ignore[misc]
+    @wrappers.Request.application  # type: ignore[arg-type]
     def _serve_runs(self, request: wrappers.Request) -> wrappers.Response:
         runs = []
         for run, tags in sorted(self._tags(request).items()):
@@ -203,7 +205,7 @@ class BatchNormPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
             )
         return _json(request, {"runs": runs, "scale": figures.scale_spec()})
 
-    @wrappers.Request.application  # type: ignore[misc]
+    @wrappers.Request.application  # type: ignore[arg-type]
     def _serve_findings(self, request: wrappers.Request) -> wrappers.Response:
         run = _arg(request, "run")
         run_dir = self._run_dir(run)
@@ -212,7 +214,7 @@ class BatchNormPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
         ms = round((time.perf_counter() - t0) * 1e3, 1)
         return _json(request, {"run": run, "findings": found, "timing_ms": ms})
 
-    @wrappers.Request.application  # type: ignore[misc]
+    @wrappers.Request.application  # type: ignore[arg-type]
     def _serve_heatmap(self, request: wrappers.Request) -> wrappers.Response:
         t0 = time.perf_counter()
         run, stage, metric = (_arg(request, k) for k in ("run", "stage", "metric"))
@@ -253,7 +255,7 @@ class BatchNormPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
             },
         )
 
-    @wrappers.Request.application  # type: ignore[misc]
+    @wrappers.Request.application  # type: ignore[arg-type]
     def _serve_layer(self, request: wrappers.Request) -> wrappers.Response:
         run, layer = _arg(request, "run"), _arg(request, "layer")
         wanted: dict[str, tuple[str, str]] = {}
@@ -271,7 +273,9 @@ class BatchNormPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
         latest: dict[str, Any] = {}
         for tag, (stage, metric) in sorted(wanted.items()):
             steps, values = read.get(tag, (np.empty(0, np.int64), np.empty(0)))
-            pairs = [[int(s), v] for s, v in zip(steps.tolist(), data.nan_to_none(values))]
+            pairs = [
+                [int(s), v] for s, v in zip(steps.tolist(), data.nan_to_none(values), strict=True)
+            ]
             series.setdefault(stage, {})[metric] = pairs
             lim = figures.limit(stage, metric)
             if lim is not None:
@@ -283,7 +287,7 @@ class BatchNormPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
             {"run": run, "layer": layer, "series": series, "limits": limits, "latest": latest},
         )
 
-    @wrappers.Request.application  # type: ignore[misc]
+    @wrappers.Request.application  # type: ignore[arg-type]
     def _serve_channels(self, request: wrappers.Request) -> wrappers.Response:
         run, layer, stage = (_arg(request, k) for k in ("run", "layer", "stage"))
         run_dir = self._run_dir(run)
@@ -338,7 +342,8 @@ def _int_arg(request: wrappers.Request, name: str, default: int, lo: int, hi: in
 
 
 def _json(request: wrappers.Request, obj: Any) -> wrappers.Response:
-    return http_util.Respond(request, obj, "application/json")
+    response: wrappers.Response = http_util.Respond(request, obj, "application/json")
+    return response
 
 
 __all__ = ["PLUGIN_NAME", "BatchNormPlugin"]
