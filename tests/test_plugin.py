@@ -8,12 +8,15 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -30,16 +33,22 @@ from torch import nn
 from werkzeug.test import Client
 
 import bnprobe
-from bnprobe.demo import DemoDataModule, DemoNet
+from bnprobe.demo import DemoDataModule, DemoModule, DemoNet
+from bnprobe.pathologies import EvalOnlyBatchNorm2d, apply_pathology
 from bnprobe.tensorboard.plugin import BatchNormPlugin, data
 
 ROUTE = "/data/plugin/batchnorm/"
 
 
-def _train(model: nn.Module, run_dir: Path, data_module: DemoDataModule, steps: int) -> None:
-    """A plain loop with bnprobe.watch: event files and the store in run_dir."""
+def _train(
+    model: nn.Module, run_dir: Path, data_module: DemoDataModule, steps: int, lr: float = 0.05
+) -> None:
+    """A plain loop with bnprobe.watch: event files and the store in run_dir. ``lr`` is for
+    the net's head; the rest trains at 0.05 unless the net has a ``body`` (then it is frozen:
+    a deep plain net fine-tuned at its head, whose running statistics stay put)."""
     data_module.setup()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    params = model.head.parameters() if isinstance(model, DeepNet) else model.parameters()
+    opt = torch.optim.SGD(params, lr=lr)
     step = 0
     with bnprobe.watch(model, run_dir, every_n_steps=1, histograms=False) as probe:
         for x, y in data_module.train_dataloader():
@@ -54,14 +63,23 @@ def _train(model: nn.Module, run_dir: Path, data_module: DemoDataModule, steps: 
         probe.end_epoch(step, 0, data_module.val_dataloader())
 
 
-class DeepNet(nn.Module):
-    """``depth`` conv+BN blocks on 8x8 images: a 50+-layer net that trains in seconds."""
+DEPTH = 54
+BROKEN = 26
+"""The deep net's broken block: its BN layer is ``body.79``, kept in eval mode (the registry's
+``frozen_bn`` pathology, :class:`bnprobe.pathologies.EvalOnlyBatchNorm2d`)."""
+BROKEN_LAYER = f"body.{1 + 3 * BROKEN}"
 
-    def __init__(self, depth: int = 54, width: int = 4) -> None:
+
+class DeepNet(nn.Module):
+    """``depth`` conv+BN blocks on 8x8 images: a 50+-layer net that runs in seconds. Block
+    ``broken`` (if any) gets a BN layer stuck in eval mode, as ``frozen_bn`` does to the demo."""
+
+    def __init__(self, depth: int = DEPTH, width: int = 4, broken: int | None = None) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1)]
-        for _ in range(depth):
-            layers += [nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)]
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False)]
+        for i in range(depth):
+            bn = EvalOnlyBatchNorm2d(width) if i == broken else nn.BatchNorm2d(width)
+            layers += [bn, nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False)]
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, 10)
 
@@ -70,16 +88,41 @@ class DeepNet(nn.Module):
         return self.head(self.body(x).mean((2, 3)))
 
 
+def pretrained(net: DeepNet, data_module: DemoDataModule, batches: int = 4) -> DeepNet:
+    """Running statistics settled on the training data (cumulative average over ``batches``),
+    as in a pretrained backbone: a frozen layer keeps its initial ones."""
+    data_module.setup()
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = None
+    with torch.no_grad():
+        net.train()
+        for k, (x, _) in enumerate(data_module.train_dataloader()):
+            if k == batches:
+                break
+            net(x)
+    for m in bns:
+        m.momentum = 0.1
+    return net
+
+
 @pytest.fixture(scope="module")
 def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two runs the probe wrote: the demo net whose validation data are shifted (findings:
-    stale running statistics) and a 54-BN-layer net."""
+    """Three runs the probe wrote: the healthy demo net; the demo net with the registry's
+    ``shifted_val`` pathology (findings: stale running statistics); a 54-BN-layer net with one
+    frozen layer among them (findings on ``body.79`` only)."""
     root = tmp_path_factory.mktemp("tab")
     torch.manual_seed(0)
-    shifted = DemoDataModule(num_train=256, num_val=64, batch_size=32, val_shift=3.0)
-    _train(DemoNet(), root / "shifted", shifted, steps=8)
+    _train(
+        DemoNet(), root / "healthy", DemoDataModule(num_train=480, num_val=64, batch_size=16), 30
+    )
     torch.manual_seed(0)
-    _train(DeepNet(), root / "deep", DemoDataModule(num_train=96, num_val=32, batch_size=16), 6)
+    module, shifted = DemoModule(), DemoDataModule(num_train=256, num_val=64, batch_size=32)
+    apply_pathology("shifted_val", module, shifted)
+    _train(module.net, root / "shifted", shifted, steps=8)
+    torch.manual_seed(0)
+    deep = DemoDataModule(num_train=96, num_val=32, batch_size=16)
+    _train(pretrained(DeepNet(broken=BROKEN), deep), root / "deep", deep, 6)
     return root
 
 
@@ -145,8 +188,8 @@ def test_runs_route_lists_both_runs_and_the_fixed_scale(logdir: Path) -> None:
     client, _ = _client(logdir)
     got = _json(client, "runs")
     runs = {r["run"]: r for r in got["runs"]}
-    assert set(runs) == {"deep", "shifted"}
-    assert runs["deep"]["layers"] == 54 and runs["shifted"]["layers"] == 2
+    assert set(runs) == {"deep", "healthy", "shifted"}
+    assert runs["deep"]["layers"] == DEPTH and runs["shifted"]["layers"] == 2
     assert runs["shifted"]["store"] is True
     assert runs["shifted"]["stages"]["train"][:3] == ["mean_shift", "var_shift", "kl"]
     assert "eps" not in runs["shifted"]["stages"]["train"]
@@ -169,6 +212,12 @@ def test_findings_route_returns_the_diagnosis_of_the_store(logdir: Path) -> None
     assert all(f["message"] and f["advice"] for f in got)
     ranks = [bnprobe.Severity(f["severity"]).rank for f in got]
     assert ranks == sorted(ranks)
+    assert _json(client, "findings", run="healthy")["findings"] == []
+    deep = _json(client, "findings", run="deep")["findings"]
+    assert {(f["kind"], f["layer"]) for f in deep} == {
+        ("frozen_bn", BROKEN_LAYER),
+        ("stale_running_stats", BROKEN_LAYER),
+    }
 
 
 def test_heatmap_route_model_order_values_and_threshold(logdir: Path) -> None:
@@ -186,6 +235,13 @@ def test_heatmap_route_model_order_values_and_threshold(logdir: Path) -> None:
     val = _json(client, "heatmap", run="shifted", stage="val", metric="mean_shift")
     past = np.array(val["values"], dtype=float) > 0.75
     assert val["past"] == int(past.sum()) > 0  # the shifted validation data shows
+    var = _json(client, "heatmap", run="deep", stage="train", metric="var_shift")
+    worst = np.nanmax(np.array(var["values"], dtype=float), axis=1)
+    assert var["layers"][int(np.argmax(worst))] == BROKEN_LAYER
+    assert var["past"] == int((np.array(var["values"], dtype=float) > 1.0).sum()) > 0
+    assert sorted(np.flatnonzero(worst > 1.0)) == [var["layers"].index(BROKEN_LAYER)]
+    healthy = _json(client, "heatmap", run="healthy", stage="train", metric="mean_shift")
+    assert healthy["past"] == 0 and len(healthy["steps"]) == 30
 
 
 def test_layer_route_gives_the_curves_and_latest_gaps(logdir: Path) -> None:
@@ -254,6 +310,43 @@ def _get(port: int, route: str) -> Any:
         return json.loads(response.read())
 
 
+@contextmanager
+def _tensorboard(logdir: Path, fast: bool, log: Path) -> Iterator[int]:
+    """``python -m tensorboard.main`` on 127.0.0.1 and a free port, in its own process group
+    (the fast loader's data server with it), killed when the block ends whatever happens."""
+    port = _port()
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), f"--load_fast={str(fast).lower()}"]
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(
+            cmd, stdout=sink, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
+        )
+    try:
+        yield port
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+def _store_steps(run_dir: Path, stage: str) -> list[int]:
+    table = bnprobe.load(run_dir)
+    return sorted(table.loc[table.stage == stage, "step"].unique().tolist())
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH to render the tab (Debian: apt-get install chromium)")
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    cmd += ["--disable-background-networking", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fast", [True, False], ids=["fast_loader", "python_loader"])
 def test_real_tensorboard_serves_the_tab_and_chromium_renders_it(
@@ -261,59 +354,92 @@ def test_real_tensorboard_serves_the_tab_and_chromium_renders_it(
 ) -> None:
     if not _registered():
         pytest.skip("bnprobe's tensorboard_plugins entry point is not registered: pip install -e .")
-    port = _port()
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), f"--load_fast={str(fast).lower()}"]
     log = tmp_path / "tensorboard.log"
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=_env())
-    try:
-        deadline, runs = time.monotonic() + 120, []
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
+    deep_steps = _store_steps(logdir / "deep", "train")
+    with _tensorboard(logdir, fast, log) as port:
+        # Wait for all of the data: the Python loader serves partial runs at first.
+        deadline, ready, hm = time.monotonic() + 240, False, {}
+        while not ready and time.monotonic() < deadline:
+            time.sleep(0.5)
             try:
                 listing = _get(port, "/data/plugins_listing")
-                if listing.get("batchnorm", {}).get("enabled"):
-                    runs = _get(port, ROUTE + "runs")["runs"]
-                    if {r["run"] for r in runs} == {"deep", "shifted"}:
-                        break
-            except OSError:
+                if not listing.get("batchnorm", {}).get("enabled"):
+                    continue
+                runs = {r["run"]: r for r in _get(port, ROUTE + "runs")["runs"]}
+                if set(runs) != {"deep", "healthy", "shifted"}:
+                    continue
+                hm = _get(port, ROUTE + "heatmap?run=deep&stage=train&metric=var_shift")
+                ready = hm["steps"] == deep_steps and len(hm["layers"]) == DEPTH
+                ready &= all("probe" in r["stages"] for r in runs.values())
+            except (OSError, ValueError):  # not up yet, or a 404 before the tags are loaded
                 pass
-            time.sleep(0.5)
-        assert {r["run"] for r in runs} == {"deep", "shifted"}, log.read_text(errors="replace")
-        hm = _get(port, ROUTE + "heatmap?run=deep&stage=train&metric=mean_shift")
-        assert len(hm["layers"]) == 54 and hm["steps"] == list(range(6))
-        found = _get(port, ROUTE + "findings?run=shifted")["findings"]
-        assert "stale_running_stats" in {f["kind"] for f in found}
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        if chromium is None:
-            pytest.skip("no chromium on PATH to render the tab")
+        assert ready, log.read_text(errors="replace")[-3000:]
+        tab = listing["batchnorm"]
+        assert tab["tab_name"] == "BatchNorm" and tab["loading_mechanism"]["type"] == "IFRAME"
+
+        # The broken layer, in the heatmap data and in the findings.
+        table = bnprobe.load(logdir / "deep")
+        rows = table[(table.stage == "train") & (table.metric == "var_shift")]
+        rows = rows[rows.channel.isna()]
+        order = list(dict.fromkeys(rows["layer"]))
+        assert hm["layers"] == order and hm["limit"]["value"] == 1.0
+        want = rows.pivot(index="layer", columns="step", values="value").reindex(order)
+        values = np.array(hm["values"], dtype=float)
+        np.testing.assert_allclose(values, want.to_numpy(), rtol=1e-6)
+        past_rows = [hm["layers"][i] for i in np.flatnonzero((values > 1.0).any(axis=1))]
+        assert past_rows == [BROKEN_LAYER] and hm["past"] == len(deep_steps)
+        found = _get(port, ROUTE + "findings?run=deep")["findings"]
+        assert {(f["kind"], f["layer"]) for f in found} == {
+            ("frozen_bn", BROKEN_LAYER),
+            ("stale_running_stats", BROKEN_LAYER),
+        }
+        assert _get(port, ROUTE + "findings?run=healthy")["findings"] == []
+        healthy = _get(port, ROUTE + "heatmap?run=healthy&stage=train&metric=mean_shift")
+        assert healthy["past"] == 0 and healthy["layers"] == ["features.1", "features.5"]
+        shifted = _get(port, ROUTE + "findings?run=shifted")["findings"]
+        assert "stale_running_stats" in {f["kind"] for f in shifted}
+        layer = _get(port, ROUTE + f"layer?run=deep&layer={BROKEN_LAYER}")
+        assert [s for s, _ in layer["series"]["train"]["var_shift"]] == deep_steps
+
+        # Headless Chromium runs the tab's module: the iframe's DOM, then a screenshot of the
+        # whole TensorBoard page with the tab open.
         url = f"http://127.0.0.1:{port}/data/plugin_entry.html?name=batchnorm"
-        url += "&run=shifted&run=deep&metric=mean_shift"
-        dom = subprocess.run(
-            [
-                chromium,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--dump-dom",
-                "--virtual-time-budget=20000",
-                url,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
+        dom = _chromium(
+            "--dump-dom",
+            "--virtual-time-budget=30000",
+            url + "&run=deep&run=healthy&run=shifted&metric=var_shift",
         ).stdout
-        assert 'data-bn-ready="1"' in dom
-        table = re.search(r'class="bn-findings"[^>]*data-run="shifted"[^>]*data-count="(\d+)"', dom)
-        assert table is not None and int(table.group(1)) == len(found)
-        assert 'data-kind="stale_running_stats"' in dom
-        maps = re.findall(
-            r'class="bn-hm" data-run="([^"]+)" data-stage="(\w+)"[^>]*'
-            r'data-layers="(\d+)"',
-            dom,
+        assert 'data-bn-ready="1"' in dom, dom[-2000:]
+        counts = dict(
+            re.findall(r'class="bn-findings[^"]*" data-run="(\w+)" data-count="(-?\d+)"', dom)
         )
-        assert ("deep", "train", "54") in maps and ("shifted", "val", "2") in maps
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        assert counts == {"deep": "2", "healthy": "0", "shifted": str(len(shifted))}
+        assert f'data-kind="frozen_bn" data-severity="warning" data-layer="{BROKEN_LAYER}"' in dom
+        maps = {
+            (m[0], m[1]): (int(m[2]), int(m[3]))
+            for m in re.findall(
+                r'class="bn-hm" data-run="(\w+)" data-stage="(\w+)"[^>]*data-layers="(\d+)"'
+                r'[^>]*data-past-threshold="(\d+)"',
+                dom,
+            )
+        }
+        assert maps[("deep", "train")] == (DEPTH, len(deep_steps))
+        early = _get(port, ROUTE + "heatmap?run=healthy&stage=train&metric=var_shift")["past"]
+        assert maps[("healthy", "train")] == (2, early)  # the first steps, before warm-up
+        png = tmp_path / "tab.png"
+        _chromium(
+            "--window-size=1400,1000",
+            "--virtual-time-budget=30000",
+            f"--screenshot={png}",
+            f"http://127.0.0.1:{port}/#batchnorm",
+        )
+        assert _red_pixels(png) > 50  # the broken layer's row, past the threshold, in red
+
+
+def _red_pixels(png: Path) -> int:
+    """Pixels of the red band of the scale (past the threshold) in a screenshot."""
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(png)[..., :3] * 255
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return int(((r > 100) & (r - g > 90) & (r - b > 90)).sum())
