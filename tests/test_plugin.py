@@ -79,6 +79,7 @@ class DeepNet(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False)]
         for i in range(depth):
             bn = EvalOnlyBatchNorm2d(width) if i == broken else nn.BatchNorm2d(width)
+            bn.train(True)  # a no-op for the frozen one: it stays in eval mode
             layers += [bn, nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False)]
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, 10)
@@ -415,6 +416,10 @@ def test_real_tensorboard_serves_the_tab_and_chromium_renders_it(
         )
         assert counts == {"deep": "2", "healthy": "0", "shifted": str(len(shifted))}
         assert f'data-kind="frozen_bn" data-severity="warning" data-layer="{BROKEN_LAYER}"' in dom
+        # its row label is marked: named by a finding, and past the threshold
+        label = re.search(rf'<div[^>]*data-layer="{BROKEN_LAYER}"[^>]*>', dom)
+        assert label is not None and 'data-flagged="1"' in label.group(0)
+        assert 'data-past="1"' in label.group(0)
         maps = {
             (m[0], m[1]): (int(m[2]), int(m[3]))
             for m in re.findall(
