@@ -31,6 +31,7 @@ from bnprobe.store import STORE_NAME, Store
 
 if TYPE_CHECKING:
     from bnprobe.diagnosis import Finding
+    from bnprobe.figures import FigureRows
     from bnprobe.tap import BNTap, Snapshot
 
 FLUSH_EVERY_S = 30.0
@@ -92,6 +93,7 @@ class Recorder:
         self._said_no_figures = False
         self.digest = Digest()
         """The running diagnosis: what the rules need of every recorded row, bounded."""
+        self._figure_rows: FigureRows | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, charts: dict[str, tuple[str, ...]] | None = None) -> None:
@@ -162,11 +164,23 @@ class Recorder:
         self.guard("drawing figures", partial(self._figures, step))
 
     def _figures(self, step: int) -> None:
-        df = self.store.select(tb.FIGURE_METRICS)
+        from bnprobe import figures
+
+        if self._figure_rows is None:
+            self._figure_rows = figures.FigureRows()
+        df = self._figure_rows.add(self._new_figure_rows(self._figure_rows))
         with warnings.catch_warnings():  # matplotlib's, on odd data: the figure says it
             warnings.simplefilter("ignore", RuntimeWarning)
             for writer, root in self.writers:
                 tb.add_figures(writer, df, int(step), root)
+
+    def _new_figure_rows(self, kept: FigureRows) -> pd.DataFrame:
+        """The figure metrics' rows recorded since the last figures: the one read of the store
+        for figures, with the metrics and the steps pushed down to the parquet reader, so it
+        reads only what is new (the same cost at epoch 1 and at epoch 100)."""
+        first = min(kept.last_step.values()) + 1 if kept.last_step else None
+        rows = self.store.to_dataframe(metrics=list(tb.FIGURE_METRICS), steps=(first, None))
+        return kept.new(rows)
 
     def flush(self) -> None:
         """Save the rows not saved yet as one part file, and put bnprobe's buffered TensorBoard

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,8 +26,8 @@ import time
 import urllib.parse
 import urllib.request
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -48,45 +50,56 @@ def _get(port: int, route: str) -> Any:
         return json.loads(response.read())
 
 
+def _dashboards_ready(port: int) -> bool:
+    tags = _get(port, "/data/plugin/scalars/tags")
+    layout = _get(port, "/data/plugin/custom_scalars/layout")
+    images = _get(port, "/data/plugin/images/tags")
+    return bool(tags and layout.get("category") and any(images.values()))
+
+
 @contextmanager
-def tensorboard(logdir: Path, timeout: float = 120.0) -> Iterator[int]:
-    """Run a TensorBoard server on 127.0.0.1 until the block ends; yield its port."""
+def tensorboard(
+    logdir: Path,
+    timeout: float = 120.0,
+    ready: Callable[[int], bool] = _dashboards_ready,
+    load_fast: str = "false",
+) -> Iterator[int]:
+    """Run a TensorBoard server on 127.0.0.1 until the block ends; yield its port once
+    ``ready(port)`` (default: scalars, a Custom Scalars layout and images are served)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--load_fast=false"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), f"--load_fast={load_fast}"]
     log = logdir / "tensorboard.log"
     with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"tensorboard exited: {log.read_text()[-2000:]}")
             try:
-                tags = _get(port, "/data/plugin/scalars/tags")
-                layout = _get(port, "/data/plugin/custom_scalars/layout")
-                images = _get(port, "/data/plugin/images/tags")
-                if tags and layout.get("category") and any(images.values()):
+                if ready(port):
                     break
-            except OSError:
+            except (OSError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"TensorBoard did not serve scalars, a Custom Scalars layout and images "
-                    f"within {timeout:.0f} s; does the run have them? ({log})"
+                    f"TensorBoard was not ready within {timeout:.0f} s; does the run have "
+                    f"the data? ({log})"
                 )
             time.sleep(0.5)
         yield port
     finally:
-        proc.terminate()
-        try:
+        try:  # the process group: the fast loader's data server too
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
 
 
-def drawn_pixels(png: Path) -> int:
+def drawn_pixels(png: Path, saturation: float = 0.25) -> int:
     """Strongly coloured pixels below the header and right of the sidebar: charts, heatmaps.
 
     A page whose data has not arrived yet shows empty white cards (a few hundred such pixels,
@@ -95,10 +108,17 @@ def drawn_pixels(png: Path) -> int:
     import matplotlib.image
 
     rgb = matplotlib.image.imread(png)[70:, 340:, :3]
-    return int(((rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.25).sum())
+    return int(((rgb.max(axis=-1) - rgb.min(axis=-1)) > saturation).sum())
 
 
-def screenshot(chromium: str, url: str, out: Path, size: tuple[int, int]) -> None:
+def screenshot(
+    chromium: str,
+    url: str,
+    out: Path,
+    size: tuple[int, int],
+    min_pixels: int = 10_000,
+    saturation: float = 0.25,
+) -> None:
     """Screenshot ``url``; retry with more virtual time until the charts are drawn."""
     for budget_ms in (25_000, 25_000, 40_000, 60_000, 90_000):
         cmd = [
@@ -115,7 +135,7 @@ def screenshot(chromium: str, url: str, out: Path, size: tuple[int, int]) -> Non
             url,
         ]
         subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-        if drawn_pixels(out) > 10_000:
+        if drawn_pixels(out, saturation) > min_pixels:
             print(f"  {out.relative_to(ROOT)}  <- {url}")
             return
     raise RuntimeError(f"{url} still showed no charts after 5 tries; see {out}")
@@ -174,6 +194,175 @@ def export_figures(run: Path) -> None:
         name = "figure_" + "_".join(tag.split("/")[1:4:2]) + ".png"  # figure_<stage>_<name>
         (IMG / name).write_bytes(event.encoded_image_string)
         print(f"  {(IMG / name).relative_to(ROOT)}  <- {tag} at step {event.step}")
+
+
+# --------------------------------------------------------------------------- the BatchNorm tab
+
+DEEP_DEPTH = 54
+DEEP_BROKEN = 26
+"""The deep net's block whose BN layer is stuck in eval mode: ``body.79``."""
+
+
+def deep_net(depth: int = DEEP_DEPTH, broken: int | None = DEEP_BROKEN, width: int = 8) -> Any:
+    """``depth`` Conv-BN-ReLU blocks (no residuals) on 8x8 inputs, block ``broken``'s BN layer
+    kept in eval mode (the ``frozen_bn`` pathology of :mod:`bnprobe.pathologies`)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from bnprobe.pathologies import EvalOnlyBatchNorm2d
+
+    class DeepNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False)]
+            for i in range(depth):
+                bn = EvalOnlyBatchNorm2d(width) if i == broken else nn.BatchNorm2d(width)
+                bn.train(True)  # a no-op for the frozen one: it stays in eval mode
+                layers += [bn, nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False)]
+            self.body = nn.Sequential(*layers)
+            self.head = nn.Linear(width, 10)
+
+        def forward(self, x: Any) -> Any:
+            return self.head(self.body(F.adaptive_avg_pool2d(x, 8)).mean((2, 3)))
+
+    return DeepNet()
+
+
+def train_deep(run_dir: Path, steps: int) -> None:
+    """A "pretrained" deep net (running statistics settled on the data) whose head is trained
+    for ``steps`` steps with ``bnprobe.watch``; every step measured, then a validation pass."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import bnprobe
+    from bnprobe.demo import DemoDataModule
+
+    torch.manual_seed(0)
+    data = DemoDataModule(num_train=16 * steps, num_val=64, batch_size=16)
+    data.setup()
+    net = deep_net()
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:  # cumulative averages over 4 batches: settled running statistics
+        m.momentum = None
+    with torch.no_grad():
+        for k, (x, _) in enumerate(data.train_dataloader()):
+            if k < 4:
+                net(x)
+    for m in bns:
+        m.momentum = 0.1
+    opt = torch.optim.SGD(net.head.parameters(), lr=0.05)
+    with bnprobe.watch(net, run_dir, every_n_steps=1, histograms=False) as probe:
+        for step, (x, y) in enumerate(data.train_dataloader()):
+            with probe.step(step, 0):
+                loss = F.cross_entropy(net(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        probe.end_epoch(steps, 0, data.val_dataloader())
+
+
+def tab(args: argparse.Namespace) -> None:
+    chromium = args.chromium or shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        sys.exit("no chromium on PATH: apt-get install -y chromium (or pass --chromium PATH)")
+    IMG.mkdir(parents=True, exist_ok=True)
+    if args.logdir:
+        _tab(Path(args.logdir), chromium, args)
+        return
+    with tempfile.TemporaryDirectory(prefix="bnprobe-tab-") as tmp:
+        _tab(Path(tmp), chromium, args)
+
+
+def _tab(logdir: Path, chromium: str, args: argparse.Namespace) -> None:
+    """The demo (``bnprobe demo``) and the 54-layer net with a frozen layer, in one logdir;
+    TensorBoard with its default (fast) loader; the tab as a user opens it, and chosen views
+    through the iframe's own URL."""
+    if not (logdir / "demo").exists():
+        demo = [sys.executable, "-m", "bnprobe", "demo", "--out", str(logdir / "demo")]
+        print("training: bnprobe", " ".join(demo[3:]))
+        subprocess.run([*demo, "--seed", "0"], check=True, stdout=subprocess.DEVNULL)
+    if not (logdir / "deep54").exists():
+        print(f"training: the {DEEP_DEPTH}-layer net, {args.steps} steps")
+        train_deep(logdir / "deep54", args.steps)
+
+    def ready(port: int) -> bool:
+        runs = _get(port, "/data/plugin/batchnorm/runs")["runs"]
+        return len(runs) == 2 and all("probe" in r["stages"] for r in runs)
+
+    with tensorboard(logdir, ready=ready, load_fast="true") as port:
+        base = f"http://127.0.0.1:{port}"
+        runs = [r["run"] for r in _get(port, "/data/plugin/batchnorm/runs")["runs"]]
+        demo_run = next(r for r in runs if r.startswith("demo"))
+        frame = base + "/data/plugin_entry.html?name=batchnorm&"
+        layer = f"body.{1 + 3 * DEEP_BROKEN}"
+        pages = [
+            ("tab_tensorboard.png", base + "/#batchnorm", (1400, 1000)),
+            ("tab_deep54.png", frame + "run=deep54&metric=var_shift", (1300, 1000)),
+            ("tab_demo.png", frame + urllib.parse.urlencode({"run": demo_run}), (1300, 800)),
+            (
+                "tab_layer.png",
+                frame
+                + urllib.parse.urlencode({"run": "deep54", "metric": "var_shift", "layer": layer}),
+                (1300, 1600),
+            ),
+        ]
+        for name, url, size in pages:
+            # the healthy band is pale: count any tinted pixel
+            screenshot(chromium, url, IMG / name, size, min_pixels=5_000, saturation=0.05)
+
+
+def write_synthetic(run_dir: Path, layers: int = 100, steps: int = 2000) -> None:
+    """bnprobe-style train scalars (``mean_shift``, ``var_shift``, ``kl``) of ``layers`` layers
+    for ``steps`` logged steps; layer 37 breaks after step 1200. No store: scalars only."""
+    import math
+    import random
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    rnd = random.Random(0)
+    writer = SummaryWriter(str(run_dir), max_queue=100_000, flush_secs=600)
+    for step in range(steps):
+        for i in range(layers):
+            layer = f"net.block{i}.bn"
+            broken = i == 37 and step > 1200
+            shift = 0.02 + 0.01 * rnd.random() + (1.2 if broken else 0.0)
+            writer.add_scalar(f"bnprobe/train/mean_shift/{layer}", shift, step)
+            writer.add_scalar(f"bnprobe/train/var_shift/{layer}", 0.05 + 0.02 * rnd.random(), step)
+            writer.add_scalar(f"bnprobe/train/kl/{layer}", 0.001 * (1 + math.sin(step / 100)), step)
+    writer.close()
+
+
+def routes(args: argparse.Namespace) -> None:
+    """Time the tab's routes on a 100-layer x 2,000-step run, for each loader."""
+    logdir = Path(args.logdir or tempfile.mkdtemp(prefix="bnprobe-routes-"))
+    if not (logdir / "synth100").exists():
+        print("writing 100 layers x 2,000 steps x 3 metrics (about a minute)")
+        write_synthetic(logdir / "synth100")
+    base = "/data/plugin/batchnorm/"
+    queries = [
+        "runs",
+        "findings?run=synth100",
+        "heatmap?run=synth100&stage=train&metric=mean_shift",
+        "heatmap?run=synth100&stage=train&metric=var_shift",
+        "layer?run=synth100&layer=net.block37.bn",
+    ]
+
+    def loaded(port: int) -> bool:  # the Python loader serves partial data at first
+        hm = _get(port, base + queries[2])
+        return bool(hm["steps"]) and hm["steps"][-1] >= 1990 and hm["points"] >= 100_000
+
+    for load_fast in ("true", "false"):
+        t0 = time.monotonic()
+        with tensorboard(logdir, timeout=600, ready=loaded, load_fast=load_fast) as port:
+            print(f"--load_fast={load_fast}: all data after {time.monotonic() - t0:.0f} s")
+            for query in queries:
+                times = []
+                for _ in range(3):
+                    t1 = time.perf_counter()
+                    _get(port, base + query)
+                    times.append(time.perf_counter() - t1)
+                print(f"  {query:55s} " + " ".join(f"{t:.2f}" for t in times) + " s")
 
 
 # --------------------------------------------------------------------------- sizes
@@ -318,6 +507,14 @@ def main() -> None:
     p.add_argument("--chromium", default=None, help="path of the chromium binary")
     p.add_argument("--logdir", default=None, help="keep the demo run here (reused if present)")
     p.set_defaults(func=shots)
+    p = sub.add_parser("tab", help="screenshot the BatchNorm tab (demo, 54-layer net)")
+    p.add_argument("--steps", type=int, default=24, help="training steps of the deep net")
+    p.add_argument("--chromium", default=None, help="path of the chromium binary")
+    p.add_argument("--logdir", default=None, help="keep the runs here (reused if present)")
+    p.set_defaults(func=tab)
+    p = sub.add_parser("routes", help="time the tab's routes, 100 layers x 2,000 steps")
+    p.add_argument("--logdir", default=None, help="keep the run here (reused if present)")
+    p.set_defaults(func=routes)
     p = sub.add_parser("sizes", help="event-file bytes per logged step at default settings")
     p.add_argument("--steps", type=int, default=101, help="training steps (default 101)")
     p.set_defaults(func=sizes)

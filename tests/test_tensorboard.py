@@ -361,7 +361,7 @@ def test_layout_charts_match_every_layer(run: tuple[Path, pd.DataFrame], tmp_pat
     scalar_tags = acc.Tags()["scalars"]
     for category in proto.category:
         stage = category.title.split("/")[1]
-        assert [c.title for c in category.chart] == list(tb.METRICS_BY_STAGE[stage])
+        assert [c.title for c in category.chart] == list(tb.default_charts()[stage])
         for chart in category.chart:
             (regex,) = chart.multiline.tag
             hits = {t for t in scalar_tags if re.match(regex, t)}
@@ -373,6 +373,17 @@ def test_layout_charts_match_every_layer(run: tuple[Path, pd.DataFrame], tmp_pat
         "bnprobe/train/kl/blocks.0.bn1",
         "bnprobe/train/kl/_model__",
     }
+
+
+def test_layout_has_no_chart_that_can_never_have_data() -> None:
+    """rank_divergence is measured only across processes: outside DDP its chart stays empty."""
+    single = tb.layout()
+    assert "rank_divergence" not in single["bnprobe/train"]
+    assert "mean_shift" in single["bnprobe/train"]
+    assert "rank_divergence" in tb.layout(world_size=2)["bnprobe/train"]
+    for stage, charts in tb.default_charts().items():
+        assert "rank_divergence" not in charts
+        assert tb.default_charts(world_size=2)[stage] == tb.METRICS_BY_STAGE[stage]
 
 
 def test_write_layout_once_per_writer(tmp_path: Path) -> None:
@@ -523,6 +534,110 @@ def test_gap_figure_gets_the_whole_model_rows_the_callback_selects(
     assert "logits_gap" in title and "pred_agreement" in title
 
 
+def _cell_colour(fig: Any, i: int, j: int) -> tuple[float, ...]:
+    image = fig.axes[0].images[0]
+    return tuple(image.cmap(image.norm(image.get_array()[i, j])))
+
+
+def test_heatmap_colours_are_fixed_by_the_threshold_not_by_the_run() -> None:
+    """A healthy 0.016 is pale green in every run, even where another layer reaches 1.5;
+    a value past the threshold is red; the colour bar marks the threshold."""
+    df = _table()
+    sel = (df.stage == "train") & (df.metric == "mean_shift") & df.channel.isna()
+    quiet = df.copy()
+    quiet.loc[sel, "value"] = 0.016
+    loud = quiet.copy()
+    loud.loc[sel & (loud.layer == LAYERS[2]), "value"] = 1.5
+    a = figures.shift_heatmap(quiet, "train", "mean_shift")
+    b = figures.shift_heatmap(loud, "train", "mean_shift")
+    assert _cell_colour(a, 0, 0) == _cell_colour(b, 0, 0)
+    r, g, _, _ = _cell_colour(a, 0, 0)
+    assert g > r  # green: healthy
+    r, g, _, _ = _cell_colour(b, 2, 0)
+    assert r > 0.5 > g  # red: past train_mean_shift_max = 1.0
+    bar = b.axes[1]
+    assert bnprobe.diagnosis.DEFAULT_THRESHOLDS.train_mean_shift_max in bar.get_yticks()
+    lim = figures.limit("train", "mean_shift")
+    assert lim is not None and lim.value == 1.0 and lim.above
+    shares = np.array([0.1, 0.49, 0.51, 0.99, 1.01, 5.0, np.nan])
+    rgb = figures.scale_colours(shares)
+    assert (rgb[:2, 1] > rgb[:2, 0]).all()  # healthy: green
+    assert (rgb[2:4, 0] > 240).all() and (rgb[2:4, 1] > 100).all()  # borderline: amber
+    assert (rgb[2:4, 2] < rgb[2:4, 1]).all()
+    assert (rgb[4:6, 0] > 2 * rgb[4:6, 1]).all()  # past: red
+    assert tuple(rgb[6]) == (217.0, 217.0, 217.0)  # missing: grey
+
+
+def test_heatmap_draws_a_bounded_number_of_steps() -> None:
+    """A long run draws at most FIGURE_STEPS columns, first and last step kept."""
+    steps = np.arange(0, 5000, 2)
+    rows = pd.DataFrame(
+        {
+            "step": np.repeat(steps, 2),
+            "epoch": 0,
+            "stage": "train",
+            "rank": 0,
+            "layer": np.tile(["a.bn", "b.bn"], len(steps)),
+            "channel": pd.array([pd.NA] * (2 * len(steps)), dtype="Int64"),
+            "metric": "mean_shift",
+            "value": 0.1,
+        }
+    )
+    fig = figures.shift_heatmap(rows)
+    assert fig.axes[0].images[0].get_array().shape == (2, figures.FIGURE_STEPS)
+    drawn = figures.downsample_steps(steps, 10)
+    assert len(drawn) == 10 and drawn[0] == 0 and drawn[-1] == 4998
+
+
+def test_figure_rows_cost_the_same_at_epoch_1_and_epoch_100() -> None:
+    """FigureRows keeps at most max_steps steps per stage and the latest probe, however many
+    epochs were added, and takes in only rows after each stage's last step."""
+    kept = figures.FigureRows(max_steps=20)
+    sizes = []
+    for epoch in range(100):
+        steps = np.arange(epoch * 50, (epoch + 1) * 50)
+        train = _long_rows(steps, "train", epoch)
+        probe = _long_rows(np.array([(epoch + 1) * 50]), "probe", epoch, "local_gap")
+        table = pd.concat([train, probe], ignore_index=True)
+        assert len(kept.new(table)) == len(table)  # nothing of it seen yet
+        drawn = kept.add(table)
+        assert kept.new(table).empty
+        sizes.append(len(drawn))
+        assert drawn.loc[drawn.stage == "train", "step"].nunique() <= 20
+        assert set(drawn.loc[drawn.stage == "probe", "step"]) == {(epoch + 1) * 50}
+    assert max(sizes[1:]) <= 20 * 3 + 3 and sizes[-1] == sizes[10]
+    train = drawn[drawn.stage == "train"]
+    assert train["step"].min() == 0 and train["step"].max() == 4999
+
+
+def _long_rows(
+    steps: np.ndarray, stage: str, epoch: int, metric: str = "mean_shift"
+) -> pd.DataFrame:
+    layers = ["a.bn", "b.bn", "c.bn"]
+    n = len(steps) * len(layers)
+    return pd.DataFrame(
+        {
+            "step": np.repeat(steps, len(layers)),
+            "epoch": epoch,
+            "stage": stage,
+            "rank": 0,
+            "layer": np.tile(layers, len(steps)),
+            "channel": pd.array([pd.NA] * n, dtype="Int64"),
+            "metric": metric,
+            "value": 0.1,
+        }
+    )
+
+
+def test_gap_bars_draw_the_threshold() -> None:
+    fig = figures.gap_bars(_table())
+    ax = fig.axes[0]
+    (line,) = ax.lines
+    assert line.get_xdata()[0] == bnprobe.diagnosis.DEFAULT_THRESHOLDS.local_gap_max == 0.6
+    assert ax.get_xlim()[1] >= 0.6
+    assert "threshold 0.6" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
 def test_figures_reject_missing_data() -> None:
     df = _table()
     with pytest.raises(ValueError, match="no layer aggregates of stage 'val', metric 'kl'"):
@@ -544,7 +659,7 @@ def test_add_figures_logs_images(run: tuple[Path, pd.DataFrame], tmp_path: Path)
         assert event.step == 16
         pixels = matplotlib.image.imread(io.BytesIO(event.encoded_image_string), format="png")
         assert pixels.shape[:2] == (event.height, event.width)
-        assert event.width == 900 and event.height > 200
+        assert event.width == figures.FIGURE_WIDTH_PX == 640 and event.height >= 300
         assert pixels.std() > 0.05  # something is drawn
     # only the figures with data; nothing at all for an empty table
     writer = SummaryWriter(str(tmp_path / "partial"))

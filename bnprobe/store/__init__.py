@@ -19,6 +19,7 @@ from bnprobe.store.read import (
     find_runs,
     load,
     load_runs,
+    part_order,
 )
 from bnprobe.store.table import (
     AFFINE_METRICS,
@@ -79,6 +80,7 @@ __all__ = [
     "load",
     "load_runs",
     "make_rows",
+    "part_order",
     "remove_stale",
     "with_runs",
 ]

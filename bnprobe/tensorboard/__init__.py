@@ -36,6 +36,7 @@ from bnprobe.tensorboard.events import EventFileError, EventWriter
 from bnprobe.tensorboard.layout import (
     FIGURE_METRICS,
     add_figures,
+    default_charts,
     layout,
     render,
     write_layout,
@@ -81,6 +82,7 @@ __all__ = [
     "Writer",
     "add_figures",
     "add_histograms",
+    "default_charts",
     "epoch_tag",
     "figure_tag",
     "hist_tag",

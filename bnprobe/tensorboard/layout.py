@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from bnprobe import metrics
 from bnprobe.tensorboard.tags import METRICS_BY_STAGE, PREFIX, _check_part, figure_tag
 
 if TYPE_CHECKING:
@@ -25,18 +26,35 @@ if TYPE_CHECKING:
 _LAYOUT_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+def default_charts(world_size: int = 1) -> dict[str, tuple[str, ...]]:
+    """The charts of every stage that can have data: :data:`METRICS_BY_STAGE` without the
+    metrics only a multi-process run records (``rank_divergence``) when ``world_size`` is 1."""
+    ddp_only = (
+        set() if world_size > 1 else {m.name for m in metrics.CATALOGUE if metrics.DDP in m.needs}
+    )
+    return {
+        stage: tuple(m for m in names if m not in ddp_only)
+        for stage, names in METRICS_BY_STAGE.items()
+    }
+
+
 def layout(
     stages: Sequence[str] = ("train", "val", "probe"),
     metrics_by_stage: Mapping[str, Sequence[str]] | None = None,
     root: str = PREFIX,
+    *,
+    world_size: int = 1,
 ) -> dict[str, dict[str, list[Any]]]:
     """The Custom Scalars layout as ``SummaryWriter.add_custom_scalars`` takes it.
 
     One category ``<root>/<stage>`` per stage; in it one multiline chart per metric whose
     regex ``^<root>/<stage>/<metric>/`` matches that metric's tag for every layer, so all
-    layers overlay in one chart. ``root``: :func:`tag_root` of the logger's prefix.
+    layers overlay in one chart. ``root``: :func:`tag_root` of the logger's prefix. Without
+    ``metrics_by_stage``, the charts are :func:`default_charts` of ``world_size``: none that
+    can never have data. The BatchNorm tab (:mod:`bnprobe.tensorboard.plugin`) is the view
+    for many layers; this layout stays for users who want the raw curves.
     """
-    chosen = METRICS_BY_STAGE if metrics_by_stage is None else metrics_by_stage
+    chosen = default_charts(world_size) if metrics_by_stage is None else metrics_by_stage
     if isinstance(stages, str):
         raise ValueError(f"stages must be a sequence of stage names, got the string {stages!r}")
     out: dict[str, dict[str, list[Any]]] = {}
@@ -52,7 +70,8 @@ def layout(
             _check_part("metric", metric)
             regex = "^" + re.escape(f"{root}/{stage}/{metric}/")
             charts[metric] = ["Multiline", [regex]]
-        out[f"{root}/{stage}"] = charts
+        if charts:
+            out[f"{root}/{stage}"] = charts
     return out
 
 
@@ -61,13 +80,15 @@ def write_layout(
     stages: Sequence[str] = ("train", "val", "probe"),
     metrics_by_stage: Mapping[str, Sequence[str]] | None = None,
     root: str = PREFIX,
+    *,
+    world_size: int = 1,
 ) -> bool:
     """Write the Custom Scalars layout (see :func:`layout`) once per writer.
 
     Returns True when it wrote the layout, False when this writer already has it (a second
     call is a no-op; TensorBoard merges identical layouts of several runs into one).
     """
-    spec = layout(stages, metrics_by_stage, root)
+    spec = layout(stages, metrics_by_stage, root, world_size=world_size)
     if writer in _LAYOUT_WRITTEN:
         return False
     writer.add_custom_scalars(spec)
