@@ -1,7 +1,8 @@
 """bnprobe's own host work per measured step, against the number of BN layers (no Lightning).
 
-For nets of ``--depths`` BN layers (blocks of ``Linear(width, width) + BatchNorm1d + ReLU``,
-width 32, batch 32: cheap, so bnprobe's cost is not hidden under the model's), one process runs
+For nets of ``--depths`` BN layers (pre-activation residual blocks
+``x + Linear(ReLU(BatchNorm1d(x)))``, width 32, batch 32: cheap, so bnprobe's cost is not
+hidden under the model's), one process runs
 ``BNTap`` and :class:`bnprobe.recorder.Recorder` directly, the way both drivers do: every step
 ``tap.start()``, forward, backward, optimizer step, then ``tap.collect`` and ``recorder.record``
 into a :class:`bnprobe.store.Store` on disk and bnprobe's own
@@ -51,13 +52,26 @@ WIDTH = 32
 BATCH = 32
 
 
-def mlp(depth: int, width: int = WIDTH) -> nn.Sequential:
-    """``depth`` blocks of Linear(width, width), BatchNorm1d(width), ReLU, then a Linear."""
-    layers: list[nn.Module] = []
-    for _ in range(depth):
-        layers += [nn.Linear(width, width, bias=False), nn.BatchNorm1d(width), nn.ReLU()]
-    layers.append(nn.Linear(width, 1))
-    return nn.Sequential(*layers)
+class PreActBlock(nn.Module):
+    """``x + Linear(ReLU(BatchNorm1d(x)))``: a pre-activation residual block. A plain stack of
+    ``Linear, BatchNorm1d, ReLU`` this deep overflows its gradients to inf at the first step
+    (BatchNorm's gradient explosion in deep plain nets) and then trains on NaN: every layer's
+    recovery is ill-conditioned and the probe would be timed on a path no real run takes."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(width)
+        self.linear = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = x + self.linear(torch.relu(self.bn(x)))
+        return out
+
+
+def mlp(depth: int, width: int = WIDTH, inputs: int = WIDTH, outputs: int = 1) -> nn.Sequential:
+    """A linear stem, ``depth`` :class:`PreActBlock` (one BatchNorm1d each), a linear head."""
+    blocks = [PreActBlock(width) for _ in range(depth)]
+    return nn.Sequential(nn.Linear(inputs, width, bias=False), *blocks, nn.Linear(width, outputs))
 
 
 class Bench:

@@ -42,7 +42,7 @@ step) and a PreciseBN recalibration over 20 batches (``bnprobe.recalibrate(apply
 each against the median training step of that model.
 
 ``--targets`` checks the targets of docs/performance.md on nets of 4 and 256 BN layers
-(``bn4``, ``bn256``: ``Linear(32, 32) + BatchNorm1d + ReLU`` blocks after a linear stem, cheap
+(``bn4``, ``bn256``: residual ``x + Linear(ReLU(BatchNorm1d(x)))`` blocks of 32 channels, cheap
 enough that bnprobe's cost is not hidden under the model's), in CPU time per step against no
 probe, taken within each round:
 
@@ -193,13 +193,13 @@ def mlp() -> nn.Module:
 
 
 def deep_mlp(depth: int, width: int = 32) -> nn.Module:
-    """Flatten -> Linear stem -> ``depth`` x (Linear, BatchNorm1d, ReLU) of ``width`` channels
-    -> Linear; 3x28x28 -> 10 logits. Many BN layers, little arithmetic each."""
-    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(3 * 28 * 28, width)]
-    for _ in range(depth):
-        layers += [nn.Linear(width, width, bias=False), nn.BatchNorm1d(width), nn.ReLU()]
-    layers.append(nn.Linear(width, 10))
-    return nn.Sequential(*layers)
+    """Flatten -> Linear stem -> ``depth`` pre-activation residual blocks
+    ``x + Linear(ReLU(BatchNorm1d(x)))`` of ``width`` channels (host_cost.PreActBlock: a plain
+    stack this deep trains on NaN) -> Linear; 3x28x28 -> 10 logits. Many BN layers, little
+    arithmetic each."""
+    from host_cost import mlp as residual_mlp  # benchmarks/ is on sys.path when run as a script
+
+    return nn.Sequential(nn.Flatten(), residual_mlp(depth, width, 3 * 28 * 28, 10))
 
 
 def build_model(name: str) -> nn.Module:
