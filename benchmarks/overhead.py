@@ -17,8 +17,9 @@ in the mean exactly as often as in a real run.
 
 Memory: ``peak RSS growth`` is the process's peak resident set size during ``fit`` (VmHWM, reset
 through ``/proc/self/clear_refs`` just before ``fit``) minus its resident set size at that moment;
-``kept`` is what the monitor itself holds at the end (bnprobe: its table, ``DataFrame.memory_usage
-(deep=True)``; the fastai-style monitor: its record list).
+``kept`` is what the monitor itself holds at the end (bnprobe: its store's row buffers,
+``Store.memory_bytes``: the rows not yet saved, the rest being on disk; the fastai-style
+monitor: its record list).
 
 Configurations:
 
@@ -403,7 +404,7 @@ def run_job(job: Job) -> dict[str, Any]:
     kept = 0.0
     cb = callbacks[0] if len(callbacks) > 1 else None
     if isinstance(cb, BNProbe):
-        kept = float(cb.to_dataframe().memory_usage(deep=True).sum())
+        kept = float(cb.recorder.store.memory_bytes)  # rows not yet saved (the rest is on disk)
     elif isinstance(cb, FastaiStyleStats):
         kept = float(sys.getsizeof(cb.records) + sum(sys.getsizeof(r) for r in cb.records))
     # times[i] is the step that ended at ends[i+1], i.e. global step i+1

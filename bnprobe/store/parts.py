@@ -209,6 +209,12 @@ class Store:
         return self._rows.n if self.save_dir is not None else 0
 
     @property
+    def memory_bytes(self) -> int:
+        """Bytes of the row buffers held in memory (their capacity; string columns count one
+        reference per row: the names themselves are shared)."""
+        return int(sum(a.nbytes for a in self._rows._data.values()) + self._rows._na.nbytes)
+
+    @property
     def must_spill(self) -> bool:
         """Does the store hold ``spill_rows`` unsaved rows (the recorder then saves them)?"""
         return self.save_dir is not None and self._rows.n >= self.spill_rows
