@@ -14,7 +14,6 @@ This module imports no torch and no Lightning. (When the store's filtered reads 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -42,13 +41,7 @@ def digest_parts(
                 digest.add_columns(cols)
         except Exception as err:  # a damaged file must not hide the others
             unreadable.append(part)
-            text = str(err).strip().splitlines()
-            warnings.warn(
-                f"bnprobe.load: skipped the unreadable part {str(part)!r} "
-                f"({type(err).__name__}: {text[0] if text else ''})",
-                UserWarning,
-                stacklevel=2,
-            )
+            store.warn_unreadable(part, err, stacklevel=3)
     return digest, unreadable
 
 
@@ -67,20 +60,14 @@ def digest_runs(root: Path) -> tuple[dict[str, Digest], list[Path]]:
         if len(bad) < len(parts):
             digests[run] = digest
     if not digests:
-        what = str(unreadable[0]) if len(unreadable) == 1 else f"{len(unreadable)} part files"
-        raise store.StoreError(
-            f"the bnprobe store at {str(root)!r} could not be read: {what} unreadable "
-            "(truncated or not parquet)"
-        )
+        raise store.nothing_readable(root, unreadable)
     return digests, unreadable
 
 
 def _read_part(part: Path, batch_rows: int) -> Iterable[dict[str, np.ndarray]]:
     """The rows of one part file that the rules read, as numpy columns, batch by batch."""
     pf = pq.ParquetFile(part)
-    missing = [c for c in store.COLUMNS if c not in pf.schema_arrow.names]
-    if missing:
-        raise ValueError(f"not a bnprobe table: missing columns {missing}")
+    store.check_columns(pf.schema_arrow.names)
     for batch in pf.iter_batches(batch_size=batch_rows, columns=list(store.COLUMNS)):
         metric = _strings(batch.column("metric"))
         keep = np.fromiter((m in READ_METRICS for m in metric.categories), bool)[metric.codes]

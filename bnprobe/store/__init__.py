@@ -16,10 +16,13 @@ from bnprobe.store.read import (
     STORE_NAME,
     STORE_NAMES,
     StoreError,
+    check_columns,
     find_runs,
     load,
     load_runs,
+    nothing_readable,
     part_order,
+    warn_unreadable,
 )
 from bnprobe.store.table import (
     AFFINE_METRICS,
@@ -71,6 +74,7 @@ __all__ = [
     "Rows",
     "Store",
     "StoreError",
+    "check_columns",
     "concat",
     "conform",
     "dedupe",
@@ -80,7 +84,9 @@ __all__ = [
     "load",
     "load_runs",
     "make_rows",
+    "nothing_readable",
     "part_order",
     "remove_stale",
+    "warn_unreadable",
     "with_runs",
 ]

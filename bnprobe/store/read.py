@@ -207,13 +207,36 @@ def superseded(parts: Sequence[Path]) -> list[Path]:
     return [p for p in parts if p not in live and PART_NAME.fullmatch(p.name)]
 
 
+def check_columns(names: Collection[str]) -> None:
+    """Raise ValueError unless a part file's columns include the SPEC columns."""
+    missing = [c for c in COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"table is missing columns {missing}; expected {list(COLUMNS)}")
+
+
+def warn_unreadable(part: Path, err: BaseException, *, stacklevel: int = 2) -> None:
+    """The one warning for a part that cannot be read: it is skipped, the others are read."""
+    warnings.warn(
+        f"bnprobe.load: skipped the unreadable part {str(part)!r} "
+        f"({type(err).__name__}: {_first_line(err)})",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def nothing_readable(root: Path, unreadable: Sequence[Path]) -> StoreError:
+    """The error when a store exists but none of its parts could be read."""
+    what = str(unreadable[0]) if len(unreadable) == 1 else f"{len(unreadable)} part files"
+    return StoreError(
+        f"the bnprobe store at {str(root)!r} could not be read: {what} unreadable "
+        "(truncated or not parquet)"
+    )
+
+
 def read_part(path: Path, selection: Selection) -> pd.DataFrame:
     """One part's rows as a table (SPEC dtypes), filtered as ``selection`` reads (raises on a
     file that is not a readable bnprobe part)."""
-    schema = pq.read_schema(path)
-    missing = [c for c in COLUMNS if c not in schema.names]
-    if missing:
-        raise ValueError(f"table is missing columns {missing}; expected {list(COLUMNS)}")
+    check_columns(pq.read_schema(path).names)
     table = pq.read_table(path, columns=list(COLUMNS), filters=selection.expression())
     return arrow_to_frame(table)
 
@@ -264,12 +287,7 @@ def read_parts(
             if unreadable is None:
                 raise
             unreadable.append(part)
-            warnings.warn(
-                f"bnprobe.load: skipped the unreadable part {str(part)!r} "
-                f"({type(err).__name__}: {_first_line(err)})",
-                UserWarning,
-                stacklevel=4,
-            )
+            warn_unreadable(part, err, stacklevel=5)
     frames = [f for f in frames if len(f)]
     if not frames:
         return empty_frame()
@@ -360,11 +378,7 @@ def load_runs(
         if len(unreadable) - failed < len(part_order(parts)):
             frames[run] = selection.finish(dedupe(raw))
     if not frames:
-        what = str(unreadable[0]) if len(unreadable) == 1 else f"{len(unreadable)} part files"
-        raise StoreError(
-            f"the bnprobe store at {str(root)!r} could not be read: {what} unreadable "
-            "(truncated or not parquet)"
-        )
+        raise nothing_readable(root, unreadable)
     return frames
 
 

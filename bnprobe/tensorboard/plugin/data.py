@@ -85,12 +85,10 @@ def heatmap(
 
 
 def store_parts(run_dir: Path) -> list[Path]:
-    """The part files of the store of ``run_dir`` (empty when it has none)."""
-    for name in store.STORE_NAMES:
-        folder = run_dir / name
-        if folder.is_dir():
-            return sorted(folder.glob(store.PART_GLOB))
-    return []
+    """The part files of the store(s) of ``run_dir`` (empty when it has none): the default
+    ``bnprobe_store`` folder and the one of stores written before 0.2 are one run, as for
+    :func:`bnprobe.load`."""
+    return [p for name in store.STORE_NAMES for p in sorted((run_dir / name).glob(store.PART_GLOB))]
 
 
 def signature(parts: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
