@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
-from bnprobe import metrics, passes, stats, store
+from bnprobe import metrics, passes, store
 from bnprobe.passes import ForwardFn, FrozenSelection
-from bnprobe.recalibration import input_moments, recalibrate, write_population
+from bnprobe.recalibration import PopulationMoments, recalibrate, write_population
 from bnprobe.tap import LayerSelection
 
 __all__ = ["check_mismatch", "recalibrate"]
@@ -126,7 +126,7 @@ def check_mismatch(
     local_sq: dict[str, list[float]] = {n: [0.0, 0.0] for n in selected}  # ||diff||², ||y_b||²
     output_sq: dict[str, list[float]] = {n: [0.0, 0.0] for n in selected}
     eval_calls: dict[str, int] = dict.fromkeys(selected, 0)
-    moments: dict[str, stats.Moments] = {}  # train-pass inputs, pooled: the re-estimate
+    pool = PopulationMoments(with_running)  # train-pass inputs, then recal_batches: the re-estimate
 
     def train_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -137,16 +137,6 @@ def check_mismatch(
             local_sq[name][0] += _sq_norm(output - y_run)
             local_sq[name][1] += _sq_norm(output)
             train_out[name].append(output.detach().clone())  # clone: in-place ops may follow
-
-        return hook
-
-    def moments_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0] if args else None
-            if isinstance(x, Tensor) and x.dim() >= 2 and x.numel():
-                pooled = moments.get(name)
-                batch_m = input_moments(x.detach())
-                moments[name] = batch_m if pooled is None else stats.combine(pooled, batch_m)
 
         return hook
 
@@ -171,9 +161,7 @@ def check_mismatch(
         with torch.no_grad():
             passes.set_modes(state, all_bn, bn_batch_stats=True, frozen=frozen_names)
             handles = [m.register_forward_hook(train_hook(n)) for n, m in selected.items()]
-            handles += [
-                m.register_forward_pre_hook(moments_hook(n)) for n, m in with_running.items()
-            ]
+            handles += pool.attach(kernel=False)  # the train hook needs the buffers as they are
             y_train = passes.first_tensor(
                 passes.forward(model, batch, device, forward_fn, "check_mismatch")
             )
@@ -193,15 +181,13 @@ def check_mismatch(
 
                 # what recalibration would buy: re-estimated statistics (held batches too)
                 passes.set_modes(state, all_bn, bn_batch_stats=True, frozen=frozen_names)
-                handles = [
-                    m.register_forward_pre_hook(moments_hook(n)) for n, m in with_running.items()
-                ]
+                handles = pool.attach()
                 for i, extra in enumerate(recal_batches):
                     who = "check_mismatch (recal_batches)"
                     passes.forward(model, extra, device, forward_fn, who, index=i)
                 passes.remove_handles(handles)
                 for name, bn in with_running.items():
-                    write_population(bn, moments.get(name))
+                    write_population(bn, pool.moments.get(name))
                 state.restore_rng()
                 passes.set_modes(state, all_bn, bn_batch_stats=False)
                 y_recal = passes.first_tensor(

@@ -46,6 +46,7 @@ class ModelState:
 
     training: list[tuple[nn.Module, bool]]
     track: list[tuple[_BatchNorm, bool]]
+    momentum: list[tuple[_BatchNorm, float | None]]
     buffers: list[tuple[nn.Module, str, Tensor, Tensor]]  # owner, name, original object, copy
     cpu_rng: Tensor
     cuda_rng: list[Tensor] | None
@@ -63,6 +64,7 @@ class ModelState:
         return cls(
             training=[(m, m.training) for m in modules],
             track=[(m, m.track_running_stats) for m in modules if isinstance(m, _BatchNorm)],
+            momentum=[(m, m.momentum) for m in modules if isinstance(m, _BatchNorm)],
             buffers=buffers,
             cpu_rng=torch.get_rng_state(),
             cuda_rng=cuda_rng,
@@ -82,6 +84,8 @@ class ModelState:
             mod.training = flag
         for bn, track in self.track:
             bn.track_running_stats = track
+        for bn, momentum in self.momentum:
+            bn.momentum = momentum
         self.restore_rng()
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -47,7 +48,7 @@ def recalibrate(
 
     The model runs over ``batches`` (the first ``num_batches`` of them; all when ``None``) under
     ``torch.no_grad()`` with every non-BN module in eval mode (dropout off) and every BN layer
-    normalizing with the *batch* moments, as in training, without updating any buffer. A deeper
+    normalizing with the *batch* moments, as in training (buffers put back afterwards). A deeper
     layer therefore sees its input as it sees it in training: this is the distribution the
     running statistics are meant to summarise, and the same convention as fvcore's PreciseBN and
     ``torch.optim.swa_utils.update_bn``. (Eval-mode inputs would depend on the old, possibly bad,
@@ -60,10 +61,12 @@ def recalibrate(
     or the layers ``frozen`` names (names, glob patterns or a predicate); ``frozen=False``
     re-estimates every layer. Frozen layers get the single row ``frozen`` = 1.
 
-    A forward pre-hook reduces each BN input to per-channel ``(n, mean, biased var)`` in the
-    activation's own precision (float32 for float32 input, half precision upcast to float32;
-    ``torch.var_mean`` is accurate to about 1e-7 relative even at large offsets), and the batches
-    are pooled in float64 with Chan's parallel formula, so each batch weighs by its sample count::
+    Each forward's per-channel ``(n, mean, biased var)`` is taken in the activation's own
+    precision (:class:`PopulationMoments`): for stock layers on contiguous CPU inputs, the moments
+    BN's own kernel normalized with, read back from the running buffers (the layer tracks with
+    ``momentum = 1`` during the pass), so the pass costs one forward; elsewhere a pre-hook reduces
+    the input itself (:func:`input_moments`: float32, half precision upcast). The batches are pooled
+    in float64 with Chan's parallel formula, so each batch weighs by its sample count::
 
         n = n_a + n_b,  δ = m_b − m_a,  m = m_a + δ·n_b/n,  M2 = M2_a + M2_b + δ²·n_a·n_b/n
 
@@ -89,8 +92,8 @@ def recalibrate(
     running moments, and, when applied, the same four ``*_after`` against the moments written
     (≈ 0; with ``unbiased`` the variance part is ≈ 1/n).
 
-    Training flags, ``track_running_stats``, hooks and the torch RNG state are restored in
-    ``finally``; momentum is never touched. ``progress`` shows a tqdm bar (hidden when the
+    Training flags, ``track_running_stats``, momentum, every buffer, hooks and the torch RNG state
+    are restored in ``finally``. ``progress`` shows a tqdm bar (hidden when the
     output is not a terminal).
     """
     if num_batches is not None and (
@@ -131,18 +134,7 @@ def recalibrate(
     sync = distributed.is_distributed() if sync_ranks is None else bool(sync_ranks)
 
     device = passes.model_device(model)
-    moments: dict[str, stats.Moments] = {}  # per batch in the input's precision, pooled in float64
-
-    def pre_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0] if args else None
-            if isinstance(x, Tensor) and x.dim() >= 2 and x.numel():
-                batch = input_moments(x.detach())
-                pooled = moments.get(name)
-                moments[name] = batch if pooled is None else stats.combine(pooled, batch)
-
-        return hook
-
+    pool = PopulationMoments(selected)
     state = passes.ModelState.capture(model)
     handles: list[RemovableHandle] = []
     bar = tqdm(
@@ -158,7 +150,7 @@ def recalibrate(
     try:
         with torch.no_grad():
             passes.set_modes(state, all_bn, bn_batch_stats=True, frozen=frozen_names)
-            handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in selected.items()]
+            handles = pool.attach()
             for batch in bar:
                 passes.forward(model, batch, device, forward_fn, "recalibrate", index=seen)
                 seen += 1
@@ -174,11 +166,12 @@ def recalibrate(
         channels = {n: int(m.num_features) for n, m in selected.items()}
         error = None if failure is None else f"{type(failure).__name__}: {failure}"
         try:
-            moments = distributed.pool_moments_across_ranks(
-                list(selected), moments, channels, error
+            pool.moments = distributed.pool_moments_across_ranks(
+                list(selected), pool.moments, channels, error
             )
         except RuntimeError as exc:
             raise exc from failure
+    moments = pool.moments
     if seen == 0 and not moments:
         raise ValueError(
             "recalibrate got no batches: pass an iterable that yields at least one batch, "
@@ -236,6 +229,97 @@ def _shifts(
         f"var_shift_{when}": float(v.mean().item()),
         f"var_shift_max_{when}": float(v.max().item()),
     }
+
+
+class PopulationMoments:
+    """Per-channel input moments of BN layers, pooled over every forward in float64 (Chan).
+
+    :meth:`attach` (after :func:`bnprobe.passes.set_modes` put the layers in batch-statistics
+    mode) hooks every layer. Each forward's moments come from one of two places:
+
+    * *BN's own kernel*, for a stock layer (one that runs ``_BatchNorm.forward``: BatchNorm1d/2d/3d)
+      on a contiguous float32/float64 CPU input of 3 or more dimensions: the layer tracks its
+      running statistics with ``momentum = 1`` for the pass, so after each forward its buffers
+      hold exactly the batch mean and unbiased variance the kernel normalized with, and the
+      post-hook reads them (O(channels)). That kernel takes the variance in two passes, within
+      float32 rounding of a float64 computation at any offset (``tests/test_recalibrate.py``),
+      and costs nothing beyond the forward itself. Only a channel whose mean is more than
+      :data:`OFFSET_RATIO` standard deviations from zero costs one more pass, to refine its mean.
+    * :func:`input_moments` on the input everywhere else (CUDA, channels-last, half precision,
+      2-d inputs, BN subclasses with their own forward), in the pre-hook.
+
+    The caller restores buffers and momentum (:class:`bnprobe.passes.ModelState`).
+    """
+
+    def __init__(self, layers: dict[str, _BatchNorm]) -> None:
+        self.layers = layers
+        self.moments: dict[str, stats.Moments] = {}
+        self._kernel = {n for n, m in layers.items() if type(m).forward is _BatchNorm.forward}
+        self._armed: set[str] = set()
+        self._pending: dict[str, float] = {}
+
+    def attach(self, *, kernel: bool = True) -> list[RemovableHandle]:
+        """Register the hooks and put the stock layers in kernel mode (``kernel=False``: leave
+        every buffer alone and reduce every input); returns the hooks' handles."""
+        handles = []
+        self._armed.clear()
+        for name, bn in self.layers.items():
+            handles.append(bn.register_forward_pre_hook(partial(self._before, name)))
+            if kernel and name in self._kernel:
+                assert bn.running_mean is not None and bn.running_var is not None
+                bn.training, bn.track_running_stats, bn.momentum = True, True, 1.0
+                bn.running_mean.zero_()  # 0·old must not be NaN when old is inf or NaN
+                bn.running_var.fill_(1.0)
+                self._armed.add(name)
+                handles.append(bn.register_forward_hook(partial(self._after, name)))
+        return handles
+
+    def add(self, name: str, batch: stats.Moments) -> None:
+        pooled = self.moments.get(name)
+        self.moments[name] = batch if pooled is None else stats.combine(pooled, batch)
+
+    def _before(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or x.dim() < 2 or not x.numel():
+            return
+        if name in self._armed and _kernel_is_exact(x):
+            self._pending[name] = x.numel() / x.shape[1]
+        else:
+            self.add(name, input_moments(x.detach()))
+
+    def _after(self, name: str, module: _BatchNorm, args: tuple[Any, ...], output: Any) -> None:
+        n = self._pending.pop(name, None)
+        if n is None:
+            return
+        mean32, var32 = module.running_mean, module.running_var
+        assert mean32 is not None and var32 is not None
+        mean = mean32.double()
+        var = var32.double() * ((n - 1) / n)  # the kernel stored the unbiased one
+        if bool((mean * mean > OFFSET_RATIO**2 * var).any()):
+            # A float32 mean keeps ~7 digits; far from zero, pooling would blur the differences
+            # between batch means. Correct it with the residuals' sum (accurate in float32).
+            x = args[0].detach()
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            mean = mean + (x - mean32.view(shape)).sum(dim=stats.reduce_dims(x)).double() / n
+        self.add(name, stats.Moments(mean, var, n))
+
+
+OFFSET_RATIO = 4.0
+"""Above this many standard deviations from zero, a channel's kernel mean is refined by one more
+pass over the input (:meth:`PopulationMoments._after`): float32 rounding of the mean then adds at
+most about 6e-8·4 of the variance, relative, to the pooled variance per batch-mean difference of
+one standard deviation."""
+
+
+def _kernel_is_exact(x: Tensor) -> bool:
+    """Where BN's own CPU kernel takes two-pass float32 (or float64) moments: contiguous
+    (N, C, ...) inputs with at least one spatial dimension."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.dim() >= 3
+        and x.is_contiguous()
+    )
 
 
 def input_moments(x: Tensor) -> stats.Moments:

@@ -181,6 +181,54 @@ def test_unequal_batches_large_offsets_and_a_shared_layer_match_float64(offset: 
     assert ((model.bn.running_var.double() - var).abs() <= 4 * ulp * var).all()
 
 
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv_layers_read_bn_kernel_moments_exactly(
+    offset: float, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stock BatchNorm2d on contiguous CPU input gives the moments its own kernel took (no
+    extra pass over the activation); channels-last input is reduced by ``input_moments``. Both
+    are within float32 storage of a float64 reference, on unequal batches and a shared layer,
+    and momentum and the other buffers are put back."""
+    import bnprobe.recalibration as recal
+
+    reduced = []
+    real = recal.input_moments
+    monkeypatch.setattr(recal, "input_moments", lambda x: reduced.append(1) or real(x))
+
+    class SharedConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+            self.bn = nn.BatchNorm2d(6, momentum=0.01)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.bn(self.c2(torch.relu(self.bn(self.c1(x)))))
+
+    torch.manual_seed(5)
+    model = SharedConv()
+    with torch.no_grad():
+        model.c1.bias.add_(offset)
+        model.c2.bias.add_(offset)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    data = [(torch.randn(n, 3, 9, 9) * 2).contiguous(memory_format=fmt) for n in (2, 17, 5, 32)]
+    tracked = model.bn.num_batches_tracked.clone()
+    recalibrate(model, data, progress=False)
+    assert model.bn.momentum == 0.01 and model.bn.track_running_stats
+    assert torch.equal(model.bn.num_batches_tracked, tracked)
+    assert (len(reduced) > 0) == (layout == "channels_last")
+    with torch.no_grad():
+        inputs = []
+        for x in data:
+            h1 = model.c1(x)
+            z = nn.functional.batch_norm(h1, None, None, model.bn.weight, model.bn.bias, True)
+            inputs += [h1, model.c2(torch.relu(z))]
+        mean, var, _ = moments(torch.cat(inputs).double())
+    ulp = torch.finfo(torch.float32).eps
+    assert ((model.bn.running_mean.double() - mean).abs() <= 4 * ulp * mean.abs() + 1e-6).all()
+    assert ((model.bn.running_var.double() - var).abs() <= 4 * ulp * var).all()
+
+
 def test_biased_variance_convention_and_structured_batches() -> None:
     class Detector(nn.Module):
         def __init__(self) -> None:
