@@ -354,3 +354,32 @@ def test_a_run_resumed_after_a_kill_has_every_step_once(tmp_path) -> None:
     assert per_step.index.tolist() == list(range(20))
     assert (per_step["size"] == per_step["nunique"]).all()
     assert per_step["size"].nunique() == 1
+
+
+def test_constant_plans_follow_names_changed_in_place_but_reuse_frozen_ones() -> None:
+    """The store's constant filter caches where the constants sit per list of names; frozen
+    names (tuples, read-only arrays) are recognised by identity, anything else is compared, so
+    names rewritten in place between two steps are not read with a stale plan."""
+    import numpy as np
+
+    from bnprobe.store import Rows
+    from bnprobe.store.constants import Changes
+    from bnprobe.store.table import same_names
+
+    frozen = np.array(["a", "a"], dtype=object)
+    frozen.setflags(write=False)
+    assert same_names(frozen, frozen) and same_names(("a", "b"), ["a", "b"])
+    writable = np.array(["eps", "batch_mean"], dtype=object)
+    assert same_names(writable, writable.copy())
+    assert not same_names(writable, np.array(["eps", "momentum"], dtype=object))
+
+    changes = Changes()
+    layers = np.array(["bn", "bn"], dtype=object)
+    metrics = np.array(["batch_mean", "eps"], dtype=object)
+    first = changes.keep(Rows(0, 0, "train", 0, layers, metrics, [0.0, 1e-5]))
+    assert first is None  # a constant's first value is kept
+    again = changes.keep(Rows(1, 0, "train", 0, layers, metrics, [0.0, 1e-5]))
+    assert again is not None and again.tolist() == [True, False]  # unchanged: dropped
+    metrics[:] = ["eps", "batch_mean"]  # the same array object, other names
+    swapped = changes.keep(Rows(2, 0, "train", 0, layers, metrics, [1e-5, 0.0]))
+    assert swapped is not None and swapped.tolist() == [False, True]

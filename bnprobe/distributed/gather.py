@@ -14,6 +14,7 @@ change):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import pickle
 import warnings
@@ -34,6 +35,7 @@ from bnprobe.distributed.divergence import (
 from bnprobe.distributed.ranks import collective_device, is_distributed
 from bnprobe.metrics import CATALOGUE
 from bnprobe.store import Rows
+from bnprobe.store.table import same_names
 from bnprobe.tap import Snapshot
 
 Warn = Callable[[str], None]
@@ -139,8 +141,8 @@ class RankGather:
         self._known: dict[int, Layout] = {}  # rank 0: key -> layout
         self._inbox: dict[int, bytearray] = {}  # rank 0: rank -> note being received
         self._said: dict[int, list[str]] = {}  # rank 0: what each rank said (warned once)
-        self._plan: tuple[Layout, np.ndarray, np.ndarray, list[str], object] | None = None
-        self._names: tuple[list[Any], list[Any]] | None = None  # the rows' names, as lists
+        self._plan: tuple[Layout, np.ndarray, np.ndarray, tuple[str, ...], object] | None = None
+        self._names: tuple[Any, Any] | None = None  # the name columns the layout was made from
 
     def tell(self, message: str) -> None:
         """Pass a warning of this rank (not 0) to rank 0 with the next gather: ranks other than
@@ -168,7 +170,7 @@ class RankGather:
             layers = tuple(name for p in parts for name in p.layers)
             metric_names = tuple(name for p in parts for name in p.metrics)
             layout = Layout(layers, metric_names, counts)
-            self._names = (list(layers), list(metric_names)) if len(parts) == 1 else None
+            self._names = (parts[0].layers, parts[0].metrics) if len(parts) == 1 else None
         if len(vector) != layout.size:
             raise ValueError(f"{len(vector)} values for a layout of {layout.size}")
         return layout, vector
@@ -316,14 +318,14 @@ class RankGather:
             found = rank_divergence(by_rank, self.eps)
             if not found:
                 return None
-            names: list[str] = list(found)
+            names: Sequence[str] = list(found)
             result = np.array(list(found.values()), dtype=np.float64)
         else:
             plan = self._plan
             if plan is None or plan[0].running != first.running or plan[4] is not self.eps:
                 counts = np.array([c for _, c in first.running], dtype=np.int64)
                 eps = np.array([float(self.eps.get(k, 1e-5)) for k, _ in first.running])
-                names_array = [k for k, _ in first.running]
+                names_array = tuple(k for k, _ in first.running)  # tuples: cached downstream
                 plan = self._plan = (first, counts, eps, names_array, self.eps)
             _, counts, eps, names_array, _ = plan
             n, total = len(first.metrics), int(counts.sum())
@@ -335,7 +337,7 @@ class RankGather:
                 var = np.stack([values[r, m + total : m + 2 * total] for r, m in enumerate(spread)])
             result = layer_divergences(mu, var, counts, eps)
             names = names_array
-        return Rows(0, 0, "train", 0, names, ["rank_divergence"] * len(names), result)
+        return Rows(0, 0, "train", 0, names, _divergence_metrics(len(names)), result)
 
     def _receive(
         self, rank: int, slots: np.ndarray, total: int, at: int, size: int
@@ -390,15 +392,18 @@ class RankGather:
         return int(flag.item())
 
 
-def _same_names(names: tuple[list[Any], list[Any]] | None, parts: Sequence[Rows]) -> bool:
-    """Whether one part of rows names the same layers and metrics as ``names`` (lists, as the
-    tap makes them: compared in C without building tuples)."""
+def _same_names(names: tuple[Any, Any] | None, parts: Sequence[Rows]) -> bool:
+    """Whether one part of rows names the same layers and metrics as ``names`` (the columns of
+    the part the layout was made from: the tap hands out the same read-only arrays every step,
+    compared by identity; :func:`bnprobe.store.same_names`)."""
     if names is None or len(parts) != 1:
         return False
-    layers, metrics = parts[0].layers, parts[0].metrics
-    if not (isinstance(layers, list) and isinstance(metrics, list)):
-        return False
-    return metrics == names[1] and layers == names[0]
+    return same_names(names[1], parts[0].metrics) and same_names(names[0], parts[0].layers)
+
+
+@functools.cache
+def _divergence_metrics(n: int) -> tuple[str, ...]:
+    return ("rank_divergence",) * n
 
 
 def _running(layout: Layout, values: np.ndarray) -> RunningMoments:

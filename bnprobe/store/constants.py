@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bnprobe import metrics as _metrics
-from bnprobe.store.table import CONSTANT_METRICS, Rows
+from bnprobe.store.table import CONSTANT_METRICS, Rows, frozen_names, same_names
 
 ANCHOR = _metrics.ANCHOR
 
@@ -45,7 +45,7 @@ class Changes:
         self._slots: dict[tuple[str, int, str, str], int] = {}
         self._last = np.full(64, np.nan)
         self._seen = np.zeros(64, dtype=bool)
-        self._plans: dict[tuple[str, int, int], tuple[list[Any], list[Any], Any]] = {}
+        self._plans: dict[tuple[str, int, int], tuple[Any, Any, Any]] = {}
 
     def keep(self, rows: Rows) -> np.ndarray | None:
         """A mask of the rows to store (None: all of them)."""
@@ -71,13 +71,16 @@ class Changes:
     def _plan(
         self, rows: Rows, constants: frozenset[str]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        layers = list(rows.layers) if isinstance(rows.layers, np.ndarray) else rows.layers
-        metrics = list(rows.metrics) if isinstance(rows.metrics, np.ndarray) else rows.metrics
-        key = (rows.stage, rows.rank, len(metrics))
+        key = (rows.stage, rows.rank, len(rows.metrics))
         cached = self._plans.get(key)
-        if cached is not None and cached[0] == layers and cached[1] == metrics:
+        if (
+            cached is not None
+            and same_names(cached[1], rows.metrics)
+            and same_names(cached[0], rows.layers)
+        ):
             plan: tuple[np.ndarray, np.ndarray, np.ndarray] | None = cached[2]
             return plan
+        layers, metrics = list(rows.layers), list(rows.metrics)
         where = [i for i, m in enumerate(metrics) if m in constants]
         if not where:
             plan = None
@@ -86,7 +89,12 @@ class Changes:
             slots = [self._slot((rows.stage, rows.rank, layers[i], metrics[i])) for i in where]
             anchored = [layers[i] in measured for i in where]
             plan = (np.array(where), np.array(slots), np.array(anchored, dtype=bool))
-        self._plans[key] = (list(layers), list(metrics), plan)
+        keep = (rows.layers, rows.metrics)  # the objects themselves when frozen: cheap to compare
+        self._plans[key] = (
+            keep[0] if frozen_names(keep[0]) else layers,
+            keep[1] if frozen_names(keep[1]) else metrics,
+            plan,
+        )
         return plan
 
     def _slot(self, key: tuple[str, int, str, str]) -> int:

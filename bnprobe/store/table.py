@@ -171,6 +171,23 @@ class Rows(NamedTuple):
         ]
 
 
+def frozen_names(names: object) -> bool:
+    """Whether a column of names cannot change after it was made (a tuple, or a read-only numpy
+    array, as the tap and the gather hand out every step): then the same object means the same
+    names, and caches keyed on it need no element-wise comparison."""
+    return isinstance(names, tuple) or (isinstance(names, np.ndarray) and not names.flags.writeable)
+
+
+def same_names(a: object, b: object) -> bool:
+    """Whether two columns of names (lists, tuples or numpy arrays) hold the same names: by
+    identity for :func:`frozen_names`, else element by element."""
+    if a is b and frozen_names(a):
+        return True
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return len(a) == len(b) and bool(np.array_equal(np.asarray(a), np.asarray(b)))  # type: ignore[arg-type]
+    return bool(list(a) == list(b))  # type: ignore[call-overload]
+
+
 def concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
     """Concatenate tables, keeping the schema (an empty table when there is nothing)."""
     parts = [f for f in frames if len(f)]
