@@ -870,3 +870,34 @@ def test_tensorboard_server_serves_the_run(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=15)
+
+
+def test_blocks_of_one_step_merge_into_one_event_the_later_value_winning() -> None:
+    """Rank 0's rows, another rank's (not written) and the rank_divergence block of one step
+    make one point per tag; a tag given twice keeps its later value; the cached merge gives
+    the same at the next step with other values."""
+    from bnprobe.store import Rows
+    from bnprobe.tap import Snapshot
+    from bnprobe.tensorboard.write import snapshot_metrics
+
+    for step, scale in ((3, 1.0), (4, 2.0)):
+        own = Rows(
+            step, 1, "train", 0, ["a", "b"], ["mean_shift", "mean_shift"], [scale, 2 * scale]
+        )
+        other = Rows(step, 1, "train", 1, ["a", "b"], ["mean_shift", "mean_shift"], [9.0, 9.0])
+        again = Rows(
+            step, 1, "train", 0, ["b", "a"], ["mean_shift", "rank_divergence"], [5 * scale, 7.0]
+        )
+        got = snapshot_metrics(Snapshot([own, other, again]))
+        assert list(got) == [step]
+        assert got[step] == {
+            "bnprobe/train/epoch": 1.0,
+            "bnprobe/train/mean_shift/a": scale,
+            "bnprobe/train/mean_shift/b": 5 * scale,
+            "bnprobe/train/rank_divergence/a": 7.0,
+        }
+        assert list(got[step])[:3] == [
+            "bnprobe/train/epoch",
+            "bnprobe/train/mean_shift/a",
+            "bnprobe/train/mean_shift/b",
+        ]

@@ -24,6 +24,7 @@ method that adds a prepared ``Summary`` to a ``SummaryWriter`` itself.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
@@ -116,11 +117,21 @@ def _points(
         if len(blocks) == 1:
             out[step] = blocks[0]
             continue
-        merged: dict[str, float] = {}
-        for tags, values in blocks:
-            merged.update(zip(tags, map(float, values), strict=True))
-        out[step] = (tuple(merged), list(merged.values()))
+        tags, index = _merge_plan(tuple(tags for tags, _ in blocks))
+        flat = np.concatenate([np.fromiter(v, dtype=np.float64) for _, v in blocks])
+        out[step] = (tags, flat[index])
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _merge_plan(blocks: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], np.ndarray]:
+    """The tags of several blocks at one step, each once in the order first seen, and where
+    each one's value sits in the blocks' concatenated values (its last occurrence: the later
+    value of a tag wins). Cached: under DDP every step brings the same blocks."""
+    last: dict[str, int] = {}
+    for at, tag in enumerate(itertools.chain.from_iterable(blocks)):
+        last[tag] = at
+    return tuple(last), np.fromiter(last.values(), dtype=np.int64, count=len(last))
 
 
 def _layer_rows(part: Rows | pd.DataFrame) -> list[Rows]:
