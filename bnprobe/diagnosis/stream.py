@@ -37,8 +37,8 @@ def digest_parts(
     unreadable: list[Path] = []
     for part in parts:
         try:
-            for cols in _read_part(part, batch_rows):
-                digest.add_columns(cols)
+            for cols in _read_part(part, batch_rows, digest):
+                digest.add_codes(cols)
         except Exception as err:  # a damaged file must not hide the others
             unreadable.append(part)
             store.warn_unreadable(part, err, stacklevel=3)
@@ -64,23 +64,25 @@ def digest_runs(root: Path) -> tuple[dict[str, Digest], list[Path]]:
     return digests, unreadable
 
 
-def _read_part(part: Path, batch_rows: int) -> Iterable[dict[str, np.ndarray]]:
-    """The rows of one part file that the rules read, as numpy columns, batch by batch."""
-    pf = pq.ParquetFile(part)
+def _read_part(part: Path, batch_rows: int, digest: Digest) -> Iterable[dict[str, np.ndarray]]:
+    """The rows of one part file that the rules read, as numpy columns, batch by batch; the
+    string columns as the digest's codes (:meth:`Digest.encode` of each batch's dictionary:
+    no Python string per row)."""
+    pf = pq.ParquetFile(part, read_dictionary=_STRINGS)
     store.check_columns(pf.schema_arrow.names)
     for batch in pf.iter_batches(batch_size=batch_rows, columns=list(store.COLUMNS)):
-        metric = _strings(batch.column("metric"))
-        keep = np.fromiter((m in READ_METRICS for m in metric.categories), bool)[metric.codes]
+        metric, names = _codes(batch.column("metric"))
+        keep = np.fromiter((m in READ_METRICS for m in names), bool, len(names))[metric]
         if not keep.any():
             continue
         cols = {
             "step": _ints(batch.column("step")),
             "epoch": _ints(batch.column("epoch")),
-            "stage": _strings(batch.column("stage")).values,
+            "stage": _encoded(batch.column("stage"), digest),
             "rank": _ints(batch.column("rank")),
-            "layer": _strings(batch.column("layer")).values,
+            "layer": _encoded(batch.column("layer"), digest),
             "channel": _ints(batch.column("channel"), na=-1),
-            "metric": metric.values,
+            "metric": digest.encode(names)[metric],
             "value": batch.column("value").to_numpy(zero_copy_only=False).astype(np.float64),
         }
         if not keep.all():
@@ -89,23 +91,20 @@ def _read_part(part: Path, batch_rows: int) -> Iterable[dict[str, np.ndarray]]:
         yield cols
 
 
-class _Coded:
-    """A string column as codes into its distinct values (shared Python strings)."""
-
-    def __init__(self, codes: np.ndarray, categories: np.ndarray) -> None:
-        self.codes, self.categories = codes, categories
-
-    @property
-    def values(self) -> np.ndarray:
-        return np.asarray(self.categories[self.codes], dtype=object)
+_STRINGS = ["stage", "layer", "metric"]
 
 
-def _strings(column: pa.Array) -> _Coded:
+def _codes(column: pa.Array) -> tuple[np.ndarray, list[str]]:
+    """A string column as indices into its distinct values, and those values."""
     if not pa.types.is_dictionary(column.type):
         column = column.dictionary_encode()
-    codes = column.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    categories = np.asarray(column.dictionary.to_pylist(), dtype=object)
-    return _Coded(codes, categories)
+    codes = column.indices.to_numpy(zero_copy_only=False)
+    return codes, column.dictionary.to_pylist()
+
+
+def _encoded(column: pa.Array, digest: Digest) -> np.ndarray:
+    codes, names = _codes(column)
+    return digest.encode(names)[codes]
 
 
 def _ints(column: pa.Array, na: int = 0) -> np.ndarray:
