@@ -155,3 +155,61 @@ def last_of(group: np.ndarray, size: int) -> np.ndarray:
     last = np.full(size, -1, dtype=np.int64)
     np.maximum.at(last, group, np.arange(len(group), dtype=np.int64))
     return last[last >= 0]
+
+
+def select_steps(blocks: list[Block], extreme: np.ndarray) -> Block:
+    """``select(concat(blocks))``, faster where ``blocks`` are one per step, steps increasing,
+    of layer rows in one layout (the same stage, rank, layer and metric in the same order, each
+    once): then the rows are a steps x keys matrix and every pick is an argmin down a column
+    (a bucket's close in ``bnprobe report``: a few times faster than the general path)."""
+    rows = concat(blocks)
+    if not _one_layout(blocks):
+        return select(rows, extreme)
+    head, steps = blocks[0], len(blocks)
+    v = rows.value.reshape(steps, head.n)
+    cols = np.arange(head.n)
+    picks = np.zeros(v.shape, dtype=bool)
+    picks[0] = picks[-1] = True
+
+    def pick(rows_at: np.ndarray, where: np.ndarray) -> None:
+        picks[rows_at[where], cols[where]] = True
+
+    finite = np.isfinite(v)
+    nan = np.isnan(v)
+    known = (~nan).argmax(axis=0)  # first non-NaN row of each column
+    ref = v[known, cols]  # NaN where the column is all NaN
+    differs = ~((v == ref) | (nan & np.isnan(ref)))
+    for mask in (differs, ~finite):
+        at = mask.argmax(axis=0)
+        pick(at, mask[at, cols])
+    ext = extreme[head.metric] & finite.any(axis=0)
+    if ext.any():
+        pick(np.where(finite, v, np.inf).argmin(axis=0), ext)
+        pick(np.where(finite, v, -np.inf).argmax(axis=0), ext)
+    # whole (stage, layer, step) rows of the picks: a step's columns of a picked layer
+    layer, n_layers = group_codes(head.layer)
+    kept = np.zeros((steps, n_layers), dtype=bool)
+    s, c = np.nonzero(picks)
+    kept[s, layer[c]] = True
+    return rows.take(np.flatnonzero(kept[:, layer].ravel()))
+
+
+def _one_layout(blocks: list[Block]) -> bool:
+    head = blocks[0]
+    if head.n == 0 or (head.channel >= 0).any() or (head.stage != head.stage[0]).any():
+        return False
+    if (head.step != head.step[0]).any():
+        return False
+    key, _ = group_codes(head.rank, head.layer, head.metric)
+    if len(np.unique(key)) != head.n:
+        return False
+    last = int(head.step[0])
+    for b in blocks[1:]:
+        step = int(b.step[0])
+        if step <= last or b.n != head.n or (b.step != step).any() or (b.channel >= 0).any():
+            return False
+        last = step
+        for c in ("stage", "rank", "layer", "metric"):
+            if not np.array_equal(getattr(b, c), getattr(head, c)):
+                return False
+    return True

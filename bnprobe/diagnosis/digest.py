@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from bnprobe import store
-from bnprobe.diagnosis.buckets import Block, concat, select
+from bnprobe.diagnosis.buckets import Block, concat, select, select_steps
 
 HEAD_STEPS = 32
 """Measured steps per stage kept whole from the start of a run."""
@@ -300,9 +300,9 @@ class Digest:
                 self._close(st)
 
     def _close(self, st: _Stage) -> None:
-        rows = concat(st.open)
         extreme = self._is(EXTREMES)
-        st.buckets.append((min(st.open_steps), max(st.open_steps), select(rows, extreme)))
+        rows = select_steps(st.open, extreme)
+        st.buckets.append((min(st.open_steps), max(st.open_steps), rows))
         st.open, st.open_steps = [], set()
         if len(st.buckets) > self.max_buckets:  # one merge per close: no spike of work
             spans = [st.buckets[i + 1][1] - st.buckets[i][0] for i in range(len(st.buckets) - 1)]
