@@ -121,6 +121,8 @@ def group_codes(*columns: np.ndarray) -> tuple[np.ndarray, int]:
     for col in columns:
         lo = int(col.min()) if n else 0
         span = int(col.max()) - lo + 1 if n else 1
+        if span == 1:
+            continue
         code = np.asarray(col, dtype=np.int64) - lo
         if size * span > limit:  # steps: dense by their order where they arrive in order
             up = np.diff(code)
@@ -158,16 +160,17 @@ def last_of(group: np.ndarray, size: int) -> np.ndarray:
 
 
 def select_steps(blocks: list[Block], extreme: np.ndarray) -> Block:
-    """``select(concat(blocks))``, faster where ``blocks`` are one per step, steps increasing,
-    of layer rows in one layout (the same stage, rank, layer and metric in the same order, each
-    once): then the rows are a steps x keys matrix and every pick is an argmin down a column
-    (a bucket's close in ``bnprobe report``: a few times faster than the general path)."""
+    """``select(concat(blocks))``, faster where the rows are steps in increasing order of layer
+    rows in one layout (the same stage, rank, layer and metric in the same order, each once):
+    then they are a steps x keys matrix and every pick is an argmin down a column (a bucket's
+    close in ``bnprobe report``: a few times faster than the general path)."""
     rows = concat(blocks)
-    if not _one_layout(blocks):
+    width = _layout_width(rows)
+    if not width:
         return select(rows, extreme)
-    head, steps = blocks[0], len(blocks)
-    v = rows.value.reshape(steps, head.n)
-    cols = np.arange(head.n)
+    steps = rows.n // width
+    v = rows.value.reshape(steps, width)
+    cols = np.arange(width)
     picks = np.zeros(v.shape, dtype=bool)
     picks[0] = picks[-1] = True
 
@@ -182,34 +185,34 @@ def select_steps(blocks: list[Block], extreme: np.ndarray) -> Block:
     for mask in (differs, ~finite):
         at = mask.argmax(axis=0)
         pick(at, mask[at, cols])
-    ext = extreme[head.metric] & finite.any(axis=0)
+    ext = extreme[rows.metric[:width]] & finite.any(axis=0)
     if ext.any():
         pick(np.where(finite, v, np.inf).argmin(axis=0), ext)
         pick(np.where(finite, v, -np.inf).argmax(axis=0), ext)
     # whole (stage, layer, step) rows of the picks: a step's columns of a picked layer
-    layer, n_layers = group_codes(head.layer)
+    layer, n_layers = group_codes(rows.layer[:width])
     kept = np.zeros((steps, n_layers), dtype=bool)
     s, c = np.nonzero(picks)
     kept[s, layer[c]] = True
     return rows.take(np.flatnonzero(kept[:, layer].ravel()))
 
 
-def _one_layout(blocks: list[Block]) -> bool:
-    head = blocks[0]
-    if head.n == 0 or (head.channel >= 0).any() or (head.stage != head.stage[0]).any():
-        return False
-    if (head.step != head.step[0]).any():
-        return False
-    key, _ = group_codes(head.rank, head.layer, head.metric)
-    if len(np.unique(key)) != head.n:
-        return False
-    last = int(head.step[0])
-    for b in blocks[1:]:
-        step = int(b.step[0])
-        if step <= last or b.n != head.n or (b.step != step).any() or (b.channel >= 0).any():
-            return False
-        last = step
-        for c in ("stage", "rank", "layer", "metric"):
-            if not np.array_equal(getattr(b, c), getattr(head, c)):
-                return False
-    return True
+def _layout_width(rows: Block) -> int:
+    """The rows of each step of ``rows`` where they are a steps x keys matrix (see
+    :func:`select_steps`), else 0."""
+    if rows.n == 0 or (rows.channel >= 0).any():
+        return 0
+    new = np.flatnonzero(rows.step[1:] != rows.step[:-1])
+    width = int(new[0]) + 1 if len(new) else rows.n
+    if rows.n % width:
+        return 0
+    step = rows.step.reshape(-1, width)
+    if (step != step[:, :1]).any() or (np.diff(step[:, 0]) <= 0).any():
+        return 0
+    for col in (rows.stage, rows.rank, rows.layer, rows.metric):
+        if (col.reshape(-1, width) != col[:width]).any():
+            return 0
+    if (rows.stage[:width] != rows.stage[0]).any():
+        return 0
+    key, size = group_codes(rows.rank[:width], rows.layer[:width], rows.metric[:width])
+    return width if len(first_of(key, size)) == width else 0

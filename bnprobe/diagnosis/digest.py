@@ -179,7 +179,7 @@ class Digest:
         coded = dict(cols)
         for c in ("stage", "layer", "metric"):
             codes, names = pd.factorize(pd.Series(cols[c], dtype=object))
-            coded[c] = self.encode(names)[codes]
+            coded[c] = self.encode(list(names))[codes]
         self.add_codes(coded)
 
     def add_codes(self, cols: dict[str, np.ndarray]) -> None:

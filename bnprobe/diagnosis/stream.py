@@ -41,10 +41,8 @@ def digest_parts(
     unreadable: list[Path] = []
     for part, batches in _read_ahead(list(parts), batch_rows):
         try:
-            for raw in batches:
-                cols = {c: v for c, v in raw.items() if c not in _STRINGS}
-                for c in _STRINGS:
-                    codes, names = raw[c]
+            for cols, strings in batches:
+                for c, (codes, names) in strings.items():
                     cols[c] = digest.encode(names)[codes]
                 digest.add_codes(cols)
         except Exception as err:  # a damaged file must not hide the others
@@ -72,7 +70,8 @@ def digest_runs(root: Path) -> tuple[dict[str, Digest], list[Path]]:
     return digests, unreadable
 
 
-_Raw = dict[str, "np.ndarray | tuple[np.ndarray, list[str]]"]
+_Raw = tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, list[str]]]]
+"""A batch: its number columns, and its string columns as indices into their names."""
 _END = object()
 
 
@@ -136,20 +135,20 @@ def _read_part(part: Path, batch_rows: int) -> Iterator[_Raw]:
         keep = np.fromiter((m in READ_METRICS for m in names), bool, len(names))[metric]
         if not keep.any():
             continue
-        cols: _Raw = {
+        cols = {
             "step": _ints(batch.column("step")),
             "epoch": _ints(batch.column("epoch")),
-            "stage": _codes(batch.column("stage")),
             "rank": _ints(batch.column("rank")),
-            "layer": _codes(batch.column("layer")),
             "channel": _ints(batch.column("channel"), na=-1),
-            "metric": (metric, names),
-            "value": batch.column("value").to_numpy(zero_copy_only=False).astype(np.float64),
+            "value": np.asarray(batch.column("value").to_numpy(zero_copy_only=False), np.float64),
         }
+        strings = {c: _codes(batch.column(c)) for c in ("stage", "layer")}
+        strings["metric"] = (metric, names)
         if not keep.all():
             idx = np.flatnonzero(keep)
-            cols = {c: (v[0][idx], v[1]) if isinstance(v, tuple) else v[idx] for c, v in cols.items()}
-        yield cols
+            cols = {c: v[idx] for c, v in cols.items()}
+            strings = {c: (codes[idx], names) for c, (codes, names) in strings.items()}
+        yield cols, strings
 
 
 _STRINGS = ["stage", "layer", "metric"]
