@@ -29,6 +29,11 @@ steps quoted in messages, medians over the whole run (``small_batch``), and the 
 long stretch (never earlier than the full table's, later by at most :attr:`Digest.resolution`).
 The step counts of the report's summary are exact (:meth:`Digest.steps`).
 
+Kept rows are :class:`~bnprobe.diagnosis.buckets.Block` columns with stage, layer and metric as
+integer codes into the digest's names (:meth:`Digest.encode`): grouping is integer arithmetic
+(a bucket's rows are chosen in :mod:`bnprobe.diagnosis.buckets`) and a kept row costs no Python
+string. :meth:`Digest.table` gives the names back.
+
 This module imports no torch and no Lightning.
 """
 
