@@ -15,7 +15,8 @@ import pytest
 
 import bnprobe
 from bnprobe import cli, pathologies, store
-from bnprobe.diagnosis import Finding, diagnose, format_report
+from bnprobe.diagnosis import Finding, buckets, diagnose, format_report
+from bnprobe.diagnosis.buckets import Block
 from bnprobe.diagnosis.digest import Digest, diagnose_digests, digest_table
 from bnprobe.diagnosis.report import stage_steps
 from bnprobe.recorder import Recorder
@@ -285,3 +286,103 @@ def test_report_of_a_saved_run_whose_constants_are_stored_when_they_change(
     full = json.loads(format_report(loaded, diagnose(loaded), fmt="json"))
     assert any(f["kind"] == pathologies.get(name).finding.kind for f in full["findings"])
     assert _report(tmp_path / "run", capsys) == full
+
+
+def _step_blocks(rng: np.random.Generator, steps: int, ranks: int = 1) -> list[Block]:
+    """Blocks of one step each, layer rows of 3 layers x 4 metrics per rank (codes)."""
+    layer = np.repeat(np.arange(3, dtype=np.int32), 4)
+    metric = np.tile(np.arange(4, 8, dtype=np.int32), 3)
+    blocks = []
+    for step in range(steps):
+        n = len(layer) * ranks
+        blocks.append(
+            Block(
+                np.zeros(n, dtype=np.int64),
+                np.full(n, 10 * step, dtype=np.int64),
+                np.zeros(n, dtype=np.int64),
+                np.full(n, 8, dtype=np.int32),
+                np.repeat(np.arange(ranks, dtype=np.int64), len(layer)),
+                np.tile(layer, ranks),
+                np.full(n, -1, dtype=np.int64),
+                np.tile(metric, ranks),
+                np.round(rng.standard_normal(n), 1),  # ties
+            )
+        )
+    return blocks
+
+
+def _same_rows(a: Block, b: Block) -> None:
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_close_on_the_steps_matrix_picks_the_rows_of_the_general_path(ranks: int) -> None:
+    """A bucket whose steps share one layout is chosen on a steps x keys matrix; the rows are
+    those the general path picks, with NaN, infinities, -0.0 and ties, and where the layout
+    differs (a step split across blocks, a missing row, per-channel rows) it falls back."""
+    rng = np.random.default_rng(ranks)
+    extreme = np.zeros(9, dtype=bool)
+    extreme[[4, 6]] = True
+    for case in range(8):
+        blocks = _step_blocks(rng, 12, ranks)
+        rows = buckets.concat(blocks)
+        v = rows.value
+        if case == 1:
+            v[rng.integers(0, len(v), 6)] = np.nan
+        if case == 2:
+            v[rng.integers(0, len(v), 4)] = np.inf
+            v[rng.integers(0, len(v), 4)] = -np.inf
+        if case == 3:
+            v[:] = np.where(rng.random(len(v)) < 0.5, 0.0, -0.0)
+        if case == 4:
+            v[: len(v) // 2] = np.nan
+        if case == 5:
+            v[:] = 1.0  # constant: first and last only
+        blocks = [
+            buckets.Block(*(c[i * len(blocks[0].seq) : (i + 1) * len(blocks[0].seq)] for c in rows))
+            for i in range(len(blocks))
+        ]
+        if case == 6:  # a step split across two blocks (a batch boundary) still fits
+            first = blocks[3]
+            blocks[3:4] = [first.take(slice(0, 5)), first.take(slice(5, None))]
+        expected = buckets.select(buckets.concat(blocks), extreme)
+        assert buckets._layout_width(buckets.concat(blocks)) > 0
+        _same_rows(buckets.select_steps(blocks, extreme), expected)
+        assert 0 < expected.n < rows.n or case == 0
+    # layouts that are not a matrix: the general path
+    blocks = _step_blocks(rng, 6, ranks)
+    blocks[2] = blocks[2].take(np.arange(1, blocks[2].n))  # a missing row
+    assert buckets._layout_width(buckets.concat(blocks)) == 0
+    _same_rows(
+        buckets.select_steps(blocks, extreme), buckets.select(buckets.concat(blocks), extreme)
+    )
+    blocks = _step_blocks(rng, 6, ranks)
+    blocks[4] = blocks[4]._replace(channel=np.zeros(blocks[4].n, dtype=np.int64))
+    assert buckets._layout_width(buckets.concat(blocks)) == 0
+    _same_rows(
+        buckets.select_steps(blocks, extreme), buckets.select(buckets.concat(blocks), extreme)
+    )
+
+
+def test_a_store_a_table_and_steps_feed_a_digest_alike(
+    tmp_path: Path, long_run: pd.DataFrame
+) -> None:
+    """``bnprobe report``'s path (parquet dictionaries as codes, a reader thread, batches that
+    split steps) keeps the rows that the same stored rows as one table keep, and a table in one
+    piece the rows that the recorder's steps keep, on a long run with NaNs."""
+    from bnprobe.diagnosis.stream import digest_parts
+
+    folder = tmp_path / "run" / store.STORE_NAME
+    _write_store(folder, long_run, parts=4)
+    streamed, bad = digest_parts(sorted(folder.glob("part-*.parquet")), batch_rows=1000)
+    assert not bad
+    stored = Digest()
+    stored.add(bnprobe.load(tmp_path / "run", constants="changes"))
+    assert 0 < streamed.rows_kept < streamed.rows_seen / 2
+    pd.testing.assert_frame_equal(streamed.table(), stored.table())
+    assert streamed.diagnose() == stored.diagnose()
+    assert streamed.steps() == stored.steps()
+    whole = Digest()
+    whole.add(long_run)
+    pd.testing.assert_frame_equal(whole.table(), _fed(long_run).table())

@@ -29,17 +29,24 @@ steps quoted in messages, medians over the whole run (``small_batch``), and the 
 long stretch (never earlier than the full table's, later by at most :attr:`Digest.resolution`).
 The step counts of the report's summary are exact (:meth:`Digest.steps`).
 
+Kept rows are :class:`~bnprobe.diagnosis.buckets.Block` columns with stage, layer and metric as
+integer codes into the digest's names (:meth:`Digest.encode`): grouping is integer arithmetic
+(a bucket's rows are chosen in :mod:`bnprobe.diagnosis.buckets`) and a kept row costs no Python
+string. :meth:`Digest.table` gives the names back.
+
 This module imports no torch and no Lightning.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from bnprobe import store
+from bnprobe.diagnosis.buckets import Block, concat, select, select_steps
 
 HEAD_STEPS = 32
 """Measured steps per stage kept whole from the start of a run."""
@@ -111,34 +118,9 @@ _NONFINITE = frozenset(
     {"batch_mean", "batch_var", "running_mean", "running_var", "gamma_mean", "gamma_std"}
     | {"beta_mean", "beta_std", "gamma", "beta"}
 )
-_COUNTS = ("nonfinite", "running_invalid")
-
-
-class Block(NamedTuple):
-    """Rows as parallel columns; ``seq`` is the arrival order, ``channel`` -1 for aggregates."""
-
-    seq: np.ndarray
-    step: np.ndarray
-    epoch: np.ndarray
-    stage: np.ndarray
-    rank: np.ndarray
-    layer: np.ndarray
-    channel: np.ndarray
-    metric: np.ndarray
-    value: np.ndarray
-
-    def take(self, idx: np.ndarray) -> Block:
-        return Block(*(c[idx] for c in self))
-
-    @property
-    def n(self) -> int:
-        return len(self.seq)
-
-
-def _concat(blocks: list[Block]) -> Block:
-    if len(blocks) == 1:
-        return blocks[0]
-    return Block(*(np.concatenate(cols) for cols in zip(*blocks, strict=True)))
+_COUNTS = frozenset({"nonfinite", "running_invalid"})
+_SMALL_FRAC = frozenset({"var_small_frac"})
+_BATCH_VAR = frozenset({"batch_var"})
 
 
 class _Stage:
@@ -184,6 +166,10 @@ class Digest:
         self._legacy = True  # no var_small_frac row seen yet: keep channel batch_var of train
         self._counts: dict[tuple[str, int], list[int]] = {}  # (stage, rank) -> [n, first, last]
         self._cache: pd.DataFrame | None = None
+        self._names: list[str] = []  # stage, layer and metric names, by code
+        self._vocab: dict[str, int] = {}
+        self._seen: dict[tuple[str, ...], np.ndarray] = {}
+        self._luts: dict[frozenset[str], np.ndarray] = {}
 
     # -- feeding -------------------------------------------------------------------------------
     def add(self, rows: store.Rows | pd.DataFrame) -> None:
@@ -195,23 +181,62 @@ class Digest:
 
     def add_columns(self, cols: dict[str, np.ndarray]) -> None:
         """Take rows given as numpy arrays, one per SPEC column (:func:`columns`)."""
+        coded = dict(cols)
+        for c in ("stage", "layer", "metric"):
+            codes, names = pd.factorize(pd.Series(cols[c], dtype=object))
+            coded[c] = self.encode(list(names))[codes]
+        self.add_codes(coded)
+
+    def add_codes(self, cols: dict[str, np.ndarray]) -> None:
+        """:meth:`add_columns` with ``stage``, ``layer`` and ``metric`` as codes from
+        :meth:`encode` (what ``bnprobe report`` gives, from the parquet dictionaries)."""
         for block in _blocks(cols, self):
             self._add_block(block)
+
+    def encode(self, names: Sequence[str] | np.ndarray) -> np.ndarray:
+        """The int32 codes of ``names`` in this digest (new names get new codes)."""
+        vocab = self._vocab
+        for name in names:
+            if name not in vocab:
+                vocab[name] = len(self._names)
+                self._names.append(str(name))
+        return np.fromiter((vocab[s] for s in names), np.int32, len(names))
+
+    def _encode_seq(self, names: Sequence[str] | np.ndarray) -> np.ndarray:
+        """:meth:`encode` of a step's names, remembered: a probe sends the same lists each
+        step, so a measured step pays a tuple's hash instead of a lookup per row."""
+        key = tuple(names.tolist() if isinstance(names, np.ndarray) else names)
+        codes = self._seen.get(key)
+        if codes is None:
+            if len(self._seen) >= 16:
+                self._seen.clear()
+            codes = self._seen[key] = self.encode(key)
+        return codes
+
+    def _is(self, names: frozenset[str]) -> np.ndarray:
+        """Per code: whether its name is in ``names``."""
+        lut = self._luts.get(names)
+        if lut is None or len(lut) < len(self._names):
+            lut = np.fromiter((n in names for n in self._names), bool, len(self._names))
+            self._luts[names] = lut
+        return lut
 
     def _add_rows(self, rows: store.Rows) -> None:
         n = len(rows.metrics)
         if n == 0:
             return
         value = np.asarray(rows.values, dtype=np.float64)
-        metric = np.asarray(rows.metrics, dtype=object)
-        layer = np.asarray(rows.layers, dtype=object)
+        metric = self._encode_seq(rows.metrics)
+        layer = self._encode_seq(rows.layers)
         if rows.channels is None:
             channel = np.full(n, -1, dtype=np.int64)
-            if self._legacy and "var_small_frac" in rows.metrics:
+            if self._legacy and self._is(_SMALL_FRAC)[metric].any():
                 self._legacy = False
             self._count(rows.stage, rows.rank, rows.step)
         else:
-            keep = self._channel_keep(rows.stage, metric, value)
+            keep = self._channel_keep(metric, value)
+            if self._legacy and rows.stage == "train":
+                keep |= self._is(_BATCH_VAR)[metric]
             if not keep.any():
                 self.rows_seen += n
                 return
@@ -223,7 +248,7 @@ class Digest:
             np.arange(self.rows_seen, self.rows_seen + m, dtype=np.int64),
             np.full(m, rows.step, dtype=np.int64),
             np.full(m, rows.epoch, dtype=np.int64),
-            np.full(m, rows.stage, dtype=object),
+            np.full(m, self.encode([rows.stage])[0], dtype=np.int32),
             np.full(m, rows.rank, dtype=np.int64),
             layer,
             channel,
@@ -233,15 +258,14 @@ class Digest:
         self.rows_seen += n
         self._put(rows.stage, rows.step, block)
 
-    def _channel_keep(self, stage: str, metric: np.ndarray, value: np.ndarray) -> np.ndarray:
+    def _channel_keep(self, metric: np.ndarray, value: np.ndarray) -> np.ndarray:
+        """Per-channel rows kept: non-finite values of ``_NONFINITE``, counts above 0."""
         keep = ~np.isfinite(value)
         if keep.any():
-            keep &= np.fromiter((m in _NONFINITE for m in metric), bool, len(metric))
+            keep &= self._is(_NONFINITE)[metric]
         counted = value > 0
         if counted.any():
-            keep |= counted & np.fromiter((m in _COUNTS for m in metric), bool, len(metric))
-        if self._legacy and stage == "train":
-            keep |= np.asarray(metric == "batch_var", dtype=bool)
+            keep |= counted & self._is(_COUNTS)[metric]
         return np.asarray(keep, dtype=bool)
 
     def _add_block(self, block: Block) -> None:
@@ -249,7 +273,7 @@ class Digest:
         n = block.n
         block = block._replace(seq=np.arange(self.rows_seen, self.rows_seen + n, dtype=np.int64))
         self.rows_seen += n
-        self._put(str(block.stage[0]), int(block.step[0]), block)
+        self._put(self._names[int(block.stage[0])], int(block.step[0]), block)
 
     def _count(self, stage: str, rank: int, step: int) -> None:
         c = self._counts.get((stage, rank))
@@ -281,14 +305,15 @@ class Digest:
                 self._close(st)
 
     def _close(self, st: _Stage) -> None:
-        rows = _concat(st.open)
-        st.buckets.append((min(st.open_steps), max(st.open_steps), _select(rows)))
+        extreme = self._is(EXTREMES)
+        rows = select_steps(st.open, extreme)
+        st.buckets.append((min(st.open_steps), max(st.open_steps), rows))
         st.open, st.open_steps = [], set()
         if len(st.buckets) > self.max_buckets:  # one merge per close: no spike of work
             spans = [st.buckets[i + 1][1] - st.buckets[i][0] for i in range(len(st.buckets) - 1)]
             i = int(np.argmin(spans))
             (a, _, x), (_, b, y) = st.buckets[i], st.buckets[i + 1]
-            st.buckets[i : i + 2] = [(a, b, _select(_concat([x, y])))]
+            st.buckets[i : i + 2] = [(a, b, select(concat([x, y]), extreme))]
 
     # -- reading -------------------------------------------------------------------------------
     @property
@@ -321,18 +346,20 @@ class Digest:
         if not blocks:
             self._cache = store.empty_frame()
             return self._cache
-        rows = _concat(blocks)
-        rows = rows.take(np.argsort(rows.seq, kind="stable"))
+        rows = concat(blocks)
+        if (np.diff(rows.seq) < 0).any():
+            rows = rows.take(np.argsort(rows.seq, kind="stable"))
+        names = np.asarray(self._names, dtype=object)
         channel = pd.arrays.IntegerArray(rows.channel.copy(), rows.channel < 0)
         df = pd.DataFrame(
             {
                 "step": rows.step,
                 "epoch": rows.epoch,
-                "stage": pd.Series(rows.stage, dtype=object),
+                "stage": pd.Series(names[rows.stage], dtype=object),
                 "rank": rows.rank,
-                "layer": pd.Series(rows.layer, dtype=object),
+                "layer": pd.Series(names[rows.layer], dtype=object),
                 "channel": channel,
-                "metric": pd.Series(rows.metric, dtype=object),
+                "metric": pd.Series(names[rows.metric], dtype=object),
                 "value": rows.value,
             }
         )
@@ -378,8 +405,8 @@ def columns(df: pd.DataFrame) -> dict[str, np.ndarray]:
 
 
 def _blocks(cols: dict[str, np.ndarray], digest: Digest) -> list[Block]:
-    """Rows as blocks of one stage and step each, in order; per-channel rows filtered as in
-    :meth:`Digest.add`; steps counted."""
+    """Rows (string columns as codes) as blocks of one stage and step each, in order;
+    per-channel rows filtered as in :meth:`Digest.add`; steps counted."""
     step, stage, rank, metric, value = (
         cols[c] for c in ("step", "stage", "rank", "metric", "value")
     )
@@ -387,91 +414,35 @@ def _blocks(cols: dict[str, np.ndarray], digest: Digest) -> list[Block]:
     if n == 0:
         return []
     na = cols["channel"] < 0
-    if digest._legacy and (metric[na] == "var_small_frac").any():
+    if digest._legacy and digest._is(_SMALL_FRAC)[metric[na]].any():
         digest._legacy = False
-    keep = na.copy()
+    keep = na
     if not na.all():
         ch = ~na
-        keep[ch] = digest._channel_keep("", metric[ch], value[ch]) | (
-            digest._legacy & (stage[ch] == "train") & (metric[ch] == "batch_var")
-        )
+        keep = na.copy()
+        keep[ch] = digest._channel_keep(metric[ch], value[ch])
+        if digest._legacy:
+            train = digest._vocab.get("train", -1)
+            keep[ch] |= (stage[ch] == train) & digest._is(_BATCH_VAR)[metric[ch]]
+    whole = bool(keep.all())
     change = np.zeros(n, dtype=bool)
     change[0] = True
     change[1:] = (step[1:] != step[:-1]) | (stage[1:] != stage[:-1])
     starts = np.flatnonzero(change).tolist()
     out = []
     for a, b in zip(starts, [*starts[1:], n], strict=True):
-        for r in np.unique(rank[a:b][na[a:b]]):
-            digest._count(str(stage[a]), int(r), int(step[a]))
-        k = np.flatnonzero(keep[a:b]) + a
-        if len(k):
-            seq = np.zeros(len(k), dtype=np.int64)
-            out.append(Block(seq, *(cols[c][k] for c in store.COLUMNS)))
-        digest.rows_seen += (b - a) - len(k)
+        ranks = rank[a:b][na[a:b]]
+        if len(ranks):
+            lo, hi = int(ranks.min()), int(ranks.max())
+            for r in [lo] if lo == hi else np.unique(ranks).tolist():
+                digest._count(digest._names[int(stage[a])], r, int(step[a]))
+        k: slice | np.ndarray = slice(a, b) if whole else np.flatnonzero(keep[a:b]) + a
+        m = b - a if whole else len(k)  # type: ignore[arg-type]
+        if m:  # copies: a block must not hold the whole batch
+            seq = np.zeros(m, dtype=np.int64)
+            out.append(Block(seq, *(np.array(cols[c][k]) for c in store.COLUMNS)))
+        digest.rows_seen += (b - a) - m
     return out
-
-
-def _select(rows: Block) -> Block:
-    """The rows of a middle bucket a rule could be decided by (module docstring): per (stage,
-    rank, layer, metric) of the layer rows, the first and last row, the first row whose value
-    differs from the key's first non-NaN value, the first non-finite row, and for
-    :data:`EXTREMES` the first smallest and first largest finite value; then every row of the
-    (stage, layer, step) of a chosen row, and of the per-channel rows the first of each key.
-    Integer group codes and numpy, not a pandas groupby on string columns (a bucket close ran
-    at ~0.1 s that way, most of ``bnprobe report`` on a long run)."""
-    if rows.n == 0:
-        return rows
-    agg = rows.channel < 0
-    ia = np.flatnonzero(agg)
-    group = _group_codes(rows.stage[ia], rows.rank[ia], rows.layer[ia], rows.metric[ia])
-    value = rows.value[ia]
-    picked = [_first_of(group), _first_of(group[::-1], len(group))]
-    known = ~np.isnan(value)
-    first = np.full(int(group.max()) + 1 if len(group) else 0, np.nan)
-    at = _first_of(group[known])
-    first[group[known][at]] = value[known][at]
-    ref = first[group]
-    same = (value == ref) | (np.isnan(value) & np.isnan(ref))
-    for mask in (~same, ~np.isfinite(value)):
-        where = np.flatnonzero(mask)
-        picked.append(where[_first_of(group[where])])
-    codes, names = pd.factorize(pd.Series(rows.metric[ia], dtype=object))
-    extreme = np.fromiter((n in EXTREMES for n in names), bool, len(names))[codes]
-    ext = np.flatnonzero(np.isfinite(value) & extreme)
-    if len(ext):
-        g, v = group[ext], value[ext]
-        for sign in (1.0, -1.0):
-            order = np.lexsort((ext, sign * v, g))  # by group, value, then arrival
-            picked.append(ext[order][_first_of(g[order])])
-    chosen = ia[np.unique(np.concatenate(picked))]
-    # whole (stage, layer, step) rows, every rank and metric, of the chosen rows
-    where = _group_codes(rows.stage, rows.layer, rows.step)
-    keep = np.isin(where, where[chosen])
-    if not agg.all():  # per-channel rows: those of kept steps, and the first of each key
-        ch = np.flatnonzero(~agg)
-        key = _group_codes(
-            rows.stage[ch], rows.rank[ch], rows.layer[ch], rows.channel[ch], rows.metric[ch]
-        )
-        keep[ch[_first_of(key)]] = True
-    return rows.take(np.flatnonzero(keep))
-
-
-def _group_codes(*columns: np.ndarray) -> np.ndarray:
-    """One dense int64 code per distinct combination of ``columns`` (equal lengths)."""
-    key = np.zeros(len(columns[0]), dtype=np.int64)
-    for col in columns:
-        values = pd.Series(col, dtype=object) if col.dtype == object else col
-        codes, uniques = pd.factorize(values)
-        key = key * (len(uniques) + 1) + codes
-    return pd.factorize(key)[0].astype(np.int64)
-
-
-def _first_of(group: np.ndarray, reverse_of: int | None = None) -> np.ndarray:
-    """Positions of the first occurrence of each code in ``group``; with ``reverse_of=n``,
-    ``group`` is a reversed array of length n and the positions are of the last occurrence in
-    the original order."""
-    _, first = np.unique(group, return_index=True)
-    return first if reverse_of is None else reverse_of - 1 - first
 
 
 def diagnose_digests(digests: dict[str | None, Digest], *, thresholds: Any = None) -> list[Any]:
