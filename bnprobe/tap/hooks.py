@@ -46,7 +46,7 @@ from bnprobe.tap.layers import (
     tensor_input,
     tracked_buffer,
 )
-from bnprobe.tap.packing import Layout, pieces_size, plan, raw_pieces, snapshot_order, to_host
+from bnprobe.tap.packing import Layout, host_plan, pieces_size, raw_pieces, to_host
 from bnprobe.tap.rows import Snapshot
 from bnprobe.tap.trace import ProducerTrace
 
@@ -225,17 +225,14 @@ class BNTap:
         if not ok:
             return None, [], None, {}
         try:
-            step_plan = plan(tuple(layouts))
-            order, size = snapshot_order(tuple(layouts), tuple(snapped), tuple(groups))
+            step_plan = host_plan(tuple(layouts), tuple(snapped), tuple(groups))
             raw = to_host(pieces)
         except Exception as err:  # the probe must never stop training: one warning, every layer
             for layer in ok:
                 self._fail(layer, err)
             return None, [], None, {}
-        if raw.size != size:  # a layer measured what its layout does not say
+        if raw.size != step_plan.size:  # a layer measured what its layout does not say
             return self._host_metrics(self._sized(ok))
-        if order is not None:
-            raw = raw[order]
         try:
             seg = step_plan.segments(raw)
             table, per = stats.segment_metrics(seg)
@@ -406,7 +403,7 @@ def _snapshot(layers: list[LayerState]) -> list[tuple[Tensor, Tensor | None] | N
     not change during a forward, and a layer's running buffers change only in its own forward.
     The counts are cast to the group's dtype, as each layer's own ``torch.cat`` would.
     :attr:`LayerState.snapped` says where each layer's values are
-    (:func:`bnprobe.tap.packing.snapshot_order` puts them back in its raw vector).
+    (:func:`bnprobe.tap.packing.host_plan` reads them back into its raw vector).
 
     A layer not initialized yet (lazy) is left to its pre-hook, and so is every layer of a group
     whose copy fails (the pre-hook then copies it, or fails the layer as it would have)."""

@@ -12,7 +12,7 @@ TensorBoard, no pandas.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -89,16 +89,32 @@ def pieces_size(lay: Layout, snapped: Snapped | None) -> int:
 
 
 @lru_cache(maxsize=16)
+def host_plan(
+    layouts: tuple[Layout, ...],
+    snapped: tuple[Snapped | None, ...],
+    groups: tuple[tuple[int, int], ...],
+) -> Plan:
+    """The :class:`Plan` of these layouts reading the host array as it arrives: each snapshot
+    group's values and update counts first (``groups``: their sizes, in group order), then each
+    layer's :func:`raw_pieces` (its :attr:`Plan.size` is that array's). Cached: steps nearly
+    always repeat."""
+    base = plan(layouts)
+    order, size = snapshot_order(layouts, snapped, groups)
+    if order is None:
+        return base
+    index = np.concatenate([order, (size, size + 1)])[base.index]  # [*raw, 0, nan] -> host
+    return replace(base, index=index, size=size)
+
+
 def snapshot_order(
     layouts: tuple[Layout, ...],
     snapped: tuple[Snapped | None, ...],
     groups: tuple[tuple[int, int], ...],
 ) -> tuple[np.ndarray | None, int]:
     """Where each value of the layers' raw vectors (:class:`Layout`, in layer order) sits in
-    what the host receives: each snapshot group's values and update counts (``groups``: their
-    sizes, in group order), then each layer's :func:`raw_pieces`; and the size of the latter.
-    ``host[order]`` is then the layers' concatenated raw vectors (order None: no layer is in
-    the snapshot, the host array is them already). Cached: steps nearly always repeat."""
+    what the host receives (:func:`host_plan`), and the size of the latter: ``host[order]``
+    is the layers' concatenated raw vectors (order None: no layer is in the snapshot, the host
+    array is them already)."""
     bases, at = [], 0
     for values, counts in groups:
         bases.append((at, at + values))
@@ -120,9 +136,7 @@ def snapshot_order(
         at += n
     if all(snap is None for snap in snapped):
         return None, at
-    out = np.concatenate(order)
-    out.setflags(write=False)
-    return out, at
+    return np.concatenate(order), at
 
 
 def to_host(tensors: list[Tensor]) -> np.ndarray:
@@ -196,7 +210,8 @@ class Plan:
     samples: np.ndarray
     starts: np.ndarray
     size: int
-    """The length of the layouts' concatenated raw vectors."""
+    """The length of the host array it reads: the layouts' concatenated raw vectors, or with
+    :func:`host_plan` the start snapshot's values before them."""
 
     def segments(self, raw: np.ndarray) -> stats.Segments:
         values = np.concatenate([raw, (0.0, np.nan)])[self.index]
