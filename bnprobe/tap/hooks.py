@@ -339,7 +339,7 @@ class BNTap:
         channels = int(x.shape[1]) if x.dim() > 1 else 0
         if channels < 1:
             raise ValueError(f"expected an input of shape (N, C, ...), got {tuple(x.shape)}")
-        if layer.gamma0 is None:
+        if (layer.gamma0 is None and m.affine) or layer.initial is None:
             take_reference(layer)  # a lazy layer's own pre-hook, which runs first, initialized it
         layer.modes = (m.training, self.model.training)
         if self.model.training:
@@ -375,7 +375,7 @@ class BNTap:
                 blocks += [params["weight"].detach(), params["bias"].detach()]  # type: ignore[union-attr]
             if blocks:
                 layer.before = torch.cat(blocks)
-        layer.layout = Layout(
+        fields = (  # in Layout's order; tuple.__new__: a NamedTuple's own __new__ costs ~1 us
             channels,
             recoverable and not layer.suspect,
             bool(running),
@@ -383,11 +383,12 @@ class BNTap:
             float(momentum or 0.0),
             count,
             m.eps,
-            tracked=tracked,
-            reference=bool(running) and layer.has_initial(channels, tracked),
-            momentum=-1.0 if momentum is None else float(momentum),
-            recoverable=recoverable,
+            tracked,
+            bool(running) and layer.has_initial(channels, tracked),
+            -1.0 if momentum is None else float(momentum),
+            recoverable,
         )
+        layer.layout = tuple.__new__(Layout, fields)
 
     # -- a pooled step (stage val): every forward's input moments --------------------------------
     def _pool_input(self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
@@ -419,7 +420,7 @@ def _snapshot(layers: list[LayerState]) -> list[tuple[Tensor, Tensor | None] | N
         affine = layer.gamma0 is not None and m.affine
         if affine:
             params = m._parameters
-            blocks += [params["weight"], params["bias"]]
+            blocks += [params["weight"], params["bias"]]  # type: ignore[list-item]
         if not blocks or is_lazy(blocks[0]):  # lazy layers initialize every tensor at once
             continue
         first, last = blocks[0], blocks[-1]  # (mean, var | gamma, beta): each pair is alike
@@ -438,7 +439,7 @@ def _snapshot(layers: list[LayerState]) -> list[tuple[Tensor, Tensor | None] | N
         group.members.append(layer)
         # tuple.__new__: a NamedTuple's own __new__ costs ~0.4 us
         layer.snapped = tuple.__new__(
-            Snapped, (running, count >= 0, affine, group.index, offset, count)
+            Snapped, (running, count >= 0, affine, group.number, offset, count)
         )
     taken: list[tuple[Tensor, Tensor | None] | None] = []
     for group in groups.values():
@@ -457,7 +458,7 @@ def _snapshot(layers: list[LayerState]) -> list[tuple[Tensor, Tensor | None] | N
 class _Group(NamedTuple):
     """The layers of one device and dtype in a start snapshot."""
 
-    index: int
+    number: int
     size: list[int]
     """[values so far]"""
     tensors: list[Tensor]

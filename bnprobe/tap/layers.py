@@ -120,14 +120,14 @@ class LayerState:
 class Snapped(NamedTuple):
     """A layer's place in the start snapshot: which blocks it holds (running_mean and
     running_var, num_batches_tracked, gamma and beta), in group ``group`` (one per device and
-    dtype) at ``offset`` of its values and ``count`` of its update counts (-1: none)."""
+    dtype) at ``offset`` of its values and ``count_at`` of its update counts (-1: none)."""
 
     running: bool
     tracked: bool
     affine: bool
     group: int
     offset: int
-    count: int
+    count_at: int
 
 
 def running_buffers(m: _BatchNorm) -> list[Tensor]:

@@ -128,7 +128,7 @@ def snapshot_order(
                 order.append(np.arange(first, first + 2 * c))
                 first += 2 * c
             if lay.tracked:
-                order.append(np.array([counts + snap.count]))
+                order.append(np.array([counts + snap.count_at]))
             if lay.affine:
                 order.append(np.arange(first, first + 2 * c))
         n = pieces_size(lay, snap)
