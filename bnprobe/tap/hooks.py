@@ -4,9 +4,10 @@
 removes them on :meth:`BNTap.detach`. The hooks check a flag and hand the forward to the path
 the step was started with:
 
-* a measured step (:meth:`BNTap.start`): the pre-hook of each layer's first forward copies
-  what that forward starts from; the post-hook computes the batch moments only where the
-  running-stat update cannot give them;
+* a measured step (:meth:`BNTap.start`): ``start`` copies what every layer's first forward
+  starts from (one snapshot of all layers, :func:`_snapshot`); the pre-hook of that forward
+  notes its facts (:class:`~bnprobe.tap.packing.Layout`); the post-hook computes the batch
+  moments only where the running-stat update cannot give them;
 * a pooled step (``start(pool=True)``, stage ``val``): the post-hook pools the input moments of
   every forward; :meth:`BNTap.collect` turns each pool into the same raw vector.
 
@@ -333,8 +334,10 @@ class BNTap:
             self._guarded(layer, _batch_moments, layer, args[0])
 
     def _before(self, layer: LayerState, m: _BatchNorm, x: Any) -> None:
-        """At the layer's first forward of a measured step: one O(channels) copy (one
-        ``torch.cat`` kernel) of what that forward starts from, and the facts about it."""
+        """At the layer's first forward of a measured step: the facts about it (its
+        :class:`Layout`); and, where the start snapshot does not hold the layer (a lazy layer
+        initialized by this forward's own pre-hook), one O(channels) copy (one ``torch.cat``)
+        of what that forward starts from."""
         x = tensor_input(x)
         channels = int(x.shape[1]) if x.dim() > 1 else 0
         if channels < 1:
