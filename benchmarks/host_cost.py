@@ -95,8 +95,8 @@ class Bench:
         self.opt.step()
 
     def started_train(self) -> None:
-        """A measured step's training: ``tap.start()`` (its snapshot of the running buffers
-        and affine parameters) and the forward, backward and update with the hooks measuring."""
+        """A measured step's training: ``tap.start()`` and the forward, backward and update with
+        the hooks measuring."""
         self.tap.start()
         self.train()
 

@@ -468,17 +468,20 @@ def _rows_of(tap: BNTap, model: nn.Module, steps: int) -> list:
 
 
 def test_start_snapshot_gives_the_numbers_the_per_layer_copy_gives(monkeypatch) -> None:
-    """The snapshot at start (one cat per device and dtype) and the pre-hook's own copy of each
-    layer (what the tap did before, and still does for what the snapshot cannot hold) give the
-    same rows, bit for bit, over recovered steps too."""
+    """The snapshot of every layer at the step's first BN forward (one cat per device and dtype)
+    and the pre-hook's own copy of each layer (what the tap did before, and still does for what
+    the snapshot cannot hold) give the same rows, bit for bit, over recovered steps too."""
     from bnprobe.tap import hooks
 
     torch.manual_seed(0)
     model = _Mixed().train()
     torch.manual_seed(0)
     twin = _Mixed().train()
+    first = torch.randn(16, 4)
     with BNTap(model) as tap:
         tap.start()
+        assert all(layer.snapped is None for layer in tap.layers)  # taken at the first forward
+        model(first)
         snapped = {layer.name: layer.snapped for layer in tap.layers}
         tap.collect(step=0)
         got = _rows_of(tap, model, 5)
@@ -489,6 +492,7 @@ def test_start_snapshot_gives_the_numbers_the_per_layer_copy_gives(monkeypatch) 
     monkeypatch.setattr(hooks, "_snapshot", lambda layers: [])
     with BNTap(twin) as tap:
         tap.start()
+        twin(first)
         tap.collect(step=0)
         want = _rows_of(tap, twin, 5)
         assert all(layer.snapped is None for layer in tap.layers)
@@ -504,8 +508,8 @@ def test_start_snapshot_gives_the_numbers_the_per_layer_copy_gives(monkeypatch) 
 def test_shared_and_lazy_layers_match_the_reference_on_recovered_steps() -> None:
     """After the first measured step the moments come from the running-stat update: a layer
     called twice keeps its first update (copied by the second call's pre-hook), and a lazy
-    layer, left to its pre-hook at the step that initializes it, is in the start snapshot
-    from then on."""
+    layer, left to its pre-hook at the step that initializes it, is in the snapshot from then
+    on."""
     torch.manual_seed(0)
     bn = nn.BatchNorm1d(4)
     model = nn.Sequential(nn.Linear(4, 4), bn, nn.ReLU(), bn, nn.LazyBatchNorm1d())
@@ -515,9 +519,9 @@ def test_shared_and_lazy_layers_match_the_reference_on_recovered_steps() -> None
             if ref is not None:
                 ref.start()
             tap.start()
-            snapped = [layer.snapped is not None for layer in tap.layers]
-            assert snapped == [True, step > 0]  # uninitialized at the first start
             model(torch.randn(32, 4) * (1 + step) + 2)
+            snapped = [layer.snapped is not None for layer in tap.layers]
+            assert snapped == [True, step > 0]  # uninitialized at the first forward's snapshot
             recovered = [layer.layout.recovered for layer in tap.layers]  # type: ignore[union-attr]
             rows = tap.collect(step=step).rows
             assert recovered == [step > 0, step > 0]

@@ -4,10 +4,11 @@
 removes them on :meth:`BNTap.detach`. The hooks check a flag and hand the forward to the path
 the step was started with:
 
-* a measured step (:meth:`BNTap.start`): ``start`` copies what every layer's first forward
-  starts from (one snapshot of all layers, :func:`_snapshot`); the pre-hook of that forward
-  notes its facts (:class:`~bnprobe.tap.packing.Layout`); the post-hook computes the batch
-  moments only where the running-stat update cannot give them;
+* a measured step (:meth:`BNTap.start`): the pre-hook of the step's first BN forward copies
+  what every layer's first forward starts from (one snapshot of all layers,
+  :func:`_snapshot`); the pre-hook of each layer's first forward notes its facts
+  (:class:`~bnprobe.tap.packing.Layout`); the post-hook computes the batch moments only where
+  the running-stat update cannot give them;
 * a pooled step (``start(pool=True)``, stage ``val``): the post-hook pools the input moments of
   every forward; :meth:`BNTap.collect` turns each pool into the same raw vector.
 
@@ -88,7 +89,9 @@ class BNTap:
         self._started = False
         self._pooling = False
         self._snapshots: list[tuple[Tensor, Tensor | None] | None] = []
-        """The start snapshot of this step: per group, its values and update counts."""
+        """The snapshot of this step: per group, its values and update counts."""
+        self._snapshot_due = False
+        """A measured step whose first BN forward has not run yet (:func:`_snapshot`)."""
         self._on_input: _Hook = self._first_forward
         """What the pre-hook does with a layer's input on an active step."""
         self._on_output: _Hook = self._direct_moments
@@ -154,8 +157,8 @@ class BNTap:
             self._on_input, self._on_output = _ignore, self._pool_input
         else:
             self._on_input, self._on_output = self._first_forward, self._direct_moments
-            with torch.no_grad():
-                self._snapshots = _snapshot(self.layers)
+        self._snapshot_due = not pool
+        self._snapshots = []
         if trace:
             self._trace.start()
         self.active = self._started = True
@@ -165,7 +168,7 @@ class BNTap:
     ) -> Snapshot:
         """Stop measuring and return what this step measured (one host transfer per device);
         no rows without a :meth:`start` first."""
-        self.active = False
+        self.active = self._snapshot_due = False
         self._trace.stop()
         if not self._started:
             return Snapshot([Rows(step, epoch, stage, rank, [], [], [])])
@@ -175,7 +178,7 @@ class BNTap:
                 if layer.pooled is not None and not layer.failed:
                     self._guarded(layer, _finish_pool, layer)
         measured, ok, seg, chan = self._host_metrics([lay for lay in self.layers if not lay.failed])
-        self._snapshots = []
+        self._snapshots, self._snapshot_due = [], False
         parts = [build.layer_rows(step, epoch, stage, rank, self.layers, measured, self._pooling)]
         channels: build.ChannelVectors = {}
         if seg is not None and self.keep_channels:
@@ -200,7 +203,7 @@ class BNTap:
         snapped: list[Snapped | None] = []
         pieces: list[Tensor] = []
         groups: list[tuple[int, int]] = []
-        for group in self._snapshots:  # the start snapshot's values first, as they were taken
+        for group in self._snapshots:  # the snapshot's values first, as they were taken
             if group is None:
                 groups.append((0, 0))
                 continue
@@ -233,7 +236,13 @@ class BNTap:
                 self._fail(layer, err)
             return None, [], None, {}
         if raw.size != step_plan.size:  # a layer measured what its layout does not say
-            return self._host_metrics(self._sized(ok))
+            kept = self._sized(ok)
+            if len(kept) < len(ok):
+                return self._host_metrics(kept)
+            odd = RuntimeError(f"measured {raw.size} values, the plan reads {step_plan.size}")
+            for layer in ok:
+                self._fail(layer, odd)
+            return None, [], None, {}
         try:
             seg = step_plan.segments(raw)
             table, per = stats.segment_metrics(seg)
@@ -314,8 +323,12 @@ class BNTap:
 
     # -- a measured step: the first forward of each layer ---------------------------------------
     def _first_forward(self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
-        """Pre-hook of a measured step: count the forward; at the first, copy what it starts
-        from; at a second of a recovered layer, the buffers its first update left."""
+        """Pre-hook of a measured step: at the step's first BN forward, snapshot every layer;
+        count the forward; at the layer's first, note its facts; at a second of a recovered
+        layer, copy the buffers its first update left."""
+        if self._snapshot_due:
+            self._snapshot_due = False
+            self._take_snapshot()
         layer.calls += 1
         try:
             if layer.calls == 1:
@@ -333,9 +346,20 @@ class BNTap:
         if layer.calls == 1 and layer.after is None and lay is not None and not lay.recovered:
             self._guarded(layer, _batch_moments, layer, args[0])
 
+    def _take_snapshot(self) -> None:
+        """:func:`_snapshot` of every layer; on an error, none (each pre-hook copies its own
+        layer, as for a lazy one)."""
+        try:
+            with torch.no_grad():
+                self._snapshots = _snapshot(self.layers)
+        except Exception:  # the probe must never stop training: the per-layer copy instead
+            self._snapshots = []
+            for layer in self.layers:
+                layer.snapped = None
+
     def _before(self, layer: LayerState, m: _BatchNorm, x: Any) -> None:
         """At the layer's first forward of a measured step: the facts about it (its
-        :class:`Layout`); and, where the start snapshot does not hold the layer (a lazy layer
+        :class:`Layout`); and, where the step's snapshot does not hold the layer (a lazy layer
         initialized by this forward's own pre-hook), one O(channels) copy (one ``torch.cat``)
         of what that forward starts from."""
         x = tensor_input(x)
@@ -370,7 +394,7 @@ class BNTap:
             bool(running),
             tracked,
             affine,
-        ):  # not in the start snapshot (lazy): copy it now
+        ):  # not in the snapshot (lazy): copy it now
             layer.snapped = None
             blocks = [*running, *tracked_buffer(m)] if tracked else list(running)
             if affine:  # num_batches_tracked: int64, promoted by the cat
@@ -401,10 +425,13 @@ class BNTap:
 
 def _snapshot(layers: list[LayerState]) -> list[tuple[Tensor, Tensor | None] | None]:
     """What each layer's first forward of a measured step starts from, for every layer at once,
-    before the forward: its running buffers, gamma and beta with one ``torch.cat``, and its
-    ``num_batches_tracked`` with one ``torch.stack``, per device and dtype, instead of one
-    ``torch.cat`` per layer inside the forward. It is what that forward finds: gamma and beta do
-    not change during a forward, and a layer's running buffers change only in its own forward.
+    taken by the pre-hook of the step's first BN forward: the running buffers, gamma and beta
+    with one ``torch.cat``, and ``num_batches_tracked`` with one ``torch.stack``, per device and
+    dtype, instead of one ``torch.cat`` per layer. It is what each layer's first forward finds:
+    gamma and beta do not change during a forward, and a layer's running buffers change only in
+    its own forward. (Taken at the first BN forward rather than at :meth:`BNTap.start`: DDP
+    with ``broadcast_buffers`` overwrites the buffers with rank 0's at the start of its forward,
+    and a user's code may change them between ``start`` and the forward.)
     The counts are cast to the group's dtype, as each layer's own ``torch.cat`` would.
     :attr:`LayerState.snapped` says where each layer's values are
     (:func:`bnprobe.tap.packing.host_plan` reads them back into its raw vector).
@@ -459,7 +486,7 @@ def _snapshot(layers: list[LayerState]) -> list[tuple[Tensor, Tensor | None] | N
 
 
 class _Group(NamedTuple):
-    """The layers of one device and dtype in a start snapshot."""
+    """The layers of one device and dtype in a snapshot."""
 
     number: int
     size: list[int]

@@ -83,8 +83,8 @@ class LayerState:
     that forward found them, copied by the pre-hook: only for a layer that :attr:`snapped`
     does not hold."""
     snapped: Snapped | None = None
-    """Where the snapshot :meth:`~bnprobe.tap.BNTap.start` took of every layer at once holds
-    what :attr:`before` would (the usual case)."""
+    """Where the snapshot of every layer, taken at the step's first BN forward, holds what
+    :attr:`before` would (the usual case)."""
     after: Tensor | None = None
     """``recovered``: cat(running_mean, running_var) after the first forward, taken by a second
     one (shared layer, activation checkpointing), else read at collect. Otherwise the batch
@@ -118,7 +118,7 @@ class LayerState:
 
 
 class Snapped(NamedTuple):
-    """A layer's place in the start snapshot: which blocks it holds (running_mean and
+    """A layer's place in the step's snapshot: which blocks it holds (running_mean and
     running_var, num_batches_tracked, gamma and beta), in group ``group`` (one per device and
     dtype) at ``offset`` of its values and ``count_at`` of its update counts (-1: none)."""
 

@@ -60,7 +60,7 @@ class Layout(NamedTuple):
 
 def raw_pieces(layer: LayerState) -> list[Tensor] | None:
     """The tensors whose concatenation is the layer's raw vector (:class:`Layout`), without its
-    first blocks where the start snapshot holds them (:attr:`LayerState.snapped`,
+    first blocks where the step's snapshot holds them (:attr:`LayerState.snapped`,
     :func:`snapshot_order`), or None when its first forward of the step did not finish."""
     lay = layer.layout
     if lay is None:
@@ -134,7 +134,7 @@ def snapshot_order(
         n = pieces_size(lay, snap)
         order.append(np.arange(at, at + n))
         at += n
-    if all(snap is None for snap in snapped):
+    if not any(values + counts for values, counts in groups):
         return None, at
     return np.concatenate(order), at
 
@@ -211,7 +211,7 @@ class Plan:
     starts: np.ndarray
     size: int
     """The length of the host array it reads: the layouts' concatenated raw vectors, or with
-    :func:`host_plan` the start snapshot's values before them."""
+    :func:`host_plan` the step's snapshot's values before them."""
 
     def segments(self, raw: np.ndarray) -> stats.Segments:
         values = np.concatenate([raw, (0.0, np.nan)])[self.index]
