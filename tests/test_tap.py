@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -427,3 +428,106 @@ def test_traced_step_leaves_no_global_hook_and_pooled_step_skips_the_pre_hook() 
         rows = tap.collect(step=0, stage="val").rows.set_index(["layer", "metric"])["value"]
     assert rows["bn1", "samples_per_channel"] == 10 * 8 * 8
     assert "forward_calls" not in rows.index.get_level_values(1)
+
+
+class _Mixed(nn.Module):
+    """Every kind of layer the start snapshot must hold or leave to the pre-hook: float32 and
+    float64 layers (two groups), a layer called twice, a lazy one, one without affine
+    parameters, one without running statistics, a cumulative one and a frozen one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.BatchNorm1d(4)
+        self.shared = nn.BatchNorm1d(4)
+        self.lazy = nn.LazyBatchNorm1d()
+        self.plain = nn.BatchNorm1d(4, affine=False)
+        self.untracked = nn.BatchNorm1d(4, track_running_stats=False)
+        self.cumulative = nn.BatchNorm1d(4, momentum=None)
+        self.frozen = nn.BatchNorm1d(4).eval()
+        self.wide = nn.BatchNorm1d(4).double()
+
+    def train(self, mode: bool = True) -> _Mixed:
+        super().train(mode)
+        self.frozen.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shared(torch.relu(self.shared(self.a(x))))
+        x = self.cumulative(self.untracked(self.plain(self.lazy(x))))
+        return self.wide(self.frozen(x).double()).float()
+
+
+def _rows_of(tap: BNTap, model: nn.Module, steps: int) -> list:
+    torch.manual_seed(3)
+    out = []
+    for step in range(steps):
+        tap.start()
+        model(torch.randn(16, 4) * (1 + step) + step)
+        out.append(tap.collect(step=step).parts[0])
+    return out
+
+
+def test_start_snapshot_gives_the_numbers_the_per_layer_copy_gives(monkeypatch) -> None:
+    """The snapshot of every layer at the step's first BN forward (one cat per device and dtype)
+    and the pre-hook's own copy of each layer (what the tap did before, and still does for what
+    the snapshot cannot hold) give the same rows, bit for bit, over recovered steps too."""
+    from bnprobe.tap import hooks
+
+    torch.manual_seed(0)
+    model = _Mixed().train()
+    torch.manual_seed(0)
+    twin = _Mixed().train()
+    first = torch.randn(16, 4)
+    with BNTap(model) as tap:
+        tap.start()
+        assert all(layer.snapped is None for layer in tap.layers)  # taken at the first forward
+        model(first)
+        snapped = {layer.name: layer.snapped for layer in tap.layers}
+        tap.collect(step=0)
+        got = _rows_of(tap, model, 5)
+        assert {layer.name for layer in tap.layers if layer.snapped is not None} >= {"a", "wide"}
+    assert snapped["lazy"] is None and snapped["a"] is not None  # lazy: the pre-hook copies
+    assert snapped["a"].group != snapped["wide"].group  # float32 and float64: two groups
+    assert snapped["untracked"] is not None and not snapped["untracked"].running
+    monkeypatch.setattr(hooks, "_snapshot", lambda layers: [])
+    with BNTap(twin) as tap:
+        tap.start()
+        twin(first)
+        tap.collect(step=0)
+        want = _rows_of(tap, twin, 5)
+        assert all(layer.snapped is None for layer in tap.layers)
+    recovered = 0
+    for g, w in zip(got, want, strict=True):
+        assert list(g.layers) == list(w.layers) and list(g.metrics) == list(w.metrics)
+        np.testing.assert_array_equal(g.values, w.values)
+        recovered += 1
+    assert recovered == 5
+    assert not any(layer.suspect for layer in tap.layers if layer.name in ("a", "shared"))
+
+
+def test_shared_and_lazy_layers_match_the_reference_on_recovered_steps() -> None:
+    """After the first measured step the moments come from the running-stat update: a layer
+    called twice keeps its first update (copied by the second call's pre-hook), and a lazy
+    layer, left to its pre-hook at the step that initializes it, is in the snapshot from then
+    on."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4)
+    model = nn.Sequential(nn.Linear(4, 4), bn, nn.ReLU(), bn, nn.LazyBatchNorm1d())
+    ref = None
+    with BNTap(model) as tap:
+        for step in range(4):
+            if ref is not None:
+                ref.start()
+            tap.start()
+            model(torch.randn(32, 4) * (1 + step) + 2)
+            snapped = [layer.snapped is not None for layer in tap.layers]
+            assert snapped == [True, step > 0]  # uninitialized at the first forward's snapshot
+            recovered = [layer.layout.recovered for layer in tap.layers]  # type: ignore[union-attr]
+            rows = tap.collect(step=step).rows
+            assert recovered == [step > 0, step > 0]
+            if ref is None:  # the reference reads gamma: only once the lazy layer has one
+                ref = Reference(model)
+            else:
+                assert _check(rows, ref.metrics) >= 2 * 13
+    assert ref is not None
+    ref.remove()

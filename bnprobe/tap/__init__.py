@@ -3,9 +3,10 @@
 :class:`BNTap` registers one forward pre-hook and one forward hook per BN layer, once, and
 removes them on :meth:`BNTap.detach` (idempotent; also a context manager). Between logging steps
 the hooks only check a flag. On a logging step (:meth:`BNTap.start` ... :meth:`BNTap.collect`)
-the pre-hook of each layer's first forward copies what that forward starts from: the running
-buffers, gamma and beta (one ``torch.cat`` kernel of O(channels) values, on the layer's
-device). The batch moments follow exactly from the running buffers before and after the update
+the pre-hook of the step's first BN forward copies what each layer's first forward starts
+from, for every layer at once: the running buffers, gamma and beta (one ``torch.cat`` per
+device and dtype; a lazy layer not initialized yet is copied by its own pre-hook). The batch
+moments follow exactly from the running buffers before and after the update
 (:func:`bnprobe.stats.recover_moments`); the updated buffers are read at :meth:`BNTap.collect`,
 or copied by a second call's pre-hook when the layer runs again. Only where the moments cannot
 be recovered does the post-hook compute them (one ``var_mean``). :meth:`BNTap.collect` moves

@@ -4,9 +4,11 @@
 removes them on :meth:`BNTap.detach`. The hooks check a flag and hand the forward to the path
 the step was started with:
 
-* a measured step (:meth:`BNTap.start`): the pre-hook of each layer's first forward copies
-  what that forward starts from; the post-hook computes the batch moments only where the
-  running-stat update cannot give them;
+* a measured step (:meth:`BNTap.start`): the pre-hook of the step's first BN forward copies
+  what every layer's first forward starts from (one snapshot of all layers,
+  :func:`_snapshot`); the pre-hook of each layer's first forward notes its facts
+  (:class:`~bnprobe.tap.packing.Layout`); the post-hook computes the batch moments only where
+  the running-stat update cannot give them;
 * a pooled step (``start(pool=True)``, stage ``val``): the post-hook pools the input moments of
   every forward; :meth:`BNTap.collect` turns each pool into the same raw vector.
 
@@ -22,12 +24,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
 from bnprobe import stats
@@ -36,6 +39,7 @@ from bnprobe.tap import rows as build
 from bnprobe.tap.layers import (
     LayerSelection,
     LayerState,
+    Snapped,
     find_layers,
     restore_references,
     running_buffers,
@@ -44,7 +48,7 @@ from bnprobe.tap.layers import (
     tensor_input,
     tracked_buffer,
 )
-from bnprobe.tap.packing import Layout, plan, raw_pieces, to_host
+from bnprobe.tap.packing import Layout, host_plan, pieces_size, raw_pieces, to_host
 from bnprobe.tap.rows import Snapshot
 from bnprobe.tap.trace import ProducerTrace
 
@@ -84,6 +88,10 @@ class BNTap:
         self._warned_causes: set[tuple[str, str]] = set()
         self._started = False
         self._pooling = False
+        self._snapshots: list[tuple[Tensor, Tensor | None] | None] = []
+        """The snapshot of this step: per group, its values and update counts."""
+        self._snapshot_due = False
+        """A measured step whose first BN forward has not run yet (:func:`_snapshot`)."""
         self._on_input: _Hook = self._first_forward
         """What the pre-hook does with a layer's input on an active step."""
         self._on_output: _Hook = self._direct_moments
@@ -149,6 +157,8 @@ class BNTap:
             self._on_input, self._on_output = _ignore, self._pool_input
         else:
             self._on_input, self._on_output = self._first_forward, self._direct_moments
+        self._snapshot_due = not pool
+        self._snapshots = []
         if trace:
             self._trace.start()
         self.active = self._started = True
@@ -158,7 +168,7 @@ class BNTap:
     ) -> Snapshot:
         """Stop measuring and return what this step measured (one host transfer per device);
         no rows without a :meth:`start` first."""
-        self.active = False
+        self.active = self._snapshot_due = False
         self._trace.stop()
         if not self._started:
             return Snapshot([Rows(step, epoch, stage, rank, [], [], [])])
@@ -168,6 +178,7 @@ class BNTap:
                 if layer.pooled is not None and not layer.failed:
                     self._guarded(layer, _finish_pool, layer)
         measured, ok, seg, chan = self._host_metrics([lay for lay in self.layers if not lay.failed])
+        self._snapshots, self._snapshot_due = [], False
         parts = [build.layer_rows(step, epoch, stage, rank, self.layers, measured, self._pooling)]
         channels: build.ChannelVectors = {}
         if seg is not None and self.keep_channels:
@@ -189,7 +200,16 @@ class BNTap:
         layers measured, their segments and per-channel vectors (None, [], None, {} when none)."""
         ok: list[LayerState] = []
         layouts: list[Layout] = []
+        snapped: list[Snapped | None] = []
         pieces: list[Tensor] = []
+        groups: list[tuple[int, int]] = []
+        for group in self._snapshots:  # the snapshot's values first, as they were taken
+            if group is None:
+                groups.append((0, 0))
+                continue
+            values, counts = group
+            groups.append((values.numel(), 0 if counts is None else counts.numel()))
+            pieces += [values] if counts is None else [values, counts]
         for layer in measured:
             lay = layer.layout
             if lay is None:
@@ -204,18 +224,25 @@ class BNTap:
                 continue
             ok.append(layer)
             layouts.append(lay)
+            snapped.append(layer.snapped)
             pieces += parts
         if not ok:
             return None, [], None, {}
         try:
-            step_plan = plan(tuple(layouts))
+            step_plan = host_plan(tuple(layouts), tuple(snapped), tuple(groups))
             raw = to_host(pieces)
         except Exception as err:  # the probe must never stop training: one warning, every layer
             for layer in ok:
                 self._fail(layer, err)
             return None, [], None, {}
         if raw.size != step_plan.size:  # a layer measured what its layout does not say
-            return self._host_metrics(self._sized(ok))
+            kept = self._sized(ok)
+            if len(kept) < len(ok):
+                return self._host_metrics(kept)
+            odd = RuntimeError(f"measured {raw.size} values, the plan reads {step_plan.size}")
+            for layer in ok:
+                self._fail(layer, odd)
+            return None, [], None, {}
         try:
             seg = step_plan.segments(raw)
             table, per = stats.segment_metrics(seg)
@@ -242,7 +269,7 @@ class BNTap:
             lay, parts = layer.layout, raw_pieces(layer)
             assert lay is not None and parts is not None
             size = _numel(parts)
-            if size != lay.size:
+            if size != pieces_size(lay, layer.snapped):
                 self._fail(layer, RuntimeError(f"measured {size} values, the layout is {lay}"))
             else:
                 kept.append(layer)
@@ -296,8 +323,12 @@ class BNTap:
 
     # -- a measured step: the first forward of each layer ---------------------------------------
     def _first_forward(self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
-        """Pre-hook of a measured step: count the forward; at the first, copy what it starts
-        from; at a second of a recovered layer, the buffers its first update left."""
+        """Pre-hook of a measured step: at the step's first BN forward, snapshot every layer;
+        count the forward; at the layer's first, note its facts; at a second of a recovered
+        layer, copy the buffers its first update left."""
+        if self._snapshot_due:
+            self._snapshot_due = False
+            self._take_snapshot()
         layer.calls += 1
         try:
             if layer.calls == 1:
@@ -315,14 +346,27 @@ class BNTap:
         if layer.calls == 1 and layer.after is None and lay is not None and not lay.recovered:
             self._guarded(layer, _batch_moments, layer, args[0])
 
+    def _take_snapshot(self) -> None:
+        """:func:`_snapshot` of every layer; on an error, none (each pre-hook copies its own
+        layer, as for a lazy one)."""
+        try:
+            with torch.no_grad():
+                self._snapshots = _snapshot(self.layers)
+        except Exception:  # the probe must never stop training: the per-layer copy instead
+            self._snapshots = []
+            for layer in self.layers:
+                layer.snapped = None
+
     def _before(self, layer: LayerState, m: _BatchNorm, x: Any) -> None:
-        """At the layer's first forward of a measured step: one O(channels) copy (one
-        ``torch.cat`` kernel) of what that forward starts from, and the facts about it."""
+        """At the layer's first forward of a measured step: the facts about it (its
+        :class:`Layout`); and, where the step's snapshot does not hold the layer (a lazy layer
+        initialized by this forward's own pre-hook), one O(channels) copy (one ``torch.cat``)
+        of what that forward starts from."""
         x = tensor_input(x)
         channels = int(x.shape[1]) if x.dim() > 1 else 0
         if channels < 1:
             raise ValueError(f"expected an input of shape (N, C, ...), got {tuple(x.shape)}")
-        if layer.gamma0 is None:
+        if (layer.gamma0 is None and m.affine) or layer.initial is None:
             take_reference(layer)  # a lazy layer's own pre-hook, which runs first, initialized it
         layer.modes = (m.training, self.model.training)
         if self.model.training:
@@ -335,7 +379,7 @@ class BNTap:
             count, batch_size = count * world, batch_size * world
         layer.batch_size = batch_size
         running = running_buffers(m)
-        tracked = tracked_buffer(m) if running else []
+        tracked = bool(running) and m._buffers.get("num_batches_tracked") is not None
         momentum = m.momentum
         recoverable = (
             bool(running)
@@ -345,13 +389,20 @@ class BNTap:
             and momentum >= stats.MIN_RECOVERY_FACTOR
         )
         affine = layer.gamma0 is not None and m.affine
-        blocks = [*running, *tracked]  # num_batches_tracked: int64, promoted by the cat
-        if affine:
-            params = m._parameters  # Module.__getattr__ costs ~0.5 us a call
-            blocks += [params["weight"].detach(), params["bias"].detach()]  # type: ignore[union-attr]
-        if blocks:
-            layer.before = torch.cat(blocks)
-        layer.layout = Layout(
+        snap = layer.snapped
+        if snap is None or (snap.running, snap.tracked, snap.affine) != (
+            bool(running),
+            tracked,
+            affine,
+        ):  # not in the snapshot (lazy): copy it now
+            layer.snapped = None
+            blocks = [*running, *tracked_buffer(m)] if tracked else list(running)
+            if affine:  # num_batches_tracked: int64, promoted by the cat
+                params = m._parameters  # Module.__getattr__ costs ~0.5 us a call
+                blocks += [params["weight"].detach(), params["bias"].detach()]  # type: ignore[union-attr]
+            if blocks:
+                layer.before = torch.cat(blocks)
+        fields = (  # in Layout's order; tuple.__new__: a NamedTuple's own __new__ costs ~1 us
             channels,
             recoverable and not layer.suspect,
             bool(running),
@@ -359,16 +410,91 @@ class BNTap:
             float(momentum or 0.0),
             count,
             m.eps,
-            tracked=bool(tracked),
-            reference=bool(running) and layer.has_initial(channels, bool(tracked)),
-            momentum=-1.0 if momentum is None else float(momentum),
-            recoverable=recoverable,
+            tracked,
+            bool(running) and layer.has_initial(channels, tracked),
+            -1.0 if momentum is None else float(momentum),
+            recoverable,
         )
+        layer.layout = tuple.__new__(Layout, fields)
 
     # -- a pooled step (stage val): every forward's input moments --------------------------------
     def _pool_input(self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
         """Post-hook of a pooled step: add this forward's input moments to the layer's pool."""
         self._guarded(layer, _accumulate, layer, args[0])
+
+
+def _snapshot(layers: list[LayerState]) -> list[tuple[Tensor, Tensor | None] | None]:
+    """What each layer's first forward of a measured step starts from, for every layer at once,
+    taken by the pre-hook of the step's first BN forward: the running buffers, gamma and beta
+    with one ``torch.cat``, and ``num_batches_tracked`` with one ``torch.stack``, per device and
+    dtype, instead of one ``torch.cat`` per layer. It is what each layer's first forward finds:
+    gamma and beta do not change during a forward, and a layer's running buffers change only in
+    its own forward. (Taken at the first BN forward rather than at :meth:`BNTap.start`: DDP
+    with ``broadcast_buffers`` overwrites the buffers with rank 0's at the start of its forward,
+    and a user's code may change them between ``start`` and the forward.)
+    The counts are cast to the group's dtype, as each layer's own ``torch.cat`` would.
+    :attr:`LayerState.snapped` says where each layer's values are
+    (:func:`bnprobe.tap.packing.host_plan` reads them back into its raw vector).
+
+    A layer not initialized yet (lazy) is left to its pre-hook, and so is every layer of a group
+    whose copy fails (the pre-hook then copies it, or fails the layer as it would have)."""
+    groups: dict[tuple[int, torch.dtype, torch.dtype], _Group] = {}
+    for layer in layers:
+        if layer.failed:
+            continue
+        m = layer.module
+        buffers = m._buffers  # Module.__getattr__ costs ~0.5 us a call
+        mean, var = buffers.get("running_mean"), buffers.get("running_var")
+        blocks = [mean, var] if mean is not None and var is not None else []
+        running = bool(blocks)
+        affine = layer.gamma0 is not None and m.affine
+        if affine:
+            params = m._parameters
+            blocks += [params["weight"], params["bias"]]  # type: ignore[list-item]
+        if not blocks or is_lazy(blocks[0]):  # lazy layers initialize every tensor at once
+            continue
+        first, last = blocks[0], blocks[-1]  # (mean, var | gamma, beta): each pair is alike
+        key = (first.get_device(), first.dtype, last.dtype)  # one cat dtype per group
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = _Group(len(groups), [0], [], [], [])
+        nbt = buffers.get("num_batches_tracked") if running else None
+        count = -1
+        if nbt is not None:
+            count = len(group.counts)
+            group.counts.append(nbt)
+        offset = group.size[0]
+        group.size[0] += first.numel() * len(blocks)
+        group.tensors.extend(blocks)
+        group.members.append(layer)
+        # tuple.__new__: a NamedTuple's own __new__ costs ~0.4 us
+        layer.snapped = tuple.__new__(
+            Snapped, (running, count >= 0, affine, group.number, offset, count)
+        )
+    taken: list[tuple[Tensor, Tensor | None] | None] = []
+    for group in groups.values():
+        try:
+            values = torch.cat(group.tensors)
+            counts = torch.stack(group.counts).to(values.dtype) if group.counts else None
+        except Exception:  # the pre-hooks copy these layers one by one
+            for layer in group.members:
+                layer.snapped = None
+            taken.append(None)
+        else:
+            taken.append((values, counts))
+    return taken
+
+
+class _Group(NamedTuple):
+    """The layers of one device and dtype in a snapshot."""
+
+    number: int
+    size: list[int]
+    """[values so far]"""
+    tensors: list[Tensor]
+    counts: list[Tensor]
+    """num_batches_tracked of the layers that have it."""
+    members: list[LayerState]
 
 
 def _numel(tensors: list[Tensor]) -> int:

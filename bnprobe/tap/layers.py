@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import torch
 from torch import Tensor, nn
@@ -79,8 +79,12 @@ class LayerState:
     layout: Layout | None = None
     """Set by the first forward of a measured step."""
     before: Tensor | None = None
-    """cat(running_mean, running_var, gamma, beta) (those the layer has) as that forward found
-    them."""
+    """cat(running_mean, running_var, num_batches_tracked, gamma, beta) (those the layer has) as
+    that forward found them, copied by the pre-hook: only for a layer that :attr:`snapped`
+    does not hold."""
+    snapped: Snapped | None = None
+    """Where the snapshot of every layer, taken at the step's first BN forward, holds what
+    :attr:`before` would (the usual case)."""
     after: Tensor | None = None
     """``recovered``: cat(running_mean, running_var) after the first forward, taken by a second
     one (shared layer, activation checkpointing), else read at collect. Otherwise the batch
@@ -104,13 +108,26 @@ class LayerState:
     def new_step(self) -> None:
         """Forget what the previous measured step recorded (references and flags stay)."""
         self.calls, self.layout, self.before, self.after = 0, None, None, None
-        self.producer, self.pooled = None, None
+        self.producer, self.pooled, self.snapped = None, None, None
 
     def has_initial(self, channels: int, tracked: bool) -> bool:
         """Whether the warm-up reference fits a layout of ``channels`` (2 C values, + 1 if
         tracked)."""
         init = self.initial
         return init is not None and init.numel() == 2 * channels + int(tracked)
+
+
+class Snapped(NamedTuple):
+    """A layer's place in the step's snapshot: which blocks it holds (running_mean and
+    running_var, num_batches_tracked, gamma and beta), in group ``group`` (one per device and
+    dtype) at ``offset`` of its values and ``count_at`` of its update counts (-1: none)."""
+
+    running: bool
+    tracked: bool
+    affine: bool
+    group: int
+    offset: int
+    count_at: int
 
 
 def running_buffers(m: _BatchNorm) -> list[Tensor]:

@@ -12,7 +12,7 @@ TensorBoard, no pandas.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from bnprobe import stats
-from bnprobe.tap.layers import LayerState, running_buffers
+from bnprobe.tap.layers import LayerState, Snapped, running_buffers
 
 
 class Layout(NamedTuple):
@@ -59,8 +59,9 @@ class Layout(NamedTuple):
 
 
 def raw_pieces(layer: LayerState) -> list[Tensor] | None:
-    """The tensors whose concatenation is the layer's raw vector (:class:`Layout`), or None when
-    its first forward of the step did not finish."""
+    """The tensors whose concatenation is the layer's raw vector (:class:`Layout`), without its
+    first blocks where the step's snapshot holds them (:attr:`LayerState.snapped`,
+    :func:`snapshot_order`), or None when its first forward of the step did not finish."""
     lay = layer.layout
     if lay is None:
         return None
@@ -78,6 +79,64 @@ def raw_pieces(layer: LayerState) -> list[Tensor] | None:
         assert layer.initial is not None
         pieces.append(layer.initial)
     return pieces
+
+
+def pieces_size(lay: Layout, snapped: Snapped | None) -> int:
+    """The length of what :func:`raw_pieces` gives for a layer of this layout."""
+    if snapped is None:
+        return lay.size
+    return lay.size - lay.channels * (2 * lay.running + 2 * lay.affine) - lay.tracked
+
+
+@lru_cache(maxsize=16)
+def host_plan(
+    layouts: tuple[Layout, ...],
+    snapped: tuple[Snapped | None, ...],
+    groups: tuple[tuple[int, int], ...],
+) -> Plan:
+    """The :class:`Plan` of these layouts reading the host array as it arrives: each snapshot
+    group's values and update counts first (``groups``: their sizes, in group order), then each
+    layer's :func:`raw_pieces` (its :attr:`Plan.size` is that array's). Cached: steps nearly
+    always repeat."""
+    base = plan(layouts)
+    order, size = snapshot_order(layouts, snapped, groups)
+    if order is None:
+        return base
+    index = np.concatenate([order, (size, size + 1)])[base.index]  # [*raw, 0, nan] -> host
+    return replace(base, index=index, size=size)
+
+
+def snapshot_order(
+    layouts: tuple[Layout, ...],
+    snapped: tuple[Snapped | None, ...],
+    groups: tuple[tuple[int, int], ...],
+) -> tuple[np.ndarray | None, int]:
+    """Where each value of the layers' raw vectors (:class:`Layout`, in layer order) sits in
+    what the host receives (:func:`host_plan`), and the size of the latter: ``host[order]``
+    is the layers' concatenated raw vectors (order None: no layer is in the snapshot, the host
+    array is them already)."""
+    bases, at = [], 0
+    for values, counts in groups:
+        bases.append((at, at + values))
+        at += values + counts
+    order: list[np.ndarray] = []
+    for lay, snap in zip(layouts, snapped, strict=True):
+        if snap is not None:
+            c, (values, counts) = lay.channels, bases[snap.group]
+            first = values + snap.offset
+            if lay.running:
+                order.append(np.arange(first, first + 2 * c))
+                first += 2 * c
+            if lay.tracked:
+                order.append(np.array([counts + snap.count_at]))
+            if lay.affine:
+                order.append(np.arange(first, first + 2 * c))
+        n = pieces_size(lay, snap)
+        order.append(np.arange(at, at + n))
+        at += n
+    if not any(values + counts for values, counts in groups):
+        return None, at
+    return np.concatenate(order), at
 
 
 def to_host(tensors: list[Tensor]) -> np.ndarray:
@@ -151,7 +210,8 @@ class Plan:
     samples: np.ndarray
     starts: np.ndarray
     size: int
-    """The length of the layouts' concatenated raw vectors."""
+    """The length of the host array it reads: the layouts' concatenated raw vectors, or with
+    :func:`host_plan` the step's snapshot's values before them."""
 
     def segments(self, raw: np.ndarray) -> stats.Segments:
         values = np.concatenate([raw, (0.0, np.nan)])[self.index]
