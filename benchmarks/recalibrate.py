@@ -146,12 +146,26 @@ def case_dropout() -> tuple[nn.Module, list[Tensor], Tensor]:
     return model, data, ref
 
 
+def case_conv() -> tuple[nn.Module, list[Tensor], Tensor]:
+    """A conv layer before BatchNorm2d, mean 1000, unequal batches: recalibrate reads BN's own
+    kernel moments here (contiguous CPU input) and refines the mean (far from zero)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+    with torch.no_grad():
+        model[0].bias.add_(1000.0)
+    data = [torch.randn(n, 3, 12, 12) for n in (3, 32, 7, 20)]
+    with torch.no_grad():
+        ref = pooled_var(model[0](x) for x in data)
+    return model, data, ref
+
+
 def exactness() -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for case, build in {
         "unequal batch sizes": case_unequal,
         "mean 1000, sd about 0.3": case_offset,
         "dropout before BN": case_dropout,
+        "conv, mean 1000, unequal batches": case_conv,
     }.items():
         out[case] = {}
         for name, fn in tools().items():
@@ -159,7 +173,7 @@ def exactness() -> dict[str, dict[str, float]]:
                 continue
             model, data, ref = build()
             if name in BIASED:
-                n = sum(len(x) for x in data)
+                n = sum(x[:, :1].numel() for x in data)  # samples per channel (N·H·W)
                 ref = ref * (n - 1) / n
             fn(model, data)
             bn = next(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
