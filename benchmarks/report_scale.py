@@ -5,6 +5,12 @@ RSS of a fresh process) against the full-table diagnosis of the same store.
     python benchmarks/report_scale.py                   # 3M rows (about 2,000 steps x 53 layers)
     python benchmarks/report_scale.py --rows 30000000   # the issue's 30M-row run (quiet machine)
     python benchmarks/report_scale.py --rows 200000 --no-full    # a smoke run
+    python benchmarks/report_scale.py --summary-only    # the end-of-fit summary, 256 layers
+
+The end-of-fit summary (``summary``): a :class:`~bnprobe.diagnosis.digest.Digest` fed, as the
+recorder feeds it, ``--summary-steps`` measured steps of ``--summary-layers`` layers with the 35
+rows per layer and step of a ``BatchNorm1d`` at the defaults (noisy values: every bucket keeps
+its most rows), then ``Digest.diagnose()`` timed (CPU time, best of 3).
 
 The store is written with :class:`bnprobe.store.Store` (one part per ``--steps-per-part``
 measured steps) with the 28 rows per layer and step a ResNet-50 layer gets at the defaults.
@@ -70,6 +76,51 @@ def feed_cost(steps: int = 2000) -> dict[str, float]:
     }
 
 
+SUMMARY_CONSTANTS = {
+    "eps": 1e-5, "momentum": 0.1, "train_mode": 1.0, "model_train_mode": 1.0,
+    "has_running_stats": 1.0, "forward_calls": 1.0, "batch_size": 32.0,
+    "samples_per_channel": 32.0, "nonfinite": 0.0, "running_invalid": 0.0,
+}  # fmt: skip
+SUMMARY_METRICS = (
+    *SUMMARY_CONSTANTS, "batch_mean", "batch_var", "running_mean", "running_var", "mean_shift",
+    "var_shift", "kl", "mean_shift_max", "var_shift_max", "kl_max", "mean_shift_excess",
+    "var_shift_excess", "mean_shift_excess_max", "var_shift_excess_max", "outlier_frac",
+    "warmup_residual", "num_batches_tracked", "var_small_frac", "gamma_mean", "gamma_std",
+    "gamma_small_frac", "gamma_drift", "beta_mean", "beta_std", "beta_drift",
+)  # fmt: skip
+"""The 35 rows per layer and measured step of a BatchNorm1d at the defaults."""
+
+
+def summary_cost(layers: int = 256, steps: int = 1500, repeats: int = 3) -> dict[str, float]:
+    """CPU time of the end-of-fit summary's diagnosis (``Digest.diagnose``) after ``steps``
+    measured steps of ``layers`` layers with noisy values (best of ``repeats``)."""
+    from bnprobe import store
+    from bnprobe.diagnosis.digest import Digest
+
+    rng = np.random.default_rng(0)
+    names = np.repeat([f"blocks.{i}.bn" for i in range(layers)], len(SUMMARY_METRICS)).tolist()
+    metrics = list(SUMMARY_METRICS) * layers
+    noisy = np.tile([m not in SUMMARY_CONSTANTS for m in SUMMARY_METRICS], layers)
+    base = np.tile([SUMMARY_CONSTANTS.get(m, 0.5) for m in SUMMARY_METRICS], layers)
+    d = Digest()
+    for step in range(steps):
+        values = base + noisy * rng.random(len(base)) * 0.1
+        d.add(store.Rows(step, 0, "train", 0, names, metrics, values.tolist()))
+    times = []
+    for _ in range(repeats):
+        t = time.process_time()
+        found = d.diagnose()
+        times.append(time.process_time() - t)
+    return {
+        "layers": layers,
+        "steps": steps,
+        "rows_seen": d.rows_seen,
+        "rows_kept": d.rows_kept,
+        "diagnose_s": min(times),
+        "findings": len(found),
+    }
+
+
 def write_store(folder: Path, rows: int, steps_per_part: int) -> int:
     from bnprobe import store
 
@@ -121,8 +172,15 @@ def main() -> None:
     p.add_argument("--steps-per-part", type=int, default=200)
     p.add_argument("--no-full", action="store_true", help="skip the full-table comparison")
     p.add_argument("--feed-steps", type=int, default=2000)
+    p.add_argument("--summary-layers", type=int, default=256)
+    p.add_argument("--summary-steps", type=int, default=1500)
+    p.add_argument("--summary-only", action="store_true", help="only the end-of-fit summary")
     args = p.parse_args()
-    result: dict[str, object] = {"feed": feed_cost(args.feed_steps)}
+    summary = summary_cost(args.summary_layers, args.summary_steps)
+    if args.summary_only:
+        print(json.dumps({"summary": summary}, indent=2))
+        return
+    result: dict[str, object] = {"summary": summary, "feed": feed_cost(args.feed_steps)}
     with tempfile.TemporaryDirectory(prefix="bnprobe-report-scale-") as tmp:
         folder = Path(tmp) / "run"
         t = time.perf_counter()

@@ -12,10 +12,10 @@ from bnprobe.diagnosis.advice import advice
 from bnprobe.diagnosis.findings import Evidence, Finding, Kind, Severity
 from bnprobe.diagnosis.table import (
     Run,
-    active,
     col,
     episodes,
     fmt,
+    groups,
     num,
     rolling_median,
     trailing,
@@ -28,27 +28,34 @@ def batch_medians(run: Run) -> pd.DataFrame:
     """Per (rank, layer): the median over the logged training steps of ``batch_size`` and
     ``samples_per_channel`` (the median, so that the short last batch of an epoch does not
     count), the number of steps and the first step any of them was below its limit."""
-    train = active(run.wide("train"))
+    return run.memo("batch_medians", lambda: _batch_medians(run))
+
+
+def _batch_medians(run: Run) -> pd.DataFrame:
+    train = run.active()
     limits = {
         "batch_size": run.th.small_batch_min_batch,
         "samples_per_channel": run.th.small_batch_min_samples,
     }
     rows = []
-    for _, g in train.groupby(["rank", "layer"], sort=False):
-        rank, layer = int(g["rank"].iloc[0]), str(g["layer"].iloc[0])
-        small = np.zeros(len(g), dtype=bool)
+    rank, layer, step = (train[c].to_numpy() for c in ("rank", "layer", "step"))
+    values = {m: col(train, m).to_numpy(dtype=float) for m in BATCH_METRICS}
+    for pos in groups(train["rank"], train["layer"])[1]:
+        small = np.zeros(len(pos), dtype=bool)
         for m, limit in limits.items():
-            small |= (col(g, m) < limit).to_numpy()
+            small |= values[m][pos] < limit
+        at = step[pos]
         row: dict[str, object] = {
-            "rank": rank,
-            "layer": layer,
-            "steps": len(g),
-            "first_small": int(g.loc[small, "step"].min()) if small.any() else int(g["step"].min()),
+            "rank": int(rank[pos[0]]),
+            "layer": str(layer[pos[0]]),
+            "steps": len(pos),
+            "first_small": int(at[small].min()) if small.any() else int(at.min()),
         }
         for m in BATCH_METRICS:
-            values = col(g, m).dropna()
-            row[m] = float(values.median()) if len(values) else math.nan
-            row[f"{m}_min"] = float(values.min()) if len(values) else math.nan
+            v = values[m][pos]
+            v = v[~np.isnan(v)]
+            row[m] = float(np.median(v)) if len(v) else math.nan
+            row[f"{m}_min"] = float(v.min()) if len(v) else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -80,7 +87,7 @@ def rule_small_batch(run: Run) -> list[Finding]:
             worst[layer] = (s, min(first, old[1]) if old else first, r)
         else:
             worst[layer] = (old[0], min(first, old[1]), old[2])
-    multi_rank = run.df["rank"].nunique() > 1
+    multi_rank = run.ranks > 1
     out = []
     for layer, (_, first, r) in worst.items():
         rank = int(r["rank"])
@@ -134,7 +141,7 @@ def rule_small_batch(run: Run) -> list[Finding]:
 def divergence_rows(run: Run) -> pd.DataFrame:
     """Per (rank, layer, step): ``divergence`` (the ``rank_divergence`` metric, or each rank's
     distance from rank 0 computed from per-rank rows) and its rolling ``median_divergence``."""
-    train = active(run.wide("train"))
+    train = run.active()
     if not len(train):
         return train
     if "rank_divergence" in train:

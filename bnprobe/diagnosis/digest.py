@@ -47,6 +47,9 @@ import pandas as pd
 
 from bnprobe import store
 from bnprobe.diagnosis.buckets import Block, concat, select, select_steps
+from bnprobe.diagnosis.table import Columns
+from bnprobe.store.constants import ANCHOR
+from bnprobe.store.table import CONSTANT_METRICS
 
 HEAD_STEPS = 32
 """Measured steps per stage kept whole from the start of a run."""
@@ -337,18 +340,92 @@ class Digest:
                 out += blocks
         return out
 
+    def _rows(self) -> Block | None:
+        """The kept rows in arrival order (None: none)."""
+        blocks = [b for b in self._blocks() if b.n]
+        if not blocks:
+            return None
+        rows = concat(blocks)
+        if (np.diff(rows.seq) < 0).any():
+            rows = rows.take(np.argsort(rows.seq, kind="stable"))
+        return rows
+
+    def columns(self) -> Columns:
+        """What the rules read of :meth:`table`, as integer columns, without building it: the
+        kept rows, then the rows :func:`bnprobe.store.fill_constants` would add (at the end:
+        no rule depends on where a constant's row is within its step)."""
+        names = np.asarray([*self._names, None], dtype=object)[:-1]
+        rows = self._rows()
+        if rows is None:
+            empty = np.zeros(0, dtype=np.int64)
+            return Columns(empty, empty, empty, empty, empty, empty, np.zeros(0), names)
+        filled = self._filled(rows)
+        if filled is not None:
+            rows = concat([rows, filled])
+        return Columns(
+            rows.step, rows.stage, rows.rank, rows.layer, rows.channel, rows.metric, rows.value,
+            names,
+        )  # fmt: skip
+
+    def _filled(self, rows: Block) -> Block | None:
+        """The rows :func:`bnprobe.store.fill_constants` adds to the kept rows: at each anchor
+        row of a stage with constants, for each constant stored in that stage, the last value
+        stored for its (rank, layer) at or before that step, where none is stored at it."""
+        anchor = self._vocab.get(ANCHOR)
+        if anchor is None:
+            return None
+        agg = rows.channel < 0
+        out: list[Block] = []
+        for stage, names in CONSTANT_METRICS.items():
+            code = self._vocab.get(stage)
+            if code is None:
+                continue
+            here = agg & (rows.stage == code)
+            const = np.flatnonzero(here & self._is(names)[rows.metric])
+            anchors = np.flatnonzero(here & (rows.metric == anchor))
+            if not len(const) or not len(anchors):
+                continue
+            width = len(self._names)
+            a_key = rows.rank[anchors] * width + rows.layer[anchors]
+            a_step = rows.step[anchors]
+            for metric in np.unique(rows.metric[const]).tolist():
+                at = const[rows.metric[const] == metric]
+                key, step = rows.rank[at] * width + rows.layer[at], rows.step[at]
+                order = np.lexsort((np.arange(len(at)), step, key))
+                key, step, at = key[order], step[order], at[order]
+                last = np.ones(len(at), dtype=bool)  # the last of equal (key, step)
+                last[:-1] = (key[1:] != key[:-1]) | (step[1:] != step[:-1])
+                key, step, at = key[last], step[last], at[last]
+                _, dense = np.unique(np.concatenate([step, a_step]), return_inverse=True)
+                span = int(dense.max()) + 1
+                sorted_ = key * span + dense[: len(step)]
+                wanted = a_key * span + dense[len(step) :]
+                i = np.searchsorted(sorted_, wanted, side="right") - 1
+                ok = i >= 0
+                i = np.where(ok, i, 0)
+                ok &= (key[i] == a_key) & (step[i] != a_step)
+                if not ok.any():
+                    continue
+                src, dst = at[i[ok]], anchors[ok]
+                n = len(dst)
+                out.append(
+                    Block(
+                        rows.seq[dst], rows.step[dst], rows.epoch[dst], rows.stage[dst],
+                        rows.rank[dst], rows.layer[dst], np.full(n, -1, dtype=np.int64),
+                        np.full(n, metric, dtype=rows.metric.dtype), rows.value[src],
+                    )
+                )  # fmt: skip
+        return concat(out) if out else None
+
     def table(self) -> pd.DataFrame:
         """The kept rows in arrival order, SPEC schema (:data:`bnprobe.store.COLUMNS`), with each
         constant's value in force at every kept step (:func:`bnprobe.store.fill_constants`)."""
         if self._cache is not None:
             return self._cache
-        blocks = [b for b in self._blocks() if b.n]
-        if not blocks:
+        rows = self._rows()
+        if rows is None:
             self._cache = store.empty_frame()
             return self._cache
-        rows = concat(blocks)
-        if (np.diff(rows.seq) < 0).any():
-            rows = rows.take(np.argsort(rows.seq, kind="stable"))
         names = np.asarray(self._names, dtype=object)
         channel = pd.arrays.IntegerArray(rows.channel.copy(), rows.channel < 0)
         df = pd.DataFrame(
@@ -384,9 +461,9 @@ class Digest:
 
     def diagnose(self, *, thresholds: Any = None) -> list[Any]:
         """:func:`bnprobe.diagnose` of the kept rows."""
-        from bnprobe.diagnosis.engine import diagnose
+        from bnprobe.diagnosis.engine import diagnose_columns
 
-        return diagnose(self.table(), thresholds=thresholds)
+        return diagnose_columns(self.columns(), thresholds=thresholds)
 
 
 def columns(df: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ import pandas as pd
 
 from bnprobe.diagnosis import batches, parameters, shifts, structure, variance
 from bnprobe.diagnosis.findings import SEVERITIES, Finding, Kind, Severity, dedupe, sort
-from bnprobe.diagnosis.table import Run, check_table, runs
+from bnprobe.diagnosis.table import Columns, Run, check_table, runs
 from bnprobe.diagnosis.thresholds import DEFAULT_THRESHOLDS, Thresholds
 
 Rule = Callable[[Run], list[Finding]]
@@ -64,7 +64,13 @@ def diagnose(df: pd.DataFrame, *, thresholds: Thresholds | None = None) -> list[
     return found
 
 
-def _diagnose_run(df: pd.DataFrame, th: Thresholds) -> list[Finding]:
+def diagnose_columns(rows: Columns, *, thresholds: Thresholds | None = None) -> list[Finding]:
+    """:func:`diagnose` of one run's rows given as :class:`~bnprobe.diagnosis.table.Columns`
+    (what a :class:`~bnprobe.diagnosis.digest.Digest` keeps): no table is built."""
+    return _diagnose_run(rows, _thresholds(thresholds))
+
+
+def _diagnose_run(df: pd.DataFrame | Columns, th: Thresholds) -> list[Finding]:
     if len(df) == 0:
         return []
     run = Run(df, th)

@@ -7,13 +7,23 @@ import pandas as pd
 
 from bnprobe.diagnosis.advice import advice
 from bnprobe.diagnosis.findings import Evidence, Finding, Kind, Severity
-from bnprobe.diagnosis.table import Run, active, col, episodes, evidence, num, pct, trailing
+from bnprobe.diagnosis.table import (
+    Run,
+    by_layer,
+    col,
+    episodes,
+    evidence,
+    groups,
+    num,
+    pct,
+    trailing,
+)
 
 
 def dead_fractions(run: Run) -> pd.DataFrame:
     """Training rows with ``dead_frac`` (``gamma_small_frac``; 1 when every gamma is exactly 0)
     and ``zero_init`` (every gamma of the layer was exactly 0 at its first measurement)."""
-    train = active(run.wide("train"))
+    train = run.active()
     if "gamma_small_frac" not in train:
         return train.iloc[0:0]
     all_zero = (col(train, "gamma_mean").abs() == 0.0) & (col(train, "gamma_std") == 0.0)
@@ -38,8 +48,9 @@ def rule_dead_channels(run: Run) -> list[Finding]:
     )
     bad = trailing(rows.assign(score=s), s > 1.0)
     out = []
+    at = by_layer(rows)
     for layer, first, worst in episodes(bad):
-        g = rows[rows["layer"] == layer].sort_values("step")
+        g = rows.iloc[at[layer]].sort_values("step")
         latest = g.iloc[-1]
         worst_frac, last_frac = float(worst["dead_frac"]), float(latest["dead_frac"])
         ev = evidence(
@@ -101,16 +112,17 @@ def rule_frozen_bn(run: Run) -> list[Finding]:
     training steps (momentum 0, ``track_running_stats`` switched off with buffers kept).
     ``info``: gamma and beta never move while other layers' parameters do.
     """
-    train = active(run.wide("train"))
+    train = run.active()
     if not len(train):
         return []
     out = []
     model_mode = col(train, "model_train_mode").fillna(1.0)
     in_eval = (col(train, "train_mode") == 0.0) & (model_mode != 0.0)
     bad = train[in_eval.to_numpy()].assign(score=1.0)
+    at, bad_at = by_layer(train), by_layer(bad)
     for layer, first, _ in episodes(bad):
-        rows = train[train["layer"] == layer]
-        k = int((bad["layer"] == layer).sum())
+        rows = train.iloc[at[layer]]
+        k = len(bad_at[layer])
         message = (
             f"Layer {layer} is in eval mode while the model trains ({k} of {len(rows)} logged "
             f"training steps since step {first}). It normalizes with its running statistics "
@@ -143,23 +155,26 @@ def _frozen_running_stats(run: Run, train: pd.DataFrame, skip: set[str]) -> list
     if "running_mean" not in train or "running_var" not in train:
         return []
     out = []
-    for layer, g in train.groupby("layer", sort=False):
+    known = (train["running_mean"].notna() & train["running_var"].notna()).to_numpy()
+    rank, step = train["rank"].to_numpy(), train["step"].to_numpy()
+    stats = [train[c].to_numpy(dtype=float) for c in ("running_mean", "running_var")]
+    for layer, pos in zip(*groups(train["layer"]), strict=True):
         name = str(layer)
         if name in skip:
             continue
-        g = g[g["running_mean"].notna() & g["running_var"].notna()]
-        steps = g["step"].nunique()
+        pos = pos[known[pos]]
+        steps = len(np.unique(step[pos]))
         if steps < run.th.frozen_min_steps:
             continue
         unchanged = True
-        for _, r in g.groupby("rank", sort=False):
-            for c in ("running_mean", "running_var"):
-                x = r[c].to_numpy(dtype=float)
+        for at in groups(rank[pos])[1]:
+            for x in (s[pos[at]] for s in stats):
                 scale = max(float(np.max(np.abs(x))), 1e-12)
                 if np.max(np.abs(x - x[0])) > run.th.frozen_rel_change * scale:
                     unchanged = False
         if not unchanged:
             continue
+        g = train.iloc[pos]
         first, last = int(g["step"].min()), int(g["step"].max())
         momentum = run.momentum.get(name, 0.1)
         tracked = col(g, "has_running_stats")
@@ -205,14 +220,19 @@ def _frozen_affine(run: Run, train: pd.DataFrame, skip: set[str]) -> list[Findin
     if not len(moving):
         return []  # nothing moves at all (lr 0, or too few steps): no comparison possible
     out = []
-    for layer, g in later.groupby("layer", sort=False):
+    at = by_layer(train)
+    both = later[["gamma_drift", "beta_drift"]]
+    known = both.notna().all(axis=1).to_numpy()
+    size = both.abs().to_numpy(dtype=float)
+    for layer, pos in zip(*groups(later["layer"]), strict=True):
         name = str(layer)
-        d = g[["gamma_drift", "beta_drift"]].dropna()
-        if name in skip or len(d) < run.th.frozen_min_steps - 1:
+        pos = pos[known[pos]]
+        if name in skip or len(pos) < run.th.frozen_min_steps - 1:
             continue
-        if float(d.abs().to_numpy().max()) > run.th.frozen_rel_change:
+        if float(size[pos].max()) > run.th.frozen_rel_change:
             continue
-        first = int(train.loc[train["layer"] == name, "step"].min())
+        d = both.iloc[pos]
+        first = int(train["step"].to_numpy()[at[name]].min())
         message = (
             f"Layer {name}: gamma and beta did not change over {len(d) + 1} logged training "
             "steps while other layers' parameters did: its affine parameters are frozen "

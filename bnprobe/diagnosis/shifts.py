@@ -20,7 +20,6 @@ from bnprobe.diagnosis.advice import advice
 from bnprobe.diagnosis.findings import Finding, Kind, Severity
 from bnprobe.diagnosis.table import (
     Run,
-    active,
     col,
     episodes,
     evidence,
@@ -65,7 +64,7 @@ def val_shifts(run: Run) -> pd.DataFrame:
 def train_shifts(run: Run) -> pd.DataFrame:
     """Training rows (layers that ran in train mode, without validation rows) with the rolling
     medians ``median_mean_shift`` and ``median_var_shift`` of the judged shifts."""
-    train = active(run.wide("train"))
+    train = run.active()
     if not len(train):
         return train
     val = run.wide("val")

@@ -7,15 +7,16 @@ import numpy as np
 
 from bnprobe.diagnosis.advice import advice
 from bnprobe.diagnosis.findings import Evidence, Finding, Kind, Severity
-from bnprobe.diagnosis.table import Run, active, col, episodes, num
+from bnprobe.diagnosis.table import Run, by_layer, col, episodes, groups, num
 
 
 def rule_unused_layer(run: Run) -> list[Finding]:
     """A BN layer that never ran: ``forward_calls`` 0 at every logged training step."""
     train = run.wide("train")
     out = []
+    at = by_layer(train)
     for layer in sorted(run.unused(), key=run.layer_key):
-        rows = train[train["layer"] == layer]
+        rows = train.iloc[at[layer]]
         first = int(rows["step"].min())
         steps = len(rows)
         message = (
@@ -41,14 +42,15 @@ def rule_unused_layer(run: Run) -> list[Finding]:
 def rule_no_running_stats(run: Run) -> list[Finding]:
     """A layer without running statistics (``has_running_stats`` 0 and no running-moment rows):
     eval mode normalizes with the statistics of whatever batch it gets (``info``)."""
-    train = active(run.wide("train"))
+    train = run.active()
     if "has_running_stats" not in train:
         return []
     bad = train[train["has_running_stats"] == 0.0]
     out = []
-    running = col(train, "running_mean").notna()
+    running = col(train, "running_mean").notna().to_numpy()
+    at = by_layer(train)
     for layer, first, _ in episodes(bad.assign(score=1.0)):
-        if running[train["layer"] == layer].any():
+        if running[at[layer]].any():
             continue  # buffers kept but not updated: frozen_bn reports it
         message = (
             f"Layer {layer} keeps no running statistics (track_running_stats=False): in eval "
@@ -74,7 +76,7 @@ def rule_no_running_stats(run: Run) -> list[Finding]:
 def momenta(run: Run) -> np.ndarray:
     """The momentum of every training row of a layer that ran with running statistics (NaN for
     momentum=None)."""
-    train = active(run.wide("train"))
+    train = run.active()
     if "momentum" not in train:
         return np.array([], dtype=float)
     has_stats = col(train, "has_running_stats").fillna(1.0) != 0.0
@@ -85,16 +87,17 @@ def momenta(run: Run) -> np.ndarray:
 def rule_suspicious_momentum(run: Run) -> list[Finding]:
     """``momentum`` at or above ``tf_momentum_min`` (``warning``): a TensorFlow-convention value.
     ``momentum=None`` (cumulative average) is ``info``."""
-    train = active(run.wide("train"))
+    train = run.active()
     if "momentum" not in train:
         return []
     has_stats = col(train, "has_running_stats").fillna(1.0) != 0.0
     rows = train[has_stats.to_numpy() & col(train, "train_mode").notna().to_numpy()]
     out = []
-    for layer, g in rows.groupby("layer", sort=False):
+    momentum, step = rows["momentum"].to_numpy(dtype=float), rows["step"].to_numpy()
+    for layer, pos in zip(*groups(rows["layer"]), strict=True):
         name = str(layer)
-        m = g["momentum"].to_numpy(dtype=float)
-        first = int(g["step"].min())
+        m = momentum[pos]
+        first = int(step[pos].min())
         if np.isnan(m).any():
             message = (
                 f"Layer {name} uses momentum=None: its running statistics are a cumulative "

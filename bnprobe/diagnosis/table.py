@@ -1,9 +1,17 @@
-"""One run's table as the rules read it: wide per-stage views and small shared helpers."""
+"""One run's table as the rules read it: wide per-stage views and small shared helpers.
+
+The rules never read the long table itself: :class:`Run` holds its rows as numpy columns with
+stage, layer and metric as integer codes (:class:`Columns`: from a table, or straight from a
+:class:`~bnprobe.diagnosis.digest.Digest`, which keeps them so), and builds each stage's wide
+view (:func:`pivot`) from them once, with integer arithmetic instead of grouping strings.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import numpy as np
 import pandas as pd
@@ -12,42 +20,123 @@ from bnprobe import store
 from bnprobe.diagnosis.findings import Evidence
 from bnprobe.diagnosis.thresholds import DEFAULT_EPS, DEFAULT_MOMENTUM, Thresholds
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """One run's rows in table order as numpy columns: ``stage``, ``layer`` and ``metric`` are
+    codes into ``names`` (object array), ``channel`` is -1 for layer rows."""
+
+    step: np.ndarray
+    stage: np.ndarray
+    rank: np.ndarray
+    layer: np.ndarray
+    channel: np.ndarray
+    metric: np.ndarray
+    value: np.ndarray
+    names: np.ndarray
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame) -> Columns:
+        """The columns of a table with the SPEC columns."""
+        names: list[object] = []
+        vocab: dict[object, int] = {}
+        coded = {}
+        for c in ("stage", "layer", "metric"):
+            codes, uniques = pd.factorize(df[c].to_numpy(dtype=object), use_na_sentinel=False)
+            lut = np.empty(len(uniques), dtype=np.int64)
+            for i, name in enumerate(uniques):
+                if name not in vocab:
+                    vocab[name] = len(names)
+                    names.append(name)
+                lut[i] = vocab[name]
+            coded[c] = lut[codes] if len(codes) else codes.astype(np.int64)
+        return cls(
+            df["step"].to_numpy(dtype=np.int64),
+            coded["stage"],
+            df["rank"].to_numpy(dtype=np.int64),
+            coded["layer"],
+            df["channel"].fillna(-1).to_numpy(dtype=np.int64),
+            coded["metric"],
+            df["value"].to_numpy(dtype=np.float64),
+            np.asarray([*names, None], dtype=object)[:-1],
+        )
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    def code(self, name: str) -> int:
+        """The code of ``name`` (-1: no row has it)."""
+        hit = np.flatnonzero(self.names == name)
+        return int(hit[0]) if len(hit) else -1
+
+    def codes(self, names: Iterable[str]) -> np.ndarray:
+        """Per code: whether its name is one of ``names``."""
+        wanted = set(names)
+        return np.fromiter((n in wanted for n in self.names), bool, len(self.names))
+
+    def frame(self, idx: np.ndarray, columns: Sequence[str]) -> pd.DataFrame:
+        """Rows ``idx`` as a small table of ``columns`` (names for the coded ones)."""
+        out: dict[str, object] = {}
+        for c in columns:
+            x = getattr(self, c)[idx]
+            if c in ("stage", "layer", "metric"):
+                out[c] = pd.Series(self.names[x], dtype=object)
+            elif c == "channel":
+                out[c] = pd.arrays.IntegerArray(x.copy(), x < 0)
+            else:
+                out[c] = x
+        return pd.DataFrame(out)
+
 
 class Run:
-    """One run's table with wide per-stage views (rank, layer, step) x metric."""
+    """One run's rows (a table, or :class:`Columns`) with wide per-stage views (rank, layer,
+    step) x metric."""
 
-    def __init__(self, df: pd.DataFrame, thresholds: Thresholds) -> None:
-        self.df = df
+    def __init__(self, df: pd.DataFrame | Columns, thresholds: Thresholds) -> None:
+        self.rows = df if isinstance(df, Columns) else Columns.from_frame(df)
         self.th = thresholds
-        self.order = {layer: i for i, layer in enumerate(layer_order(df))}
+        rows = self.rows
+        self.order = {str(rows.names[c]): i for i, c in enumerate(pd.unique(rows.layer).tolist())}
+        self.ranks = len(pd.unique(rows.rank))
+        """How many ranks the run's rows come from."""
         self._wide: dict[str, pd.DataFrame] = {}
+        self._memo: dict[str, object] = {}
         train = self.wide("train")
         self.momentum: dict[str, float] = {}
         self.eval_only: set[str] = set()
         self.eps: dict[str, float] = {}
-        for layer, g in train.groupby("layer", sort=False):
+        mode = col(train, "train_mode").to_numpy()
+        eps = col(train, "eps").to_numpy()
+        momentum = col(train, "momentum").to_numpy()
+        # rows where the layer ran; there a NaN momentum means momentum=None
+        ran = ~np.isnan(mode if "train_mode" in train else momentum)
+        for layer, pos in zip(*groups(train["layer"]), strict=True):
             name = str(layer)
-            # rows where the layer ran; there a NaN momentum means momentum=None
-            ran = col(g, "train_mode").notna() if "train_mode" in g else col(g, "momentum").notna()
-            if "momentum" in g and ran.any():
-                self.momentum[name] = float(g.loc[ran, "momentum"].iloc[-1])
-            mode = col(g, "train_mode").dropna()
-            if len(mode) and float(mode.iloc[-1]) == 0.0:
+            if "momentum" in train:
+                hit = pos[ran[pos]]
+                if len(hit):
+                    self.momentum[name] = float(momentum[hit[-1]])
+            m = mode[pos]
+            m = m[~np.isnan(m)]
+            if len(m) and float(m[-1]) == 0.0:
                 self.eval_only.add(name)
-            eps = col(g, "eps").dropna()
-            self.eps[name] = float(eps.iloc[-1]) if len(eps) else DEFAULT_EPS
+            e = eps[pos]
+            e = e[~np.isnan(e)]
+            self.eps[name] = float(e[-1]) if len(e) else DEFAULT_EPS
 
     def wide(self, stage: str) -> pd.DataFrame:
         """Layer-aggregate rows of ``stage`` as columns step, rank, layer, <metric>..."""
         if stage not in self._wide:
-            self._wide[stage] = pivot(self.df, stage)
+            self._wide[stage] = pivot(self.rows, stage)
         return self._wide[stage]
 
     def channels(self, stage: str, metric: str) -> pd.DataFrame:
         """Per-channel rows of one metric: columns step, rank, layer, channel, value."""
-        d = self.df
-        sel = (d["stage"] == stage) & (d["metric"] == metric) & d["channel"].notna()
-        return d.loc[sel, ["step", "rank", "layer", "channel", "value"]]
+        r = self.rows
+        sel = (r.stage == r.code(stage)) & (r.metric == r.code(metric)) & (r.channel >= 0)
+        return r.frame(np.flatnonzero(sel), ["step", "rank", "layer", "channel", "value"])
 
     def model_residual(self, layer: str, step: int, updates: float | None = None) -> float:
         """Fraction of the initial running statistics left after ``updates`` updates (default:
@@ -75,24 +164,35 @@ class Run:
         ``warmup_residual`` metric where the table has it, else :meth:`model_residual`; 0 for
         :attr:`static` layers."""
         given = col(df, "warmup_residual").to_numpy(dtype=float)
-        updates = col(df, "num_batches_tracked").to_numpy(dtype=float)
-        static = self.static
-        out = np.empty(len(df), dtype=float)
-        for i, (la, s) in enumerate(zip(df["layer"], df["step"], strict=True)):
-            if str(la) in static:
-                out[i] = 0.0
-            elif math.isfinite(given[i]):
-                out[i] = given[i]
-            else:
+        static = df["layer"].isin(self.static).to_numpy(dtype=bool)
+        out = np.where(static, 0.0, given)
+        missing = np.flatnonzero(~static & ~np.isfinite(given))
+        if len(missing):  # tables without warmup_residual: the model, row by row
+            updates = col(df, "num_batches_tracked").to_numpy(dtype=float)
+            layers, steps = df["layer"].to_numpy()[missing], df["step"].to_numpy()[missing]
+            for i, la, s in zip(missing.tolist(), layers, steps, strict=True):
                 out[i] = self.model_residual(str(la), int(s), updates[i])
-        return out
+        return np.asarray(out, dtype=float)
 
     def warm(self, df: pd.DataFrame) -> np.ndarray:
         """Per row: is the layer past its warm-up (residual below the threshold)?"""
         return self.residuals(df) < self.th.warmup_residual
 
+    def memo(self, name: str, make: Callable[[], T]) -> T:
+        """``make()``, once per run: what several rules read (tables are copy-on-write)."""
+        if name not in self._memo:
+            self._memo[name] = make()
+        return cast(T, self._memo[name])
+
+    def active(self) -> pd.DataFrame:
+        """:func:`active` training rows, once."""
+        return self.memo("active", lambda: active(self.wide("train")))
+
     def unused(self) -> set[str]:
         """Layers with forward_calls == 0 at every logged training step."""
+        return set(self.memo("unused", self._unused))
+
+    def _unused(self) -> set[str]:
         train = self.wide("train")
         if "forward_calls" not in train:
             return set()
@@ -103,7 +203,32 @@ class Run:
         return self.order.get(layer, len(self.order))
 
     def eps_of(self, df: pd.DataFrame) -> np.ndarray:
-        return df["layer"].map(lambda la: self.eps.get(str(la), DEFAULT_EPS)).to_numpy(float)
+        codes, layers = pd.factorize(df["layer"].to_numpy(dtype=object), use_na_sentinel=False)
+        lut = np.array([self.eps.get(str(la), DEFAULT_EPS) for la in layers], dtype=float)
+        return lut[codes] if len(codes) else np.zeros(0, dtype=float)
+
+
+def groups(*keys: pd.Series | np.ndarray) -> tuple[list[object], list[np.ndarray]]:
+    """The groups of equal ``keys`` as ``DataFrame.groupby(keys, sort=False)`` makes them: the
+    key of each group (of the first key only) in order of first appearance, and the positions
+    of its rows in order."""
+    if not len(keys[0]):
+        return [], []
+    first, uniques = pd.factorize(np.asarray(keys[0]), use_na_sentinel=False)
+    code = first
+    for key in keys[1:]:
+        k, u = pd.factorize(np.asarray(key), use_na_sentinel=False)
+        code = pd.factorize(code * len(u) + k)[0]
+    order = np.argsort(code, kind="stable")
+    pos = np.split(order, np.flatnonzero(np.diff(code[order])) + 1)
+    return [uniques[first[p[0]]] for p in pos], pos
+
+
+def by_layer(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per layer, the positions of its rows in order: ``df[df["layer"] == layer]`` is
+    ``df.iloc[by_layer(df)[layer]]``, without comparing every row's name per layer."""
+    keys, pos = groups(df["layer"]) if len(df) else ([], [])
+    return {str(k): p for k, p in zip(keys, pos, strict=True)}
 
 
 def check_table(df: object) -> None:
@@ -136,24 +261,73 @@ def layer_order(df: pd.DataFrame) -> list[str]:
     return [str(x) for x in pd.unique(df["layer"])]
 
 
-def pivot(df: pd.DataFrame, stage: str) -> pd.DataFrame:
+def pivot(rows: Columns | pd.DataFrame, stage: str) -> pd.DataFrame:
     """Layer-aggregate rows of one stage, one row per (rank, layer, step), one column per
-    metric, sorted by rank, layer (in table order) and step."""
-    sel = df[(df["stage"] == stage) & df["channel"].isna()]
-    if not len(sel):
+    metric (sorted by name), sorted by rank, layer (in table order) and step; of rows repeated
+    for the same (rank, layer, step, metric), the last one."""
+    if isinstance(rows, pd.DataFrame):
+        rows = Columns.from_frame(rows)
+    idx = np.flatnonzero((rows.stage == rows.code(stage)) & (rows.channel < 0))
+    if not len(idx):
         return pd.DataFrame({"rank": [], "layer": [], "step": []}).astype(
             {"rank": "int64", "layer": object, "step": "int64"}
         )
-    sel = sel.drop_duplicates(["rank", "layer", "step", "metric"], keep="last")
-    wide = sel.pivot(index=["rank", "layer", "step"], columns="metric", values="value")
-    wide.columns = [str(c) for c in wide.columns]
-    wide = wide.reset_index()
-    order = {la: i for i, la in enumerate(layer_order(sel))}
-    wide = wide.assign(_order=wide["layer"].map(order)).sort_values(
-        ["rank", "_order", "step"], kind="stable"
-    )
-    wide = wide.drop(columns="_order").reset_index(drop=True)
-    return wide.astype({"rank": "int64", "step": "int64", "layer": object})
+    rank, layer, step, metric = (x[idx] for x in (rows.rank, rows.layer, rows.step, rows.metric))
+    value = rows.value[idx]
+    ranks, rank_code = _dense(rank)
+    steps, step_code = _dense(step)
+    present = np.flatnonzero(np.bincount(metric, minlength=len(rows.names)))
+    by_name = present[np.argsort(rows.names[present].astype(str), kind="stable")]
+    column = np.zeros(len(rows.names), dtype=np.int64)
+    column[by_name] = np.arange(len(by_name))
+    col_code = column[metric]
+    row = _rows_of(rank_code, layer, step_code, len(steps), len(rows.names))
+    cell = row * len(by_name) + col_code
+    if np.bincount(cell).max() > 1:  # the same (rank, layer, step, metric) twice: keep the last
+        last = ~pd.Series(cell).duplicated(keep="last").to_numpy()
+        rank_code, layer, step_code = rank_code[last], layer[last], step_code[last]
+        col_code, value, metric = col_code[last], value[last], metric[last]
+        present = np.flatnonzero(np.bincount(metric, minlength=len(rows.names)))
+        keep = np.isin(by_name, present)
+        column[by_name[keep]] = np.arange(int(keep.sum()))
+        by_name = by_name[keep]
+        col_code = column[metric]
+        row = _rows_of(rank_code, layer, step_code, len(steps), len(rows.names))
+    n = int(row.max()) + 1
+    grid = np.full((n, len(by_name)), np.nan)
+    grid[row, col_code] = value
+    at = np.zeros(n, dtype=np.int64)
+    at[row] = np.arange(len(row))
+    wide = pd.DataFrame(grid, columns=[str(x) for x in rows.names[by_name]])
+    wide.insert(0, "step", steps[step_code[at]].astype(np.int64))
+    wide.insert(0, "layer", pd.Series(rows.names[layer[at]], dtype=object))
+    wide.insert(0, "rank", ranks[rank_code[at]].astype(np.int64))
+    return wide
+
+
+def _dense(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted distinct values of ``x`` and the index of each element among them, in
+    O(len(x)) for columns made of long stretches of one value (steps, ranks)."""
+    starts = np.flatnonzero(np.concatenate([[True], x[1:] != x[:-1]]))
+    distinct, inverse = np.unique(x[starts], return_inverse=True)
+    lengths = np.diff(np.append(starts, len(x)))
+    return distinct, np.repeat(inverse, lengths)
+
+
+def _rows_of(
+    rank: np.ndarray, layer: np.ndarray, step: np.ndarray, steps: int, names: int
+) -> np.ndarray:
+    """Per element, its row in the wide view sorted by rank, layer (in order of first
+    appearance) and step."""
+    layers = pd.unique(layer)
+    position = np.zeros(names, dtype=np.int64)
+    position[layers] = np.arange(len(layers))
+    key = (rank.astype(np.int64) * len(layers) + position[layer]) * steps + step
+    if int(rank.max() + 1) * len(layers) * steps <= max(4 * len(key), 1 << 22):
+        used = np.zeros(int(key.max()) + 1, dtype=bool)
+        used[key] = True
+        return np.asarray((np.cumsum(used) - 1)[key])
+    return np.asarray(np.unique(key, return_inverse=True)[1]).reshape(-1)
 
 
 def col(df: pd.DataFrame, name: str) -> pd.Series:
@@ -184,10 +358,26 @@ def score(df: pd.DataFrame, limits: dict[str, float]) -> np.ndarray:
 
 def rolling_median(df: pd.DataFrame, column: str, th: Thresholds) -> pd.Series:
     """Per (rank, layer), the median of ``column`` over the last ``train_window`` rows (at least
-    ``train_min_steps`` of them); ``df`` sorted by step within each group."""
-    return df.groupby(["rank", "layer"], sort=False)[column].transform(
-        lambda x: x.rolling(th.train_window, min_periods=th.train_min_steps).median()
-    )
+    ``train_min_steps`` of them); ``df`` sorted by step within each group.
+
+    One pandas rolling pass over every group at once, the groups apart by ``train_window - 1``
+    NaN (which a rolling median skips): no window reaches into another group."""
+    _, pos = groups(df["rank"], df["layer"])
+    n = len(df)
+    if not n:
+        return pd.Series(np.nan, index=df.index, dtype=float, name=column)
+    order = np.concatenate(pos)
+    lengths = np.array([len(p) for p in pos])
+    gap = th.train_window - 1
+    starts = np.concatenate([[0], np.cumsum(lengths + gap)[:-1]])
+    place = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    place += np.arange(n)
+    spaced = np.full(int(place[-1]) + 1, np.nan)
+    spaced[place] = df[column].to_numpy(dtype=float)[order]
+    rolled = pd.Series(spaced).rolling(th.train_window, min_periods=th.train_min_steps).median()
+    out = np.empty(n)
+    out[order] = rolled.to_numpy()[place]
+    return pd.Series(out, index=df.index, name=column)
 
 
 def trailing(df: pd.DataFrame, bad: np.ndarray) -> pd.DataFrame:
@@ -197,13 +387,13 @@ def trailing(df: pd.DataFrame, bad: np.ndarray) -> pd.DataFrame:
     contributes nothing.
     """
     keep = np.zeros(len(df), dtype=bool)
-    positions = np.arange(len(df))
-    for _, idx in df.assign(_pos=positions).groupby(["rank", "layer"], sort=False)["_pos"]:
-        pos = idx.to_numpy()
-        i = len(pos)
-        while i > 0 and bad[pos[i - 1]]:
-            i -= 1
-        keep[pos[i:]] = True
+    bad = np.asarray(bad, dtype=bool)
+    for pos in groups(df["rank"], df["layer"])[1]:
+        b = bad[pos]
+        if not b[-1]:
+            continue
+        fine = np.flatnonzero(~b)
+        keep[pos[fine[-1] + 1 if len(fine) else 0 :]] = True
     return df[keep]
 
 

@@ -11,7 +11,17 @@ import pandas as pd
 
 from bnprobe.diagnosis.advice import advice
 from bnprobe.diagnosis.findings import Evidence, Finding, Kind, Severity
-from bnprobe.diagnosis.table import Run, active, col, episodes, evidence, fmt, get, trailing
+from bnprobe.diagnosis.table import (
+    Run,
+    by_layer,
+    col,
+    episodes,
+    evidence,
+    fmt,
+    get,
+    groups,
+    trailing,
+)
 
 MOMENT_METRICS = ("batch_mean", "batch_var", "running_mean", "running_var")
 RUNNING_METRICS = ("running_mean", "running_var")
@@ -28,8 +38,23 @@ def variance_levels(run: Run) -> pd.DataFrame:
     ``var_drop`` = batch_var / its peak over earlier steps; ``var_fall`` = batch_var / its value
     at the layer's first measurement; ``frac_rise`` = collapsed_frac minus its first value.
     """
+    return run.memo("variance_levels", lambda: _variance_levels(run))
+
+
+def _earlier_peak(rows: pd.DataFrame, bv: np.ndarray) -> np.ndarray:
+    """Per row, the largest ``bv`` of the earlier rows of its (rank, layer) (NaN skipped; NaN
+    at the first row and where ``bv`` is NaN one row earlier): pandas' ``cummax().shift(1)``."""
+    out = np.full(len(rows), np.nan)
+    for pos in groups(rows["rank"], rows["layer"])[1]:
+        x = bv[pos]
+        peak = np.where(np.isnan(x), np.nan, np.fmax.accumulate(x))
+        out[pos[1:]] = peak[:-1]
+    return out
+
+
+def _variance_levels(run: Run) -> pd.DataFrame:
     th = run.th
-    train = active(run.wide("train"))
+    train = run.active()
     if not len(train):
         return train
     eps = run.eps_of(train)
@@ -41,18 +66,16 @@ def variance_levels(run: Run) -> pd.DataFrame:
         zero_over_eps=bv / eps,
     )
     out = _with_channel_fraction(run, out)
-    groups = out.groupby(["rank", "layer"], sort=False)
-    peak = (
-        groups["batch_var"].transform(lambda s: s.cummax().shift(1)) if "batch_var" in out else None
-    )
-    first_bv = groups["batch_var"].transform("first") if "batch_var" in out else None
-    first_frac = groups["collapsed_frac"].transform("first")
+    by = out.groupby(["rank", "layer"], sort=False)
+    peak = _earlier_peak(out, bv) if "batch_var" in out else None
+    first_bv = by["batch_var"].transform("first") if "batch_var" in out else None
+    first_frac = by["collapsed_frac"].transform("first")
     with np.errstate(divide="ignore", invalid="ignore"):
-        drop = bv / (peak.to_numpy(float) if peak is not None else np.nan)
+        drop = bv / (peak if peak is not None else np.nan)
         fall = bv / (first_bv.to_numpy(float) if first_bv is not None else np.nan)
     frac = out["collapsed_frac"].to_numpy(float)
     out = out.assign(
-        peak_batch_var=np.nan if peak is None else peak.to_numpy(float),
+        peak_batch_var=np.nan if peak is None else peak,
         first_batch_var=np.nan if first_bv is None else first_bv.to_numpy(float),
         var_drop=np.where(bv > 0, drop, np.where(np.isfinite(drop), 0.0, np.nan)),
         var_fall=fall,
@@ -185,8 +208,9 @@ def rule_small_input_variance(run: Run) -> list[Finding]:
     flag = rows["small"].to_numpy(dtype=bool) & ~rows["collapsed"].to_numpy(dtype=bool)
     bad = trailing(rows.assign(score=1.0), flag)
     out = []
+    at = by_layer(rows)
     for layer, first, _ in episodes(bad):
-        g = rows[rows["layer"] == layer]
+        g = rows.iloc[at[layer]]
         latest = g.sort_values("step").iloc[-1]
         if int(g["step"].min()) != first and bool(g["collapsed"].any()):
             continue  # it collapsed earlier and partly recovered: not the init pattern
@@ -236,15 +260,16 @@ def rule_nonfinite(run: Run) -> list[Finding]:
     ``check_mismatch`` included), ``running_invalid`` above 0 (non-finite or negative running
     variance) or a non-finite running statistic. Reported from the first step, per layer, with
     the layer where it appeared first."""
-    d = run.df
+    r = run.rows
     unused = run.unused()
-    values = d["value"].to_numpy(dtype=float)
-    measured = d["stage"].isin(["train", "val"]) & ~d["layer"].isin(unused)
-    counted = (d["metric"] == "nonfinite") & (d["value"] > 0)
-    moments = d["metric"].isin(NONFINITE_METRICS) & ~np.isfinite(values)
-    invalid = (d["metric"] == "running_invalid") & (d["value"] > 0)
-    running = d["metric"].isin(RUNNING_METRICS) & ~np.isfinite(values)
-    bad = d[(measured & (counted | moments)) | invalid | running]
+    values = r.value
+    measured = r.codes(["train", "val"])[r.stage] & ~r.codes(unused)[r.layer]
+    counted = (r.metric == r.code("nonfinite")) & (values > 0)
+    moments = r.codes(NONFINITE_METRICS)[r.metric] & ~np.isfinite(values)
+    invalid = (r.metric == r.code("running_invalid")) & (values > 0)
+    running = r.codes(RUNNING_METRICS)[r.metric] & ~np.isfinite(values)
+    picked = np.flatnonzero((measured & (counted | moments)) | invalid | running)
+    bad = r.frame(picked, ["step", "stage", "rank", "layer", "metric", "value"])
     if not len(bad):
         return []
     stage_order = bad["stage"].map({"train": 0, "val": 1, "probe": 2}).fillna(3)
@@ -267,7 +292,7 @@ def rule_nonfinite(run: Run) -> list[Finding]:
         if not poisoned:
             poisoned = _running_bad_at_end(run, name)
         what = _nonfinite_what(names, channels, invalid_channels)
-        on_rank = f", rank {rank}" if run.df["rank"].nunique() > 1 else ""
+        on_rank = f", rank {rank}" if run.ranks > 1 else ""
         message = f"Layer {name}: {what} at step {first} ({stage} stage{on_rank})."
         if name == origin:
             message += " This is the first layer where it appears."
@@ -308,14 +333,24 @@ def rule_nonfinite(run: Run) -> list[Finding]:
 
 def _running_bad_at_end(run: Run, layer: str) -> bool:
     train = run.wide("train")
-    last = train[train["layer"] == layer].sort_values("step")
-    if not len(last):
+    i = run.memo("latest_train_row", lambda: _latest_rows(train)).get(layer)
+    if i is None:
         return False
-    tail = last.iloc[-1]
+    tail = train.iloc[i]
     return (
         any(not math.isfinite(get(tail, m, 0.0)) for m in RUNNING_METRICS)
         or get(tail, "running_invalid", 0.0) > 0
     )
+
+
+def _latest_rows(train: pd.DataFrame) -> dict[str, int]:
+    """Per layer, the position of its latest training row (of the same step, the last)."""
+    step = train["step"].to_numpy()
+    out = {}
+    for layer, pos in zip(*groups(train["layer"]), strict=True):
+        at = step[pos]
+        out[str(layer)] = int(pos[np.flatnonzero(at == at.max())[-1]])
+    return out
 
 
 def _nonfinite_what(names: Sequence[str], channels: int, invalid: int) -> str:
