@@ -268,8 +268,6 @@ class PopulationMoments:
             if kernel and name in self._kernel:
                 assert bn.running_mean is not None and bn.running_var is not None
                 bn.training, bn.track_running_stats, bn.momentum = True, True, 1.0
-                bn.running_mean.zero_()  # 0·old must not be NaN when old is inf or NaN
-                bn.running_var.fill_(1.0)
                 self._armed.add(name)
                 handles.append(bn.register_forward_hook(partial(self._after, name)))
         return handles
@@ -283,6 +281,10 @@ class PopulationMoments:
         if not isinstance(x, Tensor) or x.dim() < 2 or not x.numel():
             return
         if name in self._armed and _kernel_is_exact(x):
+            bn = self.layers[name]
+            assert bn.running_mean is not None and bn.running_var is not None
+            bn.running_mean.zero_()  # the update is 1·batch + 0·old: not NaN when old is
+            bn.running_var.fill_(1.0)  # (a layer that never runs keeps its buffers)
             self._pending[name] = x.numel() / x.shape[1]
         else:
             self.add(name, input_moments(x.detach()))

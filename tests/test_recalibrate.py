@@ -378,3 +378,20 @@ def test_the_callback_probe_keeps_the_layers_frozen_in_training_frozen() -> None
     assert (check_mismatch(net, batch).query("metric == 'local_gap'")["value"] == 0.0).all()
     loose = check_mismatch(net, batch, frozen=False).query("metric == 'local_gap'")["value"]
     assert (loose > 0.1).all()
+
+
+def test_kernel_moments_are_finite_when_the_old_statistics_are_not() -> None:
+    """BN's update is 1·batch + 0·old on the kernel path: old inf/NaN running statistics (a
+    diverged run, the usual reason to recalibrate) must not leak into the batch moments."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with torch.no_grad():
+        model[1].running_mean.fill_(float("nan"))
+        model[1].running_var.fill_(float("inf"))
+    data = [torch.randn(n, 3, 8, 8) for n in (5, 9)]
+    recalibrate(model, data, progress=False)
+    with torch.no_grad():
+        mean, var, _ = moments(torch.cat([model[0](x) for x in data]).double())
+    ulp = torch.finfo(torch.float32).eps
+    assert ((model[1].running_mean.double() - mean).abs() <= 4 * ulp * mean.abs() + 1e-6).all()
+    assert ((model[1].running_var.double() - var).abs() <= 4 * ulp * var).all()
