@@ -109,8 +109,7 @@ def recover_moments(
     constant channel has. Direct moments pass through unchanged with ``f = n = 1`` and zero old
     buffers (their bound, 4 ulp of var_B, is never above a positive var_B).
     """
-    count = np.asarray(count, dtype=np.float64)
-    bessel = np.where(count > 1, (count - 1.0) / np.maximum(count, 1.0), 1.0)
+    bessel = _bessel(count)
     with np.errstate(all="ignore"):
         mean = mean_old + (mean_new - mean_old) / factor
         var = (var_new - (1.0 - factor) * var_old) / factor * bessel
@@ -119,10 +118,17 @@ def recover_moments(
     return mean, var
 
 
+def _bessel(count: float | np.ndarray) -> np.ndarray:
+    """``(n-1)/n`` for n > 1, else 1: from the unbiased variance back to the biased one."""
+    count = np.asarray(count, dtype=np.float64)
+    out: np.ndarray = np.where(count > 1, (count - 1.0) / np.maximum(count, 1.0), 1.0)
+    return out
+
+
 def _ulp32(x: np.ndarray) -> np.ndarray:
-    """The spacing of float32 numbers at abs(x) (x itself given in float64)."""
-    with np.errstate(all="ignore"):
-        out: np.ndarray = np.spacing(np.abs(x).astype(np.float32)).astype(np.float64)
+    """The spacing of float32 numbers at x >= 0 (given in float64; the callers' maxima of
+    absolute values), the caller silencing numpy's warnings (x beyond float32 gives inf)."""
+    out: np.ndarray = np.spacing(x.astype(np.float32)).astype(np.float64)
     return out
 
 
@@ -160,13 +166,25 @@ def recovery_bounds(
     with ulp the float32 spacing; the new buffers are predicted from the old ones and the
     batch moments, so the bound is known for a layer measured directly too.
     """
-    count = np.asarray(count, dtype=np.float64)
-    bessel = np.where(count > 1, (count - 1.0) / np.maximum(count, 1.0), 1.0)
+    bessel = _bessel(count)
     with np.errstate(all="ignore"):
-        mean_new = (1.0 - factor) * mean_old + factor * mean
-        var_new = (1.0 - factor) * var_old + factor * var / bessel
-        err_mean = ULPS * _ulp32(np.maximum(np.abs(mean_old), np.abs(mean_new))) / factor
-        err_var = ULPS * _ulp32(np.maximum(np.abs(var_old), np.abs(var_new))) / factor * bessel
+        return _recovery_bounds(mean_old, var_old, mean, var, factor, bessel)
+
+
+def _recovery_bounds(
+    mean_old: np.ndarray,
+    var_old: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    factor: float | np.ndarray,
+    bessel: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`recovery_bounds` with ``(n-1)/n`` given, the caller silencing numpy's warnings."""
+    keep = 1.0 - factor
+    mean_new = keep * mean_old + factor * mean
+    var_new = keep * var_old + factor * var / bessel
+    err_mean = ULPS * _ulp32(np.maximum(np.abs(mean_old), np.abs(mean_new))) / factor
+    err_var = ULPS * _ulp32(np.maximum(np.abs(var_old), np.abs(var_new))) / factor * bessel
     return err_mean, err_var
 
 
@@ -181,8 +199,9 @@ def recovery_ill_conditioned(
     """Per channel: recovering these moments would not be accurate to ``RECOVERY_VAR_RTOL``
     (relative, var_B) and ``RECOVERY_MEAN_TOL`` (batch standard deviations, mu_B). Dead
     channels (var_B = 0) always are."""
-    err_mean, err_var = recovery_bounds(mean_old, var_old, mean, var, factor, count)
+    bessel = _bessel(count)
     with np.errstate(all="ignore"):
+        err_mean, err_var = _recovery_bounds(mean_old, var_old, mean, var, factor, bessel)
         ok = (err_var <= RECOVERY_VAR_RTOL * var) & (err_mean <= RECOVERY_MEAN_TOL * np.sqrt(var))
     ill: np.ndarray = ~ok
     return ill
