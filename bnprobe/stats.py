@@ -109,8 +109,7 @@ def recover_moments(
     constant channel has. Direct moments pass through unchanged with ``f = n = 1`` and zero old
     buffers (their bound, 4 ulp of var_B, is never above a positive var_B).
     """
-    count = np.asarray(count, dtype=np.float64)
-    bessel = np.where(count > 1, (count - 1.0) / np.maximum(count, 1.0), 1.0)
+    bessel = _bessel(count)
     with np.errstate(all="ignore"):
         mean = mean_old + (mean_new - mean_old) / factor
         var = (var_new - (1.0 - factor) * var_old) / factor * bessel
@@ -119,10 +118,17 @@ def recover_moments(
     return mean, var
 
 
+def _bessel(count: float | np.ndarray) -> np.ndarray:
+    """``(n-1)/n`` for n > 1, else 1: from the unbiased variance back to the biased one."""
+    count = np.asarray(count, dtype=np.float64)
+    out: np.ndarray = np.where(count > 1, (count - 1.0) / np.maximum(count, 1.0), 1.0)
+    return out
+
+
 def _ulp32(x: np.ndarray) -> np.ndarray:
-    """The spacing of float32 numbers at abs(x) (x itself given in float64)."""
-    with np.errstate(all="ignore"):
-        out: np.ndarray = np.spacing(np.abs(x).astype(np.float32)).astype(np.float64)
+    """The spacing of float32 numbers at x >= 0 (given in float64; the callers' maxima of
+    absolute values), the caller silencing numpy's warnings (x beyond float32 gives inf)."""
+    out: np.ndarray = np.spacing(x.astype(np.float32)).astype(np.float64)
     return out
 
 
@@ -160,13 +166,25 @@ def recovery_bounds(
     with ulp the float32 spacing; the new buffers are predicted from the old ones and the
     batch moments, so the bound is known for a layer measured directly too.
     """
-    count = np.asarray(count, dtype=np.float64)
-    bessel = np.where(count > 1, (count - 1.0) / np.maximum(count, 1.0), 1.0)
+    bessel = _bessel(count)
     with np.errstate(all="ignore"):
-        mean_new = (1.0 - factor) * mean_old + factor * mean
-        var_new = (1.0 - factor) * var_old + factor * var / bessel
-        err_mean = ULPS * _ulp32(np.maximum(np.abs(mean_old), np.abs(mean_new))) / factor
-        err_var = ULPS * _ulp32(np.maximum(np.abs(var_old), np.abs(var_new))) / factor * bessel
+        return _recovery_bounds(mean_old, var_old, mean, var, factor, bessel)
+
+
+def _recovery_bounds(
+    mean_old: np.ndarray,
+    var_old: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    factor: float | np.ndarray,
+    bessel: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`recovery_bounds` with ``(n-1)/n`` given, the caller silencing numpy's warnings."""
+    keep = 1.0 - factor
+    mean_new = keep * mean_old + factor * mean
+    var_new = keep * var_old + factor * var / bessel
+    err_mean = ULPS * _ulp32(np.maximum(np.abs(mean_old), np.abs(mean_new))) / factor
+    err_var = ULPS * _ulp32(np.maximum(np.abs(var_old), np.abs(var_new))) / factor * bessel
     return err_mean, err_var
 
 
@@ -181,8 +199,9 @@ def recovery_ill_conditioned(
     """Per channel: recovering these moments would not be accurate to ``RECOVERY_VAR_RTOL``
     (relative, var_B) and ``RECOVERY_MEAN_TOL`` (batch standard deviations, mu_B). Dead
     channels (var_B = 0) always are."""
-    err_mean, err_var = recovery_bounds(mean_old, var_old, mean, var, factor, count)
+    bessel = _bessel(count)
     with np.errstate(all="ignore"):
+        err_mean, err_var = _recovery_bounds(mean_old, var_old, mean, var, factor, bessel)
         ok = (err_var <= RECOVERY_VAR_RTOL * var) & (err_mean <= RECOVERY_MEAN_TOL * np.sqrt(var))
     ill: np.ndarray = ~ok
     return ill
@@ -285,9 +304,15 @@ def warmup_residual(n: np.ndarray, n0: np.ndarray, momentum: np.ndarray) -> np.n
     updates: (1-m)**(n-n0) for momentum m, and for ``momentum=None`` (negative here; a
     cumulative average) 1 when n == n0 else 0. Unknown n or n0 (NaN) gives 0."""
     with np.errstate(all="ignore"):
-        steps = np.maximum(n - n0, 0.0)
-        r = np.where(momentum < 0, (steps == 0).astype(np.float64), (1.0 - momentum) ** steps)
-    return np.where(np.isfinite(r), np.clip(r, 0.0, 1.0), 0.0)
+        return _warmup_residual(n, n0, momentum)
+
+
+def _warmup_residual(n: np.ndarray, n0: np.ndarray, momentum: np.ndarray) -> np.ndarray:
+    """:func:`warmup_residual`, the caller silencing numpy's warnings."""
+    steps = np.maximum(n - n0, 0.0)
+    r = np.where(momentum < 0, steps == 0, (1.0 - momentum) ** steps)  # bool -> 1.0 or 0.0
+    out: np.ndarray = np.where(np.isfinite(r), r.clip(0.0, 1.0), 0.0)
+    return out
 
 
 def excess_shifts(
@@ -308,14 +333,58 @@ def excess_shifts(
     initial buffers' share r taken out). 0 where 1 - r < ``WARMUP_LEARNED_MIN``.
     """
     with np.errstate(all="ignore"):
-        one = 1.0 - r
-        warm = r > 0
-        mu_s = np.where(warm, (mu_r - r * mean0) / one, mu_r)
-        var_s = np.where(warm, np.maximum((var_r - r * var0) / one, 0.0), var_r)
-        learned = one >= WARMUP_LEARNED_MIN
+        mu_s, var_s, learned = _corrected(mu_r, var_r, r, mean0, var0)
         d = np.where(learned, mean_shift(mean, mu_s, var_s, eps), 0.0)
         v = np.where(learned, var_shift(var, var_s, eps), 0.0)
     return d, v
+
+
+def _corrected(
+    mu_r: np.ndarray, var_r: np.ndarray, r: np.ndarray, mean0: np.ndarray, var0: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The warm-up-corrected ``mu_R*``, ``var_R*`` of :func:`excess_shifts` and where 1 - r is
+    at least ``WARMUP_LEARNED_MIN`` (the caller silencing numpy's warnings)."""
+    one = 1.0 - r
+    warm = r > 0
+    mu_s = np.where(warm, (mu_r - r * mean0) / one, mu_r)
+    var_s = np.where(warm, np.maximum((var_r - r * var0) / one, 0.0), var_r)
+    learned: np.ndarray = one >= WARMUP_LEARNED_MIN
+    return mu_s, var_s, learned
+
+
+class _Layout(NamedTuple):
+    """What :func:`segment_metrics` needs of a concatenation's layer sizes alone: the same at
+    every step of a run (cached, read-only)."""
+
+    c: np.ndarray  # channels per layer, float64
+    starts: np.ndarray  # each layer's first channel
+    bessel: np.ndarray  # C - 1, at least 1
+    nan: np.ndarray  # per channel: defaults of the optional fields
+    ones: np.ndarray
+    momentum: np.ndarray
+
+
+_LAYOUTS: dict[tuple[int, str, bytes], _Layout] = {}
+
+
+def _layout(channels: np.ndarray, size: int) -> _Layout:
+    key = (size, channels.dtype.str, channels.tobytes())
+    found = _LAYOUTS.get(key)
+    if found is None:
+        if len(_LAYOUTS) >= 16:
+            _LAYOUTS.clear()
+        c = channels.astype(np.float64)
+        found = _LAYOUTS[key] = _Layout(
+            c,
+            np.concatenate([[0], np.cumsum(channels)[:-1]]),
+            np.maximum(c - 1.0, 1.0),  # one channel: std 0
+            np.full(size, np.nan),
+            np.ones(size, dtype=bool),
+            np.full(size, 0.1),
+        )
+        for array in found:
+            array.setflags(write=False)
+    return found
 
 
 def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -323,69 +392,82 @@ def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.
 
     Returns ``{metric: one value per layer}`` (a layer row is the channel mean of the per-channel
     quantity, or its max for ``*_max``; module docstring for d, v and KL) and the concatenated
-    per-channel vectors ``d``, ``v``, ``kl`` (d and v signed). The per-layer sums and maxima of
-    all quantities take three numpy calls for all layers (``ufunc.reduceat`` over stacked
-    rows), so the cost hardly grows with the number of layers or metrics. Division by zero
-    gives inf/NaN, never a warning, as in torch; NaN propagates into means and maxima.
+    per-channel vectors ``d``, ``v``, ``kl``, ``d_excess``, ``v_excess`` (d and v signed).
+
+    The per-channel quantities are rows of a few stacked arrays, each formula applied once to
+    all rows that share it (d and d* together, v and v* together), and the per-layer sums and
+    maxima of all of them take three numpy calls (``ufunc.reduceat`` over the stacked rows); what
+    depends only on the layer sizes is computed once per run (:func:`_layout`). So a measured
+    step costs a fixed few dozen numpy calls whatever the number of layers, with the same
+    arithmetic (bit for bit) as each formula written out alone (:func:`mean_shift`,
+    :func:`var_shift`, :func:`kl_divergence`, :func:`warmup_residual`, :func:`excess_shifts`).
+    Division by zero gives inf/NaN, never a warning, as in torch; NaN propagates into means
+    and maxima.
     """
-    c = seg.channels.astype(np.float64)
-    starts = np.concatenate([[0], np.cumsum(seg.channels)[:-1]])
-
-    def totals(*xs: np.ndarray) -> np.ndarray:  # one row of per-layer sums per argument
-        return np.add.reduceat(np.stack(xs, dtype=np.float64), starts, axis=1)
-
-    def each(x: np.ndarray) -> np.ndarray:  # one value per layer -> one per channel
-        return np.repeat(x, seg.channels)
-
     size = len(seg.mean)
-    nan = np.full(size, np.nan)
-    running = seg.running if seg.running is not None else np.ones(size, dtype=bool)
-    n = seg.n if seg.n is not None else nan
-    n0 = seg.n0 if seg.n0 is not None else nan
-    momentum = seg.momentum if seg.momentum is not None else np.full(size, 0.1)
-    mean0 = seg.mean0 if seg.mean0 is not None else nan
-    var0 = seg.var0 if seg.var0 is not None else nan
+    lay = _layout(seg.channels, size)
+    c, starts = lay.c, lay.starts
+    mean, var, mu_r, var_r, eps = seg.mean, seg.var, seg.mu_r, seg.var_r, seg.eps
+    g, b = seg.gamma, seg.beta
+    running = seg.running if seg.running is not None else lay.ones
+    n = seg.n if seg.n is not None else lay.nan
+    n0 = seg.n0 if seg.n0 is not None else lay.nan
+    momentum = seg.momentum if seg.momentum is not None else lay.momentum
+    mean0 = seg.mean0 if seg.mean0 is not None else lay.nan
+    var0 = seg.var0 if seg.var0 is not None else lay.nan
     with np.errstate(all="ignore"):
-        d = mean_shift(seg.mean, seg.mu_r, seg.var_r, seg.eps)
-        v = var_shift(seg.var, seg.var_r, seg.eps)
-        kl = kl_divergence(d, v)
-        r = warmup_residual(n, n0, momentum)
-        dx, vx = excess_shifts(seg.mean, seg.var, seg.mu_r, seg.var_r, seg.eps, r, mean0, var0)
-        ad, av, adx, avx = np.abs(d), np.abs(v), np.abs(dx), np.abs(vx)
-        g, b = seg.gamma, seg.beta
-        ag = np.abs(g)
-        outlier = (ad > OUTLIER_MEAN_SHIFT) | (av > OUTLIER_LOG_VAR_RATIO)
-        derived = np.isfinite(d) & np.isfinite(v) & np.isfinite(kl)
-        derived &= np.isfinite(dx) & np.isfinite(vx)
-        nonfinite = ~(np.isfinite(seg.mean) & np.isfinite(seg.var)) | (running & ~derived)
-        invalid = ~(np.isfinite(seg.mu_r) & np.isfinite(seg.var_r)) | (seg.var_r < 0)
-        small = seg.var < SMALL_VAR_EPS_FACTOR * seg.eps
-        means = {  # the layer row is the channel mean (running_invalid: the sum, below)
-            "batch_mean": seg.mean, "batch_var": seg.var, "running_mean": seg.mu_r,
-            "running_var": seg.var_r, "mean_shift": ad, "var_shift": av, "kl": kl,
-            "outlier_frac": outlier, "var_small_frac": small, "gamma_mean": g, "beta_mean": b,
-            "mean_shift_excess": adx, "var_shift_excess": avx, "running_invalid": invalid,
-            "num_batches_tracked": n, "warmup_residual": r,
+        r = _warmup_residual(n, n0, momentum)
+        mu_s, var_s, learned = _corrected(mu_r, var_r, r, mean0, var0)
+        # rows d, d*, v, v*: against the running statistics and the warm-up-corrected ones
+        shift = np.empty((4, size))
+        var_eps = np.concatenate((var_r, var_s)).reshape(2, size) + eps
+        mu = np.concatenate((mu_r, mu_s)).reshape(2, size)
+        np.divide(mean - mu, np.sqrt(var_eps), out=shift[0:2])  # mean_shift
+        np.log((var + eps) / var_eps, out=shift[2:4])  # var_shift
+        np.copyto(shift[1::2], 0.0, where=~learned)  # d*, v*: 0 until something is learned
+        d, dx, v, vx = shift
+        # rows summed per layer; the first six also maxed
+        rows = np.empty((21, size))
+        np.abs(shift, out=rows[0:4])  # |d|, |d*|, |v|, |v*|
+        np.multiply(0.5, np.exp(v) + d * d - 1.0 - v, out=rows[4])  # kl_divergence
+        ad, _, av, _, kl, ag = rows[0:6]
+        np.abs(g, out=ag)
+        finite = np.isfinite(rows[0:5])
+        derived = finite[0] & finite[1] & finite[2] & finite[3] & finite[4]
+        np.concatenate(
+            (
+                mean, var, mu_r, var_r, g, b, n, r,
+                (ad > OUTLIER_MEAN_SHIFT) | (av > OUTLIER_LOG_VAR_RATIO),
+                var < SMALL_VAR_EPS_FACTOR * eps,
+                ~(np.isfinite(mu_r) & np.isfinite(var_r)) | (var_r < 0),
+                ~(np.isfinite(mean) & np.isfinite(var)) | (running & ~derived),  # nonfinite
+                g - seg.gamma0, b - seg.beta0, seg.gamma0,
+            ),
+            out=rows[6:21].reshape(-1),
+        )  # fmt: skip
+        np.square(rows[18:21], out=rows[18:21])  # drifts and ||gamma_0||**2
+        totals = np.add.reduceat(rows, starts, axis=1)
+        peaks = np.maximum.reduceat(rows[0:6], starts, axis=1)
+        per_layer = totals[0:17] / c  # the layer row is the channel mean
+        m = per_layer
+        out: dict[str, np.ndarray] = {
+            "batch_mean": m[6], "batch_var": m[7], "running_mean": m[8], "running_var": m[9],
+            "mean_shift": m[0], "var_shift": m[2], "kl": m[4], "outlier_frac": m[14],
+            "var_small_frac": m[15], "gamma_mean": m[10], "beta_mean": m[11],
+            "mean_shift_excess": m[1], "var_shift_excess": m[3],
+            "running_invalid": np.rint(m[16] * c),  # a count, not a fraction
+            "num_batches_tracked": m[12], "warmup_residual": m[13],
+            "mean_shift_max": peaks[0], "var_shift_max": peaks[2], "kl_max": peaks[4],
+            "mean_shift_excess_max": peaks[1], "var_shift_excess_max": peaks[3],
         }  # fmt: skip
-        out: dict[str, np.ndarray] = dict(zip(means, totals(*means.values()) / c, strict=True))
-        out["running_invalid"] = np.rint(out["running_invalid"] * c)  # a count, not a fraction
-        peaks = np.maximum.reduceat(np.stack([ad, av, kl, ag, adx, avx]), starts, axis=1)
-        out |= dict(zip(("mean_shift_max", "var_shift_max", "kl_max"), peaks[:3], strict=True))
-        out["mean_shift_excess_max"], out["var_shift_excess_max"] = peaks[4], peaks[5]
-        gamma_mean, beta_mean = out["gamma_mean"], out["beta_mean"]
-        spread_g, spread_b, drift_g, drift_b, ref_g, small_g, bad = totals(
-            (g - each(gamma_mean)) ** 2,
-            (b - each(beta_mean)) ** 2,
-            (g - seg.gamma0) ** 2,
-            (b - seg.beta0) ** 2,
-            seg.gamma0**2,
-            ag < SMALL_GAMMA * each(peaks[3]),
-            nonfinite,
-        )
-        bessel = np.maximum(c - 1.0, 1.0)  # one channel: std 0
-        out["nonfinite"] = bad
-        out["gamma_std"] = np.sqrt(spread_g / bessel)
-        out["beta_std"] = np.sqrt(spread_b / bessel)
+        spread = np.empty((3, size))
+        np.square(rows[10:12] - per_layer[10:12].repeat(seg.channels, axis=1), out=spread[0:2])
+        np.less(ag, SMALL_GAMMA * peaks[5].repeat(seg.channels), out=spread[2])
+        spread_g, spread_b, small_g = np.add.reduceat(spread, starts, axis=1)
+        drift_g, drift_b, ref_g = totals[18:21]
+        out["nonfinite"] = totals[17]
+        out["gamma_std"] = np.sqrt(spread_g / lay.bessel)
+        out["beta_std"] = np.sqrt(spread_b / lay.bessel)
         # relative to ||gamma_0||; to sqrt(C), as beta_drift, when gamma_0 = 0 (zero-init)
         out["gamma_drift"] = np.sqrt(drift_g / np.where(ref_g > 0, ref_g, c))
         out["beta_drift"] = np.sqrt(drift_b / c)

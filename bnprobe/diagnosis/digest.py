@@ -126,6 +126,14 @@ _SMALL_FRAC = frozenset({"var_small_frac"})
 _BATCH_VAR = frozenset({"batch_var"})
 
 
+def _full(n: int, value: Any, dtype: Any) -> np.ndarray:
+    """``np.full(n, value, dtype)`` without its Python-level wrapper (a measured step makes a
+    few of these for every block of rows)."""
+    out = np.empty(n, dtype=dtype)
+    out.fill(value)
+    return out
+
+
 class _Stage:
     """The kept rows of one stage."""
 
@@ -232,7 +240,7 @@ class Digest:
         metric = self._encode_seq(rows.metrics)
         layer = self._encode_seq(rows.layers)
         if rows.channels is None:
-            channel = np.full(n, -1, dtype=np.int64)
+            channel = _full(n, -1, np.int64)
             if self._legacy and self._is(_SMALL_FRAC)[metric].any():
                 self._legacy = False
             self._count(rows.stage, rows.rank, rows.step)
@@ -247,12 +255,15 @@ class Digest:
             value, metric, layer = value[idx], metric[idx], layer[idx]
             channel = np.asarray(rows.channels, dtype=np.int64)[idx]
         m = len(value)
+        stage = self._vocab.get(rows.stage)
+        if stage is None:
+            stage = int(self.encode([rows.stage])[0])
         block = Block(
             np.arange(self.rows_seen, self.rows_seen + m, dtype=np.int64),
-            np.full(m, rows.step, dtype=np.int64),
-            np.full(m, rows.epoch, dtype=np.int64),
-            np.full(m, self.encode([rows.stage])[0], dtype=np.int32),
-            np.full(m, rows.rank, dtype=np.int64),
+            _full(m, rows.step, np.int64),
+            _full(m, rows.epoch, np.int64),
+            _full(m, stage, np.int32),
+            _full(m, rows.rank, np.int64),
             layer,
             channel,
             metric,

@@ -92,22 +92,25 @@ class _Columns:
 
     def extend(self, rows: Rows, keep: np.ndarray | None = None) -> None:
         """Add ``rows`` (only those where ``keep`` is True, if given)."""
+        layers, channels, metrics, values = rows.layers, rows.channels, rows.metrics, rows.values
+        if keep is not None:
+            layers = np.asarray(layers, dtype=object)[keep]
+            metrics = np.asarray(metrics, dtype=object)[keep]
+            values = np.asarray(values, dtype=np.float64)[keep]
+            if channels is not None:
+                channels = np.asarray(channels, dtype=np.int64)[keep]
         cols: dict[str, Any] = {
             "step": rows.step,
             "epoch": rows.epoch,
             "stage": rows.stage,
             "rank": rows.rank,
-            "layer": rows.layers,
-            "channel": -1 if rows.channels is None else rows.channels,
-            "metric": rows.metrics,
-            "value": rows.values,
+            "layer": layers,
+            "channel": -1 if channels is None else channels,
+            "metric": metrics,
+            "value": values,
         }
-        if keep is not None:
-            for c in ("layer", "channel", "metric", "value"):
-                if not np.isscalar(cols[c]):
-                    cols[c] = np.asarray(cols[c], dtype=self._DTYPES[c])[keep]
-        m = int(keep.sum()) if keep is not None else len(rows.metrics)
-        na = rows.channels is None
+        m = len(metrics)
+        na = channels is None
         stop = self.n + m
         if stop > len(self._na):
             capacity = max(stop, 2 * len(self._na), 1024)
