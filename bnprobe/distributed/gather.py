@@ -57,8 +57,9 @@ STEP_HEADER = 5
 key."""
 
 NOTE_BYTES = 4096
-"""Bytes of a rank's note (layouts, causes, warnings: zlib-compressed pickle) carried per
-exchange; a longer note travels over several exchanges."""
+"""Bytes of a rank's note (layouts, causes, warnings: zlib-compressed pickle) carried per step
+of room in an exchange (``batch_steps`` x this per exchange: a batch carries as much of a note
+as that many single steps did); a longer note travels over several exchanges."""
 
 BATCH = 32
 """Measured steps per exchange by default (:class:`RankGather` ``batch``)."""
@@ -80,7 +81,7 @@ def capacity(channels: Sequence[int]) -> int:
 @dataclass(frozen=True)
 class Layout:
     """What one rank's float64 values of a step mean: a name per value, sent only when it
-    changes (and then only in pieces of :data:`NOTE_BYTES` per exchange); known by its
+    changes (and then only in pieces of :meth:`RankGather.note_bytes` per exchange); known by its
     :attr:`key` otherwise.
 
     ``layers`` and ``metrics`` name the layer rows (channel NA) of stage ``train``, one entry
@@ -137,7 +138,7 @@ class RankGather:
 
     - a header: how many steps it holds, and where this exchange's piece of its note sits in
       the whole note;
-    - a piece of :data:`NOTE_BYTES` of its note (:class:`_Note`: new layouts, causes of
+    - a piece of :attr:`note_bytes` of its note (:class:`_Note`: new layouts, causes of
       failures, warnings to pass on), when it has one; nearly always empty;
     - per step: step, epoch, status (rows / nothing / failed), the length of its values, the
       key of their :class:`Layout`, then the values.
@@ -197,6 +198,11 @@ class RankGather:
         """Whether the steps added so far fill an exchange (call :meth:`exchange` now): a
         function of the number of added steps alone, the same on every rank."""
         return len(self._steps) >= self.batch_steps
+
+    @property
+    def note_bytes(self) -> int:
+        """Bytes of note an exchange carries: :data:`NOTE_BYTES` per step of room."""
+        return NOTE_BYTES * self.batch_steps
 
     def tell(self, message: str) -> None:
         """Pass a warning of this rank (not 0) to rank 0 with the next exchange: ranks other
@@ -318,8 +324,8 @@ class RankGather:
         if not self._note and self._next:  # one note at a time, whole
             self._note, self._note_at = zlib.compress(pickle.dumps(self._next)), 0
             self._next = _Note()
-        piece = self._note[self._note_at : self._note_at + NOTE_BYTES]
-        slots = NOTE_BYTES // 8
+        piece = self._note[self._note_at : self._note_at + self.note_bytes]
+        slots = self.note_bytes // 8
         width = STEP_HEADER + self._cap
         send = np.zeros(HEADER + slots + self.batch_steps * width, dtype=np.float64)
         send[:HEADER].view(np.int64)[:] = [
@@ -357,7 +363,7 @@ class RankGather:
             return []
 
     def _decode(self, table: np.ndarray, *, step: int, epoch: int) -> list[Rows]:
-        slots = NOTE_BYTES // 8
+        slots = self.note_bytes // 8
         assert self._cap is not None
         width = STEP_HEADER + self._cap
         world = len(table)
