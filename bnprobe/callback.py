@@ -31,6 +31,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from bnprobe import recorder as _recorder
 from bnprobe.distributed import RankGather
 from bnprobe.distributed import capacity as gather_capacity
+from bnprobe.distributed.gather import BATCH as GATHER_BATCH
 from bnprobe.drive import RECAL_HELD, check_hooks_fired, probe, sync_world_size
 from bnprobe.options import (
     LOG_TO,
@@ -40,7 +41,7 @@ from bnprobe.options import (
     scalar_metric_names,
 )
 from bnprobe.recorder import Recorder, summary_text, switched_off
-from bnprobe.store import Rows, Store
+from bnprobe.store import Store
 from bnprobe.tap import BNTap, LayerSelection, Snapshot, find_layers
 from bnprobe.tensorboard import EventWriter, tag_root
 
@@ -85,6 +86,11 @@ class BNProbeBase:
             measured step only (default 1: every measured step). Rank 0 keeps its own rows at
             every measured step; what it holds for the other ranks shrinks k-fold
             (docs/scaling.md). No effect in a single process.
+        gather_batch: under DDP, the most gathered steps whose rows travel to rank 0 in one
+            collective (default 32): the collective's fixed cost is paid once per that many
+            steps, and rank 0 gets the other ranks' rows and ``rank_divergence`` up to that
+            many gathered steps late (always before the end of each epoch, each checkpoint and
+            the end of fit). 1: at every gathered step. No effect in a single process.
 
     Two probes with different options may share one Trainer: each keeps its own checkpoint
     state under :attr:`state_key` (give them different ``save_dir`` folders).
@@ -147,11 +153,11 @@ class BNProbeBase:
         log_to: str = "tensorboard",
         scalars: str | Sequence[str] | None = None,
         gather_every: int = 1,
+        gather_batch: int = GATHER_BATCH,
     ) -> None:
-        if isinstance(gather_every, bool) or not isinstance(gather_every, int) or gather_every < 1:
-            raise ValueError(
-                f"BNProbe(gather_every=...) must be a positive int; got {gather_every!r}"
-            )
+        for name, value in (("gather_every", gather_every), ("gather_batch", gather_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BNProbe({name}=...) must be a positive int; got {value!r}")
         self._scalar_metrics = check_options(
             every_n_steps=every_n_steps,
             layers=layers,
@@ -174,6 +180,7 @@ class BNProbeBase:
         self.log_to = log_to
         self.scalars = scalars
         self.gather_every = gather_every
+        self.gather_batch = gather_batch
         self.tap: BNTap | None = None
         self.recorder = Recorder(warn=self._warn)
         self._every = every_n_steps or 1
@@ -271,7 +278,9 @@ class BNProbeBase:
         self._writes = bool(trainer.is_global_zero)
         if self._world_size > 1:  # first, and whatever fails next: the collectives need it
             bound = partial(gather_capacity, [m.num_features for m in found.values()])
-            self._ranks = self._gather_class({}, warn=self._warn, capacity=bound)
+            self._ranks = self._gather_class(
+                {}, warn=self._warn, capacity=bound, batch=self.gather_batch
+            )
         self.recorder.guard("setting up", partial(self._setup, trainer, pl_module))
 
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -364,12 +373,10 @@ class BNProbeBase:
             self._checked_hooks = True
             check = partial(check_hooks_fired, self.tap, pl_module, self._warn)
             self.recorder.guard("checking that the hooks run", check)
-        if self._ranks is not None and self._gathers(step):
-            others = self._exchange(snap, why, step, epoch)  # every rank: never skip it
-            if snap is not None and others:
-                snap = Snapshot([*snap.parts, *others], snap.channels)
         if snap is not None:
             self.recorder.guard("recording measurements", partial(self._record, snap))
+        if self._ranks is not None and self._gathers(step):
+            self._exchange(snap, why, step, epoch)  # every rank: never skip it
 
     def _collect(self, tap: BNTap, trainer: pl.Trainer, step: int, epoch: int) -> Snapshot:
         """This step's measurements (the tap's :meth:`~bnprobe.tap.BNTap.collect`)."""
@@ -414,7 +421,7 @@ class BNProbeBase:
         self._probe_agreed(trainer, pl_module, batch)
         self._recal_batches = []
         if self._ranks is not None:  # what the other ranks could not say, said by rank 0
-            self._exchange(None, None, step, int(trainer.current_epoch))
+            self._flush_ranks(step, int(trainer.current_epoch))
 
     def _probe_agreed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """The train/eval probe; under DDP with SyncBatchNorm layers its forwards are
@@ -448,13 +455,15 @@ class BNProbeBase:
         return any(isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules())
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._ranks is not None:  # the other ranks' rows of this epoch, before the figures
+            self._flush_ranks(int(trainer.global_step), int(trainer.current_epoch))
         if self._writes:
             self.recorder.draw_figures(int(trainer.global_step))
         self.recorder.flush()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._ranks is not None:  # the last warnings of the other ranks
-            self._exchange(None, None, int(trainer.global_step), int(trainer.current_epoch))
+        if self._ranks is not None:  # the other ranks' last rows and warnings
+            self._flush_ranks(int(trainer.global_step), int(trainer.current_epoch))
         self.recorder.flush()
         if self.summary and self._writes and self.tap is not None:
             self.recorder.guard("summarizing findings", self._print_summary)
@@ -498,7 +507,11 @@ class BNProbeBase:
     ) -> None:
         """Save the store before the checkpoint is written, so that the store is at least as
         recent as any checkpoint: a run resumed from it re-measures from there and has no hole
-        (rows measured after the last save would otherwise be lost with the process)."""
+        (rows measured after the last save would otherwise be lost with the process); under
+        DDP the other ranks' rows waiting for their exchange come first (every rank saves the
+        same checkpoints: Lightning calls this on every rank)."""
+        if self._ranks is not None:
+            self._flush_ranks(int(trainer.global_step), int(trainer.current_epoch))
         self.recorder.flush()
 
     def on_load_checkpoint(
@@ -536,13 +549,22 @@ class BNProbeBase:
         the step alone, so every rank answers the same."""
         return (step // self._every) % self.gather_every == 0
 
-    def _exchange(
-        self, snap: Snapshot | None, why: str | None, step: int, epoch: int
-    ) -> list[Rows] | None:
-        """Rows of the other ranks and rank_divergence (rank 0), through collectives that every
-        rank calls; ``why``: why this rank has no rows. Only a broken process group raises in
-        there: then gathering stops on this rank with a warning (the other ranks see the same
-        error, or time out once, and stop too)."""
+    def _exchange(self, snap: Snapshot | None, why: str | None, step: int, epoch: int) -> None:
+        """Add this gathered step's rows for rank 0 (``why``: why this rank has none), and
+        exchange them with the other ranks when a batch is full (:attr:`RankGather.due`: by the
+        count of gathered steps alone, the same on every rank)."""
+        ranks = self._ranks
+        assert ranks is not None
+        ranks.add(snap, step=step, epoch=epoch, error=why)
+        if ranks.due:
+            self._flush_ranks(step, epoch)
+
+    def _flush_ranks(self, step: int, epoch: int) -> None:
+        """Exchange the gathered steps not sent yet (a collective every rank calls at the same
+        points, with or without steps) and record, on rank 0, the other ranks' rows and the
+        rank_divergence they bring. Only a broken process group raises in the exchange: then
+        gathering stops on this rank with a warning (the other ranks see the same error, or
+        time out once, and stop too)."""
         ranks = self._ranks
         assert ranks is not None
         if not self._writes and self.tap is not None:
@@ -550,14 +572,16 @@ class BNProbeBase:
                 ranks.tell(line)  # a layer switched off on this rank: rank 0 says so
             self._told_failures = len(self.tap.failures)
         try:
-            return ranks.gather(snap, step=step, epoch=epoch, error=why)
+            others = ranks.exchange(step=step, epoch=epoch)
         except Exception as err:
             self._ranks = None
             self._warn(
                 f"BNProbe: gathering the rows of every rank failed with {type(err).__name__}: "
                 f"{err}. Rank 0's table now holds its own rows only; training goes on."
             )
-            return None
+            return
+        if others:
+            self.recorder.guard("recording measurements", partial(self._record, Snapshot(others)))
 
     def _agree(self, value: int, op: str) -> int:
         """:meth:`RankGather.agree`, or ``value`` once gathering stopped (see :meth:`_exchange`)."""

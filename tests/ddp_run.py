@@ -120,11 +120,67 @@ def fit(out: Path, name: str, *, broadcast_buffers: bool = True, odd: bool = Fal
         (folder / "failures.json").write_text(json.dumps(probe.tap.failures))
 
 
+class StoreAtCheckpoint(pl.Callback):
+    """Rank 0: the (rank, step) pairs of stage train in the probe's store at each checkpoint
+    (placed after the probe, which flushes before a checkpoint)."""
+
+    def __init__(self, probe: BNProbe) -> None:
+        self.probe = probe
+        self.seen: dict[int, list[list[int]]] = {}
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Any) -> None:
+        if RANK == 0:
+            df = self.probe.to_dataframe(stages=["train"])
+            pairs = df[["rank", "step"]].drop_duplicates().sort_values(["rank", "step"])
+            self.seen[int(trainer.global_step)] = pairs.to_numpy().tolist()
+
+
+def fit_batched(out: Path, name: str = "batched") -> None:
+    """Two epochs of 7 steps, 3 gathered steps per exchange, a checkpoint every 5 steps: the
+    other rank's rows of a batch cut short by an epoch end, a checkpoint or the end of fit
+    arrive all the same."""
+    pl.seed_everything(0)
+    lit = Lit(Net())
+    record = RecordRunning(lit)
+    probe = BNProbe(every_n_steps=1, save_dir=out / name / "store", summary=False, gather_batch=3)
+    seen = StoreAtCheckpoint(probe)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        default_root_dir=out / name,
+        logger=TensorBoardLogger(out / name, name="tb"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        log_every_n_steps=1,
+        callbacks=[
+            record,
+            probe,
+            seen,
+            pl.callbacks.ModelCheckpoint(
+                dirpath=out / name / "ckpt", every_n_train_steps=5, save_top_k=-1
+            ),
+        ],
+    )
+    trainer.fit(lit, loader((6,), n=16 * 7, batch_size=16, seed=10 + RANK))
+    folder = out / name / f"rank{RANK}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "reference.json").write_text(
+        json.dumps({"metrics": record.metrics, "running": record.running})
+    )
+    if RANK == 0:
+        probe.to_dataframe().to_parquet(folder / "table.parquet")
+        (folder / "checkpoints.json").write_text(json.dumps(seen.seen))
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     fit(out, "broadcast")
     fit(out, "diverge", broadcast_buffers=False)
     fit(out, "odd", odd=True)
+    fit_batched(out)
     torch.distributed.barrier()
 
 

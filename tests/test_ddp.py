@@ -67,6 +67,33 @@ def test_rank0_table_holds_every_ranks_rows_with_its_values(ddp_out: Path) -> No
     assert (by_rank[0] != by_rank[1]).all()
 
 
+def test_batched_exchange_loses_nothing_at_epoch_end_checkpoint_or_fit_end(ddp_out: Path) -> None:
+    """``gather_batch=3`` over two epochs of 7 steps with a checkpoint every 5 steps: batches
+    are cut short by each epoch end (step 6), checkpoint (after steps 4 and 9) and the end of fit
+    (step 13), and every row of rank 1 arrives, with its own values."""
+    df = _table(ddp_out, "batched")
+    train = df[df["stage"] == "train"]
+    for rank in (0, 1):
+        assert sorted(train[train["rank"] == rank]["step"].unique()) == list(range(14))
+    got = train.set_index(["rank", "step", "layer", "metric"])["value"]
+    ref = _reference(ddp_out, "batched", 1)["metrics"]
+    checked = 0
+    for step, layers in ref.items():
+        for layer, metrics in layers.items():
+            for metric, value in metrics.items():
+                assert got[1, int(step), layer, metric] == pytest.approx(value, rel=2e-4, abs=1e-7)
+                checked += 1
+    assert checked >= 14 * 2 * 13
+    div = train[train["metric"] == "rank_divergence"]
+    assert sorted(div["step"]) == sorted(list(range(14)) * 2)
+    assert (div["value"] == 0.0).all() and set(div["rank"]) == {0}
+    # at each checkpoint the store already holds every rank's rows of every step before it
+    seen = json.loads((ddp_out / "batched" / "rank0" / "checkpoints.json").read_text())
+    assert sorted(int(s) for s in seen) == [5, 10]
+    for at, pairs in seen.items():
+        assert pairs == [[r, s] for r in (0, 1) for s in range(int(at))], at
+
+
 def test_broadcast_buffers_keeps_ranks_identical(ddp_out: Path) -> None:
     df = _table(ddp_out, "broadcast")
     div = df[df["metric"] == "rank_divergence"]
@@ -237,6 +264,8 @@ def test_gather_every_is_checked_and_gathers_every_kth_measured_step() -> None:
 
     with pytest.raises(ValueError, match=r"gather_every=.*positive int; got 0"):
         BNProbe(gather_every=0)
+    with pytest.raises(ValueError, match=r"gather_batch=.*positive int; got True"):
+        BNProbe(gather_batch=True)
     probe = BNProbe(every_n_steps=5, gather_every=3)
     probe._every = 5
     assert [s for s in range(0, 60, 5) if probe._gathers(s)] == [0, 15, 30, 45]

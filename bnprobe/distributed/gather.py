@@ -1,14 +1,19 @@
-"""One collective per measured step: every rank's train rows to rank 0, failures included.
+"""Every rank's train rows to rank 0, failures included, several measured steps per collective.
 
 Uses ``torch.distributed`` only (no Lightning). Under DDP every rank runs its own probe; at each
-logging step every rank calls :meth:`RankGather.gather` (a collective: it must be called by all
-ranks, at the same steps, whatever happened inside the probe on any of them), which sends one
-float64 vector per rank to rank 0 (the names of its values, a :class:`Layout`, only when they
-change):
+gathered step every rank :meth:`~RankGather.add`\\ s its rows (local: no communication), and calls
+:meth:`RankGather.exchange` (a collective: it must be called by all ranks, at the same steps,
+whatever happened inside the probe on any of them) when :attr:`RankGather.due` says so, and at
+the end of each epoch, before a checkpoint and at the end of fit. An exchange sends one float64
+vector per rank to rank 0 holding the steps added since the last one (the names of its values, a
+:class:`Layout`, only when they change), per step:
 
 - the layer-aggregate rows of stage ``train`` (about 25 numbers per BN layer), and
 - the per-channel running moments mu_R, var_R of each layer (2·C numbers per layer, as they were
   before this step's batch updated them), from which rank 0 computes ``rank_divergence``.
+
+The fixed cost of the collective (gloo: 0.2-0.9 ms of CPU a call) is paid once per ``batch``
+steps; rank 0 gets the other ranks' rows up to ``batch`` measured steps late.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -41,34 +46,47 @@ from bnprobe.tap import Snapshot
 Warn = Callable[[str], None]
 
 _OK, _NOTHING, _FAILED = 0, 1, 2
-"""A rank's status at a gather: rows sent, nothing measured, or its rows could not be built."""
+"""A rank's status at a step: rows sent, nothing measured, or its rows could not be built."""
 
-HEADER = 6
-"""int64 slots before the note bytes: status, length of the values, layout key, note's total
-bytes, offset of this chunk in the note, bytes in this chunk."""
+HEADER = 4
+"""int64 slots before the note bytes: steps in this vector, the note's total bytes, offset of
+this chunk in the note, bytes in this chunk."""
+
+STEP_HEADER = 5
+"""int64 slots before each step's values: step, epoch, status, length of the values, layout
+key."""
 
 NOTE_BYTES = 4096
-"""Bytes of a rank's note (layout, cause, warnings: zlib-compressed pickle) carried per gather;
-a longer note travels over several gathers."""
+"""Bytes of a rank's note (layouts, causes, warnings: zlib-compressed pickle) carried per step
+of room in an exchange (``batch_steps`` x this per exchange: a batch carries as much of a note
+as that many single steps did); a longer note travels over several exchanges."""
+
+BATCH = 32
+"""Measured steps per exchange by default (:class:`RankGather` ``batch``)."""
+
+BATCH_BYTES = 4 << 20
+"""At most this many bytes of steps per rank and exchange: fewer steps per exchange for wide
+models (rank 0 receives ``world`` such vectors at once)."""
 
 ROW_BOUND = len({m.name for m in CATALOGUE if not m.per_channel})
 """At most this many layer rows per layer and step (every layer metric of the catalogue)."""
 
 
 def capacity(channels: Sequence[int]) -> int:
-    """Values a rank can send per gather for BN layers of these channel counts: every layer
+    """Values a rank can send per step for BN layers of these channel counts: every layer
     metric of the catalogue and the running mean and variance of every channel, per layer."""
     return sum(ROW_BOUND + 2 * int(c) for c in channels)
 
 
 @dataclass(frozen=True)
 class Layout:
-    """What one rank's float64 vector means: a name per value, sent only when it changes (and
-    then only in pieces of :data:`NOTE_BYTES` per gather); known by its :attr:`key` otherwise.
+    """What one rank's float64 values of a step mean: a name per value, sent only when it
+    changes (and then only in pieces of :meth:`RankGather.note_bytes` per exchange); known by its
+    :attr:`key` otherwise.
 
     ``layers`` and ``metrics`` name the layer rows (channel NA) of stage ``train``, one entry
     per row; ``running`` the layers whose running mean and variance follow, with their channel
-    counts. The vector is ``[values of the rows..., mu_R of every running layer (layer order),
+    counts. The values are ``[values of the rows..., mu_R of every running layer (layer order),
     var_R of every running layer]``."""
 
     layers: tuple[str, ...]
@@ -88,27 +106,47 @@ class Layout:
 
 @dataclass
 class _Note:
-    """What a rank sends beside its values (only when something in it is new): its layout,
-    the cause of a failure, and the warnings it could not show (only rank 0 warns)."""
+    """What a rank sends beside its values (only when something in it is new): its new layouts,
+    the causes of failures, and the warnings it could not show (only rank 0 warns)."""
 
-    layout: Layout | None = None
-    cause: str | None = None
+    layouts: list[Layout] = field(default_factory=list)
+    causes: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.layouts or self.causes or self.messages)
+
+
+class _Step(NamedTuple):
+    """One added step of this rank, waiting for the next exchange."""
+
+    step: int
+    epoch: int
+    status: int
+    key: int
+    values: np.ndarray
 
 
 class RankGather:
-    """Brings one logging step's stage-``train`` layer rows of every rank to rank 0, as numbers.
+    """Brings the stage-``train`` layer rows of every rank to rank 0, as numbers, ``batch``
+    measured steps per collective.
 
-    Every gather is the same collective on every rank, failure or not: one ``gather`` to rank 0
-    of one float64 vector per rank, of the same length on every rank (agreed once, by an
-    ``all_reduce`` at the first gather: :func:`capacity` of the layers, at least what the rank
-    has to send then):
+    Every exchange is the same collective on every rank, failure or not: one ``gather`` to rank
+    0 of one float64 vector per rank, of the same length on every rank (agreed at the first
+    exchange by an ``all_reduce``: room for :attr:`batch_steps` steps of :func:`capacity`
+    values, the bound being at least what a rank has to send then):
 
-    - a header: status (rows / nothing / failed), the length of its values, the key of their
-      :class:`Layout`, and where this gather's piece of its note sits in the whole note;
-    - a piece of :data:`NOTE_BYTES` of its note (:class:`_Note`: a new layout, the cause of a
-      failure, warnings to pass on), when it has one; nearly always empty;
-    - its values, laid out by its layout.
+    - a header: how many steps it holds, and where this exchange's piece of its note sits in
+      the whole note;
+    - a piece of :attr:`note_bytes` of its note (:class:`_Note`: new layouts, causes of
+      failures, warnings to pass on), when it has one; nearly always empty;
+    - per step: step, epoch, status (rows / nothing / failed), the length of its values, the
+      key of their :class:`Layout`, then the values.
+
+    :meth:`add` keeps a step on this rank (no communication); :meth:`exchange` sends what was
+    added. The first exchange holds one step (it agrees the sizes), the later ones up to
+    :attr:`batch_steps`; :attr:`due` says when, from the number of added steps alone, so every
+    rank agrees. :meth:`gather` is both for one step.
 
     A rank whose rows cannot be built (``error``, an exception while encoding them, more values
     than agreed) sends status *failed* and, once per cause, the cause; rank 0 warns once per
@@ -119,7 +157,9 @@ class RankGather:
 
     ``eps`` maps layer names to their eps (for :func:`rank_divergence`); ``warn`` is how rank 0
     reports what the other ranks sent (default: ``warnings.warn``); ``capacity`` (a callable,
-    asked once at the first gather) what :func:`capacity` says for the layers of the model.
+    asked once at the first exchange) what :func:`capacity` says for the layers of the model;
+    ``batch`` the most measured steps per exchange (fewer when they would exceed
+    :data:`BATCH_BYTES`).
     """
 
     def __init__(
@@ -127,15 +167,24 @@ class RankGather:
         eps: Mapping[str, float],
         warn: Warn | None = None,
         capacity: Callable[[], int] | None = None,
+        batch: int = BATCH,
     ) -> None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"RankGather(batch=...) must be a positive int; got {batch!r}")
         self.eps = dict(eps)
         self.warn: Warn = warn or _warn
         self.capacity = capacity
-        self._cap: int | None = None  # values per gather, the same on every rank
+        self.batch = batch
+        self.batch_steps = 1
+        """Steps per exchange, the same on every rank: 1 until the first exchange agreed the
+        sizes, then ``batch`` or fewer (:data:`BATCH_BYTES`)."""
+        self._cap: int | None = None  # values per step, the same on every rank
+        self._steps: list[_Step] = []  # added, not exchanged yet
         self._layout: Layout | None = None  # this rank's, as last encoded
         self._key = 0
         self._sent_causes: set[str] = set()
         self._outbox: list[str] = []
+        self._next = _Note()  # what the next note holds
         self._note = b""  # the note in flight
         self._note_at = 0  # bytes of it already sent
         self._known: dict[int, Layout] = {}  # rank 0: key -> layout
@@ -144,9 +193,20 @@ class RankGather:
         self._plan: tuple[Layout, np.ndarray, np.ndarray, tuple[str, ...], object] | None = None
         self._names: tuple[Any, Any] | None = None  # the name columns the layout was made from
 
+    @property
+    def due(self) -> bool:
+        """Whether the steps added so far fill an exchange (call :meth:`exchange` now): a
+        function of the number of added steps alone, the same on every rank."""
+        return len(self._steps) >= self.batch_steps
+
+    @property
+    def note_bytes(self) -> int:
+        """Bytes of note an exchange carries: :data:`NOTE_BYTES` per step of room."""
+        return NOTE_BYTES * self.batch_steps
+
     def tell(self, message: str) -> None:
-        """Pass a warning of this rank (not 0) to rank 0 with the next gather: ranks other than
-        0 do not warn themselves."""
+        """Pass a warning of this rank (not 0) to rank 0 with the next exchange: ranks other
+        than 0 do not warn themselves."""
         if message not in self._outbox:
             self._outbox.append(message)
 
@@ -175,75 +235,118 @@ class RankGather:
             raise ValueError(f"{len(vector)} values for a layout of {layout.size}")
         return layout, vector
 
+    def add(
+        self, snapshot: Snapshot | None, *, step: int, epoch: int, error: str | None = None
+    ) -> None:
+        """Keep this rank's rows of a gathered step for the next :meth:`exchange` (no
+        communication; call it on every rank at the same steps). ``snapshot=None`` with
+        ``error`` None: this rank measured nothing; with ``error``: its rows could not be built,
+        and why (one line). Never raises: an encoding failure is sent as a failed status. Does
+        nothing without a process group of more than one process."""
+        if not is_distributed():
+            return
+        status, values, cause = _NOTHING, _EMPTY, error
+        if error is None and snapshot is not None:
+            try:
+                own, values = self.encode(snapshot)
+                status = _OK
+                if own != self._layout:
+                    self._layout, self._key = own, own.key
+                    self._known[self._key] = own  # rank 0 reads its own layout too
+                    self._next.layouts.append(own)
+            except Exception as err:  # never skip the collective: send "failed" instead
+                cause = f"building its rows to send failed with {type(err).__name__}: {err}"
+                values = _EMPTY
+        if cause is not None:
+            status = _FAILED
+            self._cause(cause)
+        self._steps.append(_Step(step, epoch, status, self._key if status == _OK else 0, values))
+
     def gather(
         self, snapshot: Snapshot | None, *, step: int, epoch: int, error: str | None = None
     ) -> list[Rows] | None:
-        """Collective: call it on every rank at the same steps. ``snapshot=None`` with ``error``
-        None: this rank measured nothing; with ``error``: its rows could not be built, and why
-        (one line). Returns on rank 0 the other ranks' rows (their real ``rank``) and one
-        ``rank_divergence`` row per layer (rank 0) when every rank sent its running moments;
-        None on the other ranks and without a process group of more than one process.
+        """:meth:`add` this step, then :meth:`exchange` (a collective): one step per
+        collective."""
+        self.add(snapshot, step=step, epoch=epoch, error=error)
+        return self.exchange(step=step, epoch=epoch)
+
+    def exchange(self, *, step: int, epoch: int) -> list[Rows] | None:
+        """Collective: call it on every rank at the same points (when :attr:`due`, and at the
+        schedule's flush points), with or without added steps. Sends the added steps (one
+        ``gather`` per :attr:`batch_steps` of them, at least one). Returns on rank 0 the other
+        ranks' rows of those steps (their real ``rank``) and per step one ``rank_divergence``
+        row per layer (rank 0) when every rank sent its running moments; None on the other
+        ranks and without a process group of more than one process. ``step`` and ``epoch``:
+        where the caller is (for the warnings).
 
         Only ``torch.distributed`` itself can raise here (a broken process group); encoding and
         decoding failures are turned into a failed status or a warning."""
         if not is_distributed():
+            self._steps = []
             return None
         dist = torch.distributed
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = collective_device()
-        status, vector, cause = _NOTHING, np.zeros(0), error
-        own: Layout | None = None
-        if error is None and snapshot is not None:
-            try:
-                own, vector = self.encode(snapshot)
-                status = _OK
-            except Exception as err:  # never skip the collective: send "failed" instead
-                cause = f"building its rows to send failed with {type(err).__name__}: {err}"
-                own, vector = None, np.zeros(0)
-        if self._cap is None:  # the first gather: every rank agrees on the vector's length
-            bound = len(vector)
+        if self._cap is None:  # the first exchange: every rank agrees on the sizes
+            bound = max((len(s.values) for s in self._steps), default=0)
             with contextlib.suppress(Exception):  # the rows' own length is a bound too
                 bound = max(bound, self.capacity() if self.capacity is not None else 0)
-            cap = torch.tensor([bound], dtype=torch.int64).to(device)
+            cap = torch.tensor([bound], dtype=torch.int64).to(collective_device())
             dist.all_reduce(cap, op=dist.ReduceOp.MAX)
             self._cap = int(cap.item())
-        if len(vector) > self._cap:
-            cause = (
-                f"building its rows to send failed: {len(vector)} values, more than the "
-                f"{self._cap} agreed at the first gather"
-            )
-            own, vector = None, np.zeros(0)
-        if cause is not None:
-            status = _FAILED
-        new = _Note(messages=self._outbox)
-        self._outbox = []
-        if own is not None and own != self._layout:
-            self._layout, self._key = own, own.key
-            new.layout = own
-        if cause is not None and cause not in self._sent_causes:
+            per_step = 8 * (STEP_HEADER + self._cap)
+            self.batch_steps = max(1, min(self.batch, BATCH_BYTES // per_step))
+        steps, self._steps = self._steps, []
+        for i, s in enumerate(steps):
+            if len(s.values) > self._cap:
+                self._cause(
+                    f"building its rows to send failed: {len(s.values)} values, more than the "
+                    f"{self._cap} agreed at the first gather"
+                )
+                steps[i] = _Step(s.step, s.epoch, _FAILED, 0, _EMPTY)
+        out: list[Rows] | None = None
+        for at in range(0, max(len(steps), 1), self.batch_steps):
+            got = self._send(steps[at : at + self.batch_steps], step, epoch)
+            if got is not None:
+                out = [*(out or []), *got]
+        return out
+
+    def _cause(self, cause: str) -> None:
+        if cause not in self._sent_causes:
             self._sent_causes.add(cause)
-            new.cause = cause
-        if new.layout is not None or new.cause is not None or new.messages:
-            self._queue(new)
-        piece = self._note[self._note_at : self._note_at + NOTE_BYTES]
-        slots = NOTE_BYTES // 8
-        send = np.zeros(HEADER + slots + self._cap, dtype=np.float64)
+            self._next.causes.append(cause)
+
+    def _send(self, steps: list[_Step], step: int, epoch: int) -> list[Rows] | None:
+        """One ``gather`` of these steps (at most :attr:`batch_steps`)."""
+        dist = torch.distributed
+        rank, world = dist.get_rank(), dist.get_world_size()
+        assert self._cap is not None
+        self._next.messages += self._outbox
+        self._outbox = []
+        if not self._note and self._next:  # one note at a time, whole
+            self._note, self._note_at = zlib.compress(pickle.dumps(self._next)), 0
+            self._next = _Note()
+        piece = self._note[self._note_at : self._note_at + self.note_bytes]
+        slots = self.note_bytes // 8
+        width = STEP_HEADER + self._cap
+        send = np.zeros(HEADER + slots + self.batch_steps * width, dtype=np.float64)
         send[:HEADER].view(np.int64)[:] = [
-            status,
-            len(vector),
-            self._key if status == _OK else 0,
+            len(steps),
             len(self._note) if piece else 0,
             self._note_at,
             len(piece),
         ]
         send[HEADER : HEADER + slots].view(np.uint8)[: len(piece)] = np.frombuffer(piece, np.uint8)
-        send[HEADER + slots : HEADER + slots + len(vector)] = vector
+        body = send[HEADER + slots :].reshape(self.batch_steps, width)
+        if steps:
+            heads = np.array(
+                [(s.step, s.epoch, s.status, len(s.values), s.key) for s in steps], dtype=np.int64
+            )
+            body[: len(steps), :STEP_HEADER].view(np.int64)[:] = heads
+            for row, s in zip(body, steps, strict=False):
+                row[STEP_HEADER : STEP_HEADER + len(s.values)] = s.values
         self._note_at += len(piece)
         if self._note_at >= len(self._note):
             self._note, self._note_at = b"", 0
-        if rank == 0 and own is not None:
-            self._known[self._key] = own
-        tensor = torch.from_numpy(send).to(device)
+        tensor = torch.from_numpy(send).to(collective_device())
         received = [torch.empty_like(tensor) for _ in range(world)] if rank == 0 else None
         dist.gather(tensor, received, dst=0)
         if rank != 0 or received is None:
@@ -259,85 +362,116 @@ class RankGather:
             )
             return []
 
-    def _queue(self, note: _Note) -> None:
-        """Send ``note`` next; a note still in flight is sent whole first, then this one (both,
-        merged, when the one in flight has not started)."""
-        if self._note and self._note_at == 0:
-            old = pickle.loads(zlib.decompress(self._note))
-            note = _Note(
-                note.layout or old.layout, note.cause or old.cause, [*old.messages, *note.messages]
-            )
-        elif self._note:
-            self._outbox = note.messages + self._outbox  # after the one in flight
-            if note.cause is not None:
-                self._sent_causes.discard(note.cause)
-            if note.layout is not None:
-                self._layout = None  # sent again with the next gather
-            return
-        self._note, self._note_at = zlib.compress(pickle.dumps(note)), 0
-
     def _decode(self, table: np.ndarray, *, step: int, epoch: int) -> list[Rows]:
-        slots = NOTE_BYTES // 8
+        slots = self.note_bytes // 8
+        assert self._cap is not None
+        width = STEP_HEADER + self._cap
+        world = len(table)
         heads = table[:, :HEADER].view(np.int64).tolist()
-        out: list[Rows] = []
-        layouts: list[Layout | None] = []
-        for r, (status, length, key, total, at, size) in enumerate(heads):
+        body = table[:, HEADER + slots :].reshape(world, self.batch_steps, width)
+        step_heads = body[:, :, :STEP_HEADER].view(np.int64)
+        n = min(int(h[0]) for h in heads)
+        first = int(step_heads[0, 0, 0]) if n else step
+        for r, (_, total, at, size) in enumerate(heads):
             note = self._receive(r, table[r, HEADER : HEADER + slots], total, at, size)
             if note is not None:
-                if note.layout is not None:
-                    self._known[note.layout.key] = note.layout
+                for new in note.layouts:
+                    self._known[new.key] = new
                 if r != 0:  # rank 0 warned itself
-                    self._report(r, note, step)
-            layout = self._known.get(key) if status == _OK else None
-            if status == _OK and (layout is None or layout.size != length):
-                layout = None
-                if r not in self._inbox:  # not on its way
-                    self.warn(
-                        f"BNProbe: rank {r} sent values without the layout that names them; "
-                        "its rows are left out of rank 0's table until it sends its layout."
-                    )
-            layouts.append(layout)
-            if r != 0 and layout is not None:
-                values = table[r, HEADER + slots : HEADER + slots + length]
-                n = len(layout.metrics)
-                out.append(Rows(step, epoch, "train", r, layout.layers, layout.metrics, values[:n]))
-        if all(layout is not None for layout in layouts):
-            divergence = self._divergence(table[:, HEADER + slots :], layouts)  # type: ignore[arg-type]
-            if divergence is not None:
-                out.append(divergence._replace(step=step, epoch=epoch))
+                    self._report(r, note, first)
+        out: list[Rows] = []
+        layouts: list[list[Layout | None]] = [[] for _ in range(n)]
+        for r in range(world):
+            for j in range(n):
+                s, e, status, length, key = step_heads[r, j].tolist()
+                layout = self._known.get(key) if status == _OK else None
+                if status == _OK and (layout is None or layout.size != length):
+                    layout = None
+                    if r not in self._inbox:  # not on its way
+                        self.warn(
+                            f"BNProbe: rank {r} sent values without the layout that names them; "
+                            "its rows are left out of rank 0's table until it sends its layout."
+                        )
+                layouts[j].append(layout)
+                if r != 0 and layout is not None:
+                    values = body[r, j, STEP_HEADER : STEP_HEADER + len(layout.metrics)]
+                    out.append(Rows(s, e, "train", r, layout.layers, layout.metrics, values))
+        out += self._divergences(body, step_heads, layouts)
         return out
 
-    def _divergence(self, values: np.ndarray, layouts: list[Layout]) -> Rows | None:
-        """``rank_divergence`` rows (rank 0) from every rank's values, by slicing when every
-        rank has the same running layers (nearly always), else layer by layer."""
-        first = layouts[0]
-        if not first.running:
-            return None
-        if any(layout.running != first.running for layout in layouts[1:]):
-            by_rank = [_running(lay, values[r]) for r, lay in enumerate(layouts)]
+    def _divergences(
+        self, body: np.ndarray, step_heads: np.ndarray, layouts: list[list[Layout | None]]
+    ) -> list[Rows]:
+        """``rank_divergence`` rows (rank 0) of every step where every rank sent its values:
+        the steps whose ranks all share rank 0's running layers (nearly always) in one numpy
+        pass, the others step by step."""
+        out: list[Rows] = []
+        same: list[int] = []
+        for j, lays in enumerate(layouts):
+            if any(lay is None for lay in lays):
+                continue
+            first = lays[0]
+            assert first is not None
+            if not first.running:
+                continue
+            if all(lay.running == first.running for lay in lays[1:]):  # type: ignore[union-attr]
+                same.append(j)
+                continue
+            by_rank = [
+                _running(lay, body[r, j, STEP_HEADER:])  # type: ignore[arg-type]
+                for r, lay in enumerate(lays)
+            ]
             found = rank_divergence(by_rank, self.eps)
-            if not found:
-                return None
-            names: Sequence[str] = list(found)
-            result = np.array(list(found.values()), dtype=np.float64)
-        else:
-            plan = self._plan
-            if plan is None or plan[0].running != first.running or plan[4] is not self.eps:
-                counts = np.array([c for _, c in first.running], dtype=np.int64)
-                eps = np.array([float(self.eps.get(k, 1e-5)) for k, _ in first.running])
-                names_array = tuple(k for k, _ in first.running)  # tuples: cached downstream
-                plan = self._plan = (first, counts, eps, names_array, self.eps)
-            _, counts, eps, names_array, _ = plan
-            n, total = len(first.metrics), int(counts.sum())
-            mu = values[:, n : n + total]
-            var = values[:, n + total : n + 2 * total]
-            spread = [(len(lay.metrics)) for lay in layouts]
-            if any(m != n for m in spread):  # other row counts: the moments sit elsewhere
-                mu = np.stack([values[r, m : m + total] for r, m in enumerate(spread)])
-                var = np.stack([values[r, m + total : m + 2 * total] for r, m in enumerate(spread)])
-            result = layer_divergences(mu, var, counts, eps)
-            names = names_array
-        return Rows(0, 0, "train", 0, names, _divergence_metrics(len(names)), result)
+            if found:
+                s, e = step_heads[0, j, :2].tolist()
+                names = list(found)
+                result = np.array(list(found.values()), dtype=np.float64)
+                out.append(Rows(s, e, "train", 0, names, _divergence_metrics(len(names)), result))
+        if same:
+            out += self._divergence_block(body, step_heads, layouts, same)
+        out.sort(key=lambda rows: rows.step)
+        return out
+
+    def _divergence_block(
+        self,
+        body: np.ndarray,
+        step_heads: np.ndarray,
+        layouts: list[list[Layout | None]],
+        steps: list[int],
+    ) -> list[Rows]:
+        """``rank_divergence`` of these steps, whose ranks all have rank 0's running layers:
+        one :func:`layer_divergences` over every step and layer at once."""
+        first = layouts[steps[0]][0]
+        assert first is not None
+        plan = self._plan
+        if plan is None or plan[0].running != first.running or plan[4] is not self.eps:
+            counts = np.array([c for _, c in first.running], dtype=np.int64)
+            eps = np.array([float(self.eps.get(k, 1e-5)) for k, _ in first.running])
+            names_array = tuple(k for k, _ in first.running)  # tuples: cached downstream
+            plan = self._plan = (first, counts, eps, names_array, self.eps)
+        _, counts, eps, names, _ = plan
+        total = int(counts.sum())
+        world = body.shape[0]
+        mu = np.empty((world, len(steps), total))
+        var = np.empty((world, len(steps), total))
+        for r in range(world):
+            for i, j in enumerate(steps):
+                at = STEP_HEADER + len(layouts[j][r].metrics)  # type: ignore[union-attr]
+                mu[r, i] = body[r, j, at : at + total]
+                var[r, i] = body[r, j, at + total : at + 2 * total]
+        k = len(steps)
+        result = layer_divergences(
+            mu.reshape(world, k * total),
+            var.reshape(world, k * total),
+            np.tile(counts, k),
+            np.tile(eps, k),
+        ).reshape(k, len(counts))
+        metrics = _divergence_metrics(len(names))
+        out = []
+        for i, j in enumerate(steps):
+            s, e = step_heads[0, j, :2].tolist()
+            out.append(Rows(s, e, "train", 0, names, metrics, result[i]))
+        return out
 
     def _receive(
         self, rank: int, slots: np.ndarray, total: int, at: int, size: int
@@ -366,18 +500,22 @@ class RankGather:
                 continue
             said.append(message)
             text = message.removeprefix("BNProbe: ")
-            if note.cause is not None and note.cause in message:
-                text += (
-                    f" Rank {rank}'s train rows are missing from rank 0's table from step {step}."
-                )
-                said.append(note.cause)
+            for cause in note.causes:
+                if cause in message:
+                    text += (
+                        f" Rank {rank}'s train rows are missing from rank 0's table from step "
+                        f"{step}."
+                    )
+                    said.append(cause)
+                    break
             self.warn(f"BNProbe (rank {rank}): {text}")
-        if note.cause is not None and not any(note.cause in m for m in said):
-            said.append(note.cause)
-            self.warn(
-                f"BNProbe (rank {rank}): {note.cause}. Rank {rank}'s train rows are missing "
-                f"from rank 0's table from step {step}; training goes on."
-            )
+        for cause in note.causes:
+            if not any(cause in m for m in said):
+                said.append(cause)
+                self.warn(
+                    f"BNProbe (rank {rank}): {cause}. Rank {rank}'s train rows are missing "
+                    f"from rank 0's table from step {step}; training goes on."
+                )
 
     def agree(self, value: int, op: str = "min") -> int:
         """Every rank's ``value`` reduced with ``op`` (``"min"`` or ``"max"``), the same on every
@@ -390,6 +528,9 @@ class RankGather:
         flag = torch.tensor([value], dtype=torch.int64).to(collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
         return int(flag.item())
+
+
+_EMPTY = np.zeros(0)
 
 
 def _same_names(names: tuple[Any, Any] | None, parts: Sequence[Rows]) -> bool:
