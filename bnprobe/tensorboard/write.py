@@ -357,8 +357,9 @@ def _head(prefix: bytes, size: int) -> bytes:
 def _histogram_pieces(
     coder: _Coder, fields: np.ndarray, limits: np.ndarray, counts: np.ndarray
 ) -> list[Buffer]:
-    """The serialized ``Summary`` (its pieces, in order: join them) of the histograms ``fields`` (``min, max, num, sum,
-    sum_squares`` rows), ``limits`` and ``counts``, one ``Value`` each with ``coder``'s tags.
+    """The serialized ``Summary`` (its pieces, in order: join them) of the histograms
+    ``fields`` (``min, max, num, sum, sum_squares`` rows), ``limits`` and ``counts``, one
+    ``Value`` each with ``coder``'s tags.
 
     Wire format: ``HistogramProto`` holds ``min, max, num, sum, sum_squares`` (fields 1-5,
     doubles, each left out when its bits are zero, as proto3 does) and the packed doubles
@@ -541,8 +542,9 @@ def _column_plan(
 def _column_histograms(
     channels: Any, stage: str, names: Sequence[str], root: str, bins: int = HIST_BINS
 ) -> tuple[list[str], list[Buffer]]:
-    """:func:`histogram_bytes` (the message's pieces) of the (name, layer) vectors of a ``ChannelColumns``, in the
-    order of :func:`write_histograms`' tags, binned from its columns with no per-layer work."""
+    """:func:`histogram_bytes` (the message's pieces) of the (name, layer) vectors of a
+    ``ChannelColumns``, in the order of :func:`write_histograms`' tags, binned from its
+    columns with no per-layer work."""
     columns, present = channels.columns, channels.present
     key = tuple((name, present[name].tobytes()) for name in names if name in columns)
     sizes = np.ascontiguousarray(channels.sizes, dtype=np.int64)
