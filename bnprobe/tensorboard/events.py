@@ -17,7 +17,9 @@ Records are TFRecords (little-endian): ``uint64 length``, ``uint32 masked CRC-32
 (:func:`event_bytes`, no protobuf object a step). The CRC-32C is ``google-crc32c``'s (C; the
 ``fast-crc`` extra) when installed, else TensorBoard's own pure-Python ``masked_crc32c``, called
 (never replaced). Writes are synchronous into a buffer that goes to disk at most every
-:data:`FLUSH_SECS` seconds, when it holds :data:`BUFFER_BYTES`, and at :meth:`EventWriter.flush`.
+:data:`FLUSH_SECS` seconds, when it holds :data:`BUFFER_BYTES`, and at :meth:`EventWriter.flush`;
+the buffer is one ``bytearray`` written over from flush to flush (a new one each time cost ~500
+minor page faults a step at 256 layers with histograms, 1-3 ms of CPU here).
 Imports no Lightning; torch only for the image and layout summaries.
 """
 
