@@ -262,7 +262,7 @@ class ChannelColumns(Mapping[str, dict[str, np.ndarray]]):
     layer: the layer has it). Read-only: the columns are the tap's arrays of this step.
     """
 
-    __slots__ = ("_index", "columns", "layers", "present", "sizes")
+    __slots__ = ("_ends", "_index", "columns", "layers", "present", "sizes")
 
     def __init__(
         self,
@@ -276,12 +276,14 @@ class ChannelColumns(Mapping[str, dict[str, np.ndarray]]):
         self.columns = columns
         self.present = present
         self._index: dict[str, int] | None = None
+        self._ends: list[int] = []
 
     def __getitem__(self, layer: str) -> dict[str, np.ndarray]:
-        if self._index is None:
+        if self._index is None:  # the first look-up: where each layer's channels end
             self._index = {name: i for i, name in enumerate(self.layers)}
+            self._ends = np.cumsum(self.sizes).tolist()
         i = self._index[layer]
-        end = int(self.sizes[: i + 1].sum())
+        end = self._ends[i]
         start = end - int(self.sizes[i])
         return {k: col[start:end] for k, col in self.columns.items() if self.present[k][i]}
 

@@ -99,11 +99,12 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def event_bytes(step: int, wall_time: float, summary: bytes | Sequence[Buffer]) -> bytes:
+def event_bytes(step: int, wall_time: float, summary: Buffer | Sequence[Buffer]) -> bytes:
     """The serialized ``Event(wall_time=..., step=..., summary=<summary>)``: the same bytes as
     protobuf's ``SerializeToString`` (fields in number order, zero scalars left out).
-    ``summary``: the serialized ``Summary``, or its pieces in order (joined once, here)."""
-    pieces = (summary,) if isinstance(summary, bytes) else summary
+    ``summary``: the serialized ``Summary``, or its pieces in order (a list or tuple of
+    bytes-like objects, joined once, here)."""
+    pieces = summary if isinstance(summary, list | tuple) else (summary,)
     size = sum(map(len, pieces))
     out = b""
     if wall_time != 0.0 or math.copysign(1.0, wall_time) < 0:  # -0.0 too, as protobuf
@@ -159,7 +160,7 @@ class EventWriter:
 
     # -- writing -------------------------------------------------------------------------------
     def write_summary(
-        self, summary: bytes | Sequence[Buffer], step: int, wall_time: float | None = None
+        self, summary: Buffer | Sequence[Buffer], step: int, wall_time: float | None = None
     ) -> None:
         """Add one event holding the serialized ``Summary`` ``summary`` (or its pieces, in
         order) at ``step``."""
