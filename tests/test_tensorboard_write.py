@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -264,3 +265,119 @@ def test_write_snapshot_writes_the_snapshot_metrics(tmp_path: Path, prefix: str)
 
     csv = pd.read_csv(Path(csv_logger.log_dir) / "metrics.csv")
     assert set(csv.columns) == {"step", *expected}
+
+
+def _reference_histogram(
+    vec: np.ndarray, bins: int
+) -> tuple[list[float], list[float], list[float]]:
+    """One vector's histogram, computed alone (the algorithm write_histograms states): its
+    ``min, max, num, sum, sum_squares`` (sums in order), limits and counts."""
+    x = vec[np.isfinite(vec)]
+    lo, hi = float(x.min()), float(x.max())
+    left, right = (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)
+    width = (right - left) / bins
+    with np.errstate(all="ignore"):
+        index = np.clip(np.floor((x - left) / width).astype(np.int64), 0, bins - 1)
+    counts = [0.0, *np.bincount(index, minlength=bins).astype(float).tolist()]
+    with np.errstate(invalid="ignore", over="ignore"):
+        limits = left + width * np.arange(bins + 1)
+    limits[-1] = right
+    with np.errstate(over="ignore"):
+        fields = [lo, hi, float(x.size), np.cumsum(x)[-1], np.cumsum(x * x)[-1]]
+    return fields, limits.tolist(), counts
+
+
+def _tricky_columns() -> Any:
+    """A ChannelColumns of six layers: one channel, constant, NaN and inf, a huge range,
+    no running statistics, no affine parameters, zeros, a vector with no finite value."""
+    from bnprobe.tap.rows import ChannelColumns
+
+    rng = np.random.default_rng(7)
+    sizes = np.array([1, 4, 5, 3, 6, 2], dtype=np.int64)
+    total = int(sizes.sum())
+    columns = {name: rng.standard_normal(total) for name in ("gamma", "beta", "d", "v")}
+    gamma, beta, d, v = (columns[n] for n in ("gamma", "beta", "d", "v"))
+    gamma[1:5] = 1.0  # layer b: a constant vector
+    d[5:10] = [np.nan, 2.0, np.inf, -np.inf, -1.0]  # layer c: NaN and inf left out
+    v[5:10] = np.nan  # layer c: no finite value, skipped
+    beta[10:13] = [1e300, -1e300, 0.5]  # layer d: a huge range (sum of squares inf)
+    d[13:19] = v[13:19] = np.nan  # layer e: no running statistics (present False)
+    beta[19:21] = 0.0  # layer f: zeros (min, max, sum, sum_squares left out)
+    gamma[19:21] = [-0.0, 0.0]
+    names = ("a", "b", "c", "d", "e", "<model>")
+    yes = np.ones(6, dtype=bool)
+    running = np.array([1, 1, 1, 1, 0, 1], dtype=bool)
+    affine = np.array([1, 1, 1, 1, 1, 0], dtype=bool)
+    present = {"gamma": affine, "beta": yes, "d": running, "v": running}
+    return ChannelColumns(names, sizes, columns, present)
+
+
+def test_histograms_from_columns_equal_those_of_each_vector_alone(tmp_path: Path) -> None:
+    """The tap's ChannelColumns is binned all at once: the same tags, order and bytes as the
+    same vectors given as a dict, every histogram equal to the vector's own (exact), and
+    TensorBoard's reader reads the same values from bnprobe's event file."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from bnprobe.tensorboard import write
+
+    channels = _tricky_columns()
+    as_dict = {layer: dict(per) for layer, per in channels.items()}
+    assert list(as_dict["e"]) == ["gamma", "beta"] and list(as_dict["<model>"]) == [
+        "beta",
+        "d",
+        "v",
+    ]
+    np.testing.assert_array_equal(as_dict["d"]["beta"], [1e300, -1e300, 0.5])
+    for bins in (30, 3):
+        tags, pieces = write._column_histograms(channels, "train", tb.HIST_NAMES, "bnprobe", bins)
+        vectors = {
+            tb.hist_tag("train", name, layer): per[name]
+            for layer, per in as_dict.items()
+            for name in tb.HIST_NAMES
+            if name in per
+        }
+        want_tags, want = tb.histogram_bytes(vectors, bins)
+        assert tags == want_tags and b"".join(pieces) == want
+        assert tb.hist_tag("train", "v", "c") not in tags and len(tags) == len(vectors) - 1
+        for value in Summary.FromString(want).value:
+            fields, limits, counts = _reference_histogram(vectors[value.tag], bins)
+            h = value.histo
+            assert [h.min, h.max, h.num, h.sum, h.sum_squares] == fields, value.tag
+            assert list(h.bucket_limit) == limits and list(h.bucket) == counts, value.tag
+    writer = tb.EventWriter(tmp_path / "own")
+    assert tb.write_histograms(writer, "train", 3, channels) == tags
+    writer.close()
+    acc = _read(tmp_path / "own")
+    assert sorted(acc.Tags()["histograms"]) == sorted(tags)
+    protos = tb.histogram_protos(vectors)
+    for tag in tags:
+        (event,) = acc.Histograms(tag)
+        got, h = event.histogram_value, protos[tag]
+        assert event.step == 3 and (got.min, got.max, got.num) == (h.min, h.max, h.num)
+        assert (got.sum, got.sum_squares) == (h.sum, h.sum_squares)
+        assert list(got.bucket_limit) == list(h.bucket_limit)
+        assert list(got.bucket) == list(h.bucket)
+
+
+def test_event_writer_buffer_keeps_every_record_whatever_their_sizes(tmp_path: Path) -> None:
+    """Records smaller and larger than the reused buffer, many flushes: every event in order."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    rng = np.random.default_rng(2)
+    mb = events.BUFFER_BYTES // 10  # values of about 10 bytes each
+    counts = [1, 3 * mb, 20, mb - 1, 2, 2 * mb, *rng.integers(1, 40_000, size=12).tolist()]
+    payloads = [
+        tb.summary_bytes(tuple(f"t{i}" for i in range(n)), rng.standard_normal(n)) for n in counts
+    ]
+    assert max(map(len, payloads)) > 2 * events.BUFFER_BYTES
+    with tb.EventWriter(tmp_path) as writer:
+        for step, data in enumerate(payloads):
+            if step % 2:
+                writer.write_summary(data, step, wall_time=1.5)
+            else:  # in pieces
+                writer.write_summary([data[:3], memoryview(data)[3:]], step, wall_time=1.5)
+    (path,) = tmp_path.iterdir()
+    first, *rest = [Event.FromString(r) for r in _records(path)]
+    assert first.file_version == "brain.Event:2"
+    assert [e.step for e in rest] == list(range(len(payloads)))
+    assert [e.summary.SerializeToString() for e in rest] == payloads

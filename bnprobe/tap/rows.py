@@ -13,7 +13,7 @@ where rows become a DataFrame (:attr:`Snapshot.rows`, through the store).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -30,7 +30,7 @@ from bnprobe.tap.packing import Layout
 if TYPE_CHECKING:
     import pandas as pd
 
-ChannelVectors = dict[str, dict[str, np.ndarray]]
+ChannelVectors = Mapping[str, Mapping[str, np.ndarray]]
 """layer -> {"gamma", "beta", "d", "v", ...} per-channel values (signed d and v)."""
 
 
@@ -248,20 +248,72 @@ def layer_rows(
 
 
 # -- per-channel vectors and rows ----------------------------------------------------------------
+_RUNNING_KEYS = ("running_mean", "running_var", "d", "v", "kl")
+
+
+class ChannelColumns(Mapping[str, dict[str, np.ndarray]]):
+    """The per-channel vectors of a step: layer -> {name: vector} (the keys the layer has),
+    kept as the step's concatenated columns and sliced only when a layer is looked up.
+
+    What consumers of all layers at once read instead of the mapping (the histogram writer,
+    :func:`bnprobe.tensorboard.write_histograms`): ``layers`` (names, in tap order),
+    ``sizes`` (channels of each layer), ``columns`` (name -> every layer's channels, one after
+    the other; meaningless where a layer lacks the name) and ``present`` (name -> bool per
+    layer: the layer has it). Read-only: the columns are the tap's arrays of this step.
+    """
+
+    __slots__ = ("_ends", "_index", "columns", "layers", "present", "sizes")
+
+    def __init__(
+        self,
+        layers: tuple[str, ...],
+        sizes: np.ndarray,
+        columns: dict[str, np.ndarray],
+        present: dict[str, np.ndarray],
+    ) -> None:
+        self.layers = layers
+        self.sizes = sizes
+        self.columns = columns
+        self.present = present
+        self._index: dict[str, int] | None = None
+        self._ends: list[int] = []
+
+    def __getitem__(self, layer: str) -> dict[str, np.ndarray]:
+        if self._index is None:  # the first look-up: where each layer's channels end
+            self._index = {name: i for i, name in enumerate(self.layers)}
+            self._ends = np.cumsum(self.sizes).tolist()
+        i = self._index[layer]
+        end = self._ends[i]
+        start = end - int(self.sizes[i])
+        return {k: col[start:end] for k, col in self.columns.items() if self.present[k][i]}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return f"ChannelColumns({dict(self.items())!r})"
+
+
 def channel_vectors(
     ok: list[tuple[LayerState, Layout]], seg: stats.Segments, chan: dict[str, np.ndarray]
-) -> ChannelVectors:
-    """Each layer's per-channel vectors (the keys it has) for :attr:`Snapshot.channels`."""
-    ends = np.cumsum(seg.channels).tolist()
-    starts = [0, *ends[:-1]]
-    running_keys = ("running_mean", "running_var", "d", "v", "kl")
-    out: ChannelVectors = {}
-    for (layer, lay), a, b in zip(ok, starts, ends, strict=True):
-        keys = ["batch_mean", "batch_var"]
-        keys += running_keys if lay.running else ()
-        keys += ("gamma", "beta") if lay.affine else ()
-        out[layer.name] = {k: chan[k][a:b] for k in keys}
-    return out
+) -> ChannelColumns:
+    """Each layer's per-channel vectors (the keys it has) for :attr:`Snapshot.channels`: the
+    step's columns as they are (no per-layer work; :class:`ChannelColumns` slices a layer when
+    it is looked up)."""
+    n = len(ok)
+    running = np.fromiter((lay.running for _, lay in ok), dtype=bool, count=n)
+    affine = np.fromiter((lay.affine for _, lay in ok), dtype=bool, count=n)
+    every = np.ones(n, dtype=bool)
+    present = {"batch_mean": every, "batch_var": every}
+    present |= dict.fromkeys(_RUNNING_KEYS, running)
+    present |= {"gamma": affine, "beta": affine}
+    present = {k: has for k, has in present.items() if k in chan}
+    columns = {k: chan[k] for k in present}
+    layers = tuple(layer.name for layer, _ in ok)
+    return ChannelColumns(layers, np.asarray(seg.channels, dtype=np.int64), columns, present)
 
 
 def channel_rows(

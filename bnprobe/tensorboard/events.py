@@ -17,7 +17,9 @@ Records are TFRecords (little-endian): ``uint64 length``, ``uint32 masked CRC-32
 (:func:`event_bytes`, no protobuf object a step). The CRC-32C is ``google-crc32c``'s (C; the
 ``fast-crc`` extra) when installed, else TensorBoard's own pure-Python ``masked_crc32c``, called
 (never replaced). Writes are synchronous into a buffer that goes to disk at most every
-:data:`FLUSH_SECS` seconds, when it holds :data:`BUFFER_BYTES`, and at :meth:`EventWriter.flush`.
+:data:`FLUSH_SECS` seconds, when it holds :data:`BUFFER_BYTES`, and at :meth:`EventWriter.flush`;
+the buffer is one ``bytearray`` written over from flush to flush (a new one each time cost ~500
+minor page faults a step at 256 layers with histograms, 1-3 ms of CPU here).
 Imports no Lightning; torch only for the image and layout summaries.
 """
 
@@ -30,7 +32,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,8 @@ def fast_crc() -> bool:
 
 masked_crc32c: Callable[[bytes], int] = _crc_function()
 """TFRecord's masked CRC-32C of bytes (the same numbers as TensorBoard's ``masked_crc32c``)."""
+Buffer = bytes | bytearray | memoryview
+"""A piece of a serialized message (anything ``bytes.join`` takes)."""
 _u32 = struct.Struct("<I").pack
 _u64 = struct.Struct("<Q").pack
 _f64 = struct.Struct("<d").pack
@@ -95,15 +99,19 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def event_bytes(step: int, wall_time: float, summary: bytes) -> bytes:
+def event_bytes(step: int, wall_time: float, summary: Buffer | Sequence[Buffer]) -> bytes:
     """The serialized ``Event(wall_time=..., step=..., summary=<summary>)``: the same bytes as
-    protobuf's ``SerializeToString`` (fields in number order, zero scalars left out)."""
+    protobuf's ``SerializeToString`` (fields in number order, zero scalars left out).
+    ``summary``: the serialized ``Summary``, or its pieces in order (a list or tuple of
+    bytes-like objects, joined once, here)."""
+    pieces = summary if isinstance(summary, list | tuple) else (summary,)
+    size = sum(map(len, pieces))
     out = b""
     if wall_time != 0.0 or math.copysign(1.0, wall_time) < 0:  # -0.0 too, as protobuf
         out += b"\x09" + _f64(wall_time)
     if step:
         out += b"\x10" + varint(step)
-    return out + b"\x2a" + varint(len(summary)) + summary
+    return b"".join((out, b"\x2a", varint(size), *pieces))
 
 
 class EventFileError(OSError):
@@ -137,8 +145,10 @@ class EventWriter:
         self.failure: str | None = None
         """Why the writer stopped (None while it writes)."""
         self._file: Any = None
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
+        self._buffer = bytearray()
+        """Records not on disk yet: the first ``_fill`` bytes. Kept, and written over, from one
+        flush to the next: a fresh buffer every flush costs page faults (~0.5 ms a MB here)."""
+        self._fill = 0
         self._size = 0  # bytes of whole records on disk
         self._flushed = time.monotonic()
 
@@ -149,12 +159,17 @@ class EventWriter:
         self.close()
 
     # -- writing -------------------------------------------------------------------------------
-    def write_summary(self, summary: bytes, step: int, wall_time: float | None = None) -> None:
-        """Add one event holding the serialized ``Summary`` ``summary`` at ``step``."""
+    def write_summary(
+        self, summary: Buffer | Sequence[Buffer], step: int, wall_time: float | None = None
+    ) -> None:
+        """Add one event holding the serialized ``Summary`` ``summary`` (or its pieces, in
+        order) at ``step``."""
         if self.failure is not None:
             return
         wall = time.time() if wall_time is None else wall_time
-        self._add(record(event_bytes(int(step), wall, summary)))
+        data = event_bytes(int(step), wall, summary)
+        header = _u64(len(data))
+        self._add((header, _u32(masked_crc32c(header)), data, _u32(masked_crc32c(data))))
 
     def add_summary(
         self, summary: Any, global_step: int | None = None, walltime: float | None = None
@@ -185,22 +200,22 @@ class EventWriter:
 
     def flush(self) -> None:
         """Write the buffered records to the file (raises :class:`EventFileError` once)."""
-        if self.failure is not None or not self._pending:
+        if self.failure is not None or not self._fill:
             self._flushed = time.monotonic()
             return
-        data = b"".join(self._pending)
-        self._pending, self._pending_bytes = [], 0
+        size, self._fill = self._fill, 0
         self._flushed = time.monotonic()
         try:
-            self._room(len(data))
+            self._room(size)
             if self._file is None:
                 self._open()
-            self._file.write(data)
+            with memoryview(self._buffer) as view:
+                self._file.write(view[:size])
             self._file.flush()
         except OSError as err:
             self._stop(err)
         else:
-            self._size += len(data)
+            self._size += size
 
     def close(self) -> None:
         """Flush and close the file (idempotent; raises :class:`EventFileError` once)."""
@@ -215,10 +230,22 @@ class EventWriter:
                     self._stop(err)
 
     # -- internals ------------------------------------------------------------------------------
-    def _add(self, data: bytes) -> None:
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        if self._pending_bytes >= BUFFER_BYTES or time.monotonic() - self._flushed > FLUSH_SECS:
+    def _add(self, pieces: tuple[bytes, ...]) -> None:
+        """Buffer one record (its pieces, in order); flush at :data:`BUFFER_BYTES` or after
+        :data:`FLUSH_SECS`. The buffer grows to the largest run of records between flushes and
+        is reused."""
+        size = sum(map(len, pieces))
+        if self._fill + size > len(self._buffer):
+            if self._fill:
+                self.flush()
+            if size > len(self._buffer):
+                self._buffer = bytearray(max(size, 2 * BUFFER_BYTES))
+        at = self._fill
+        for piece in pieces:
+            self._buffer[at : at + len(piece)] = piece
+            at += len(piece)
+        self._fill = at
+        if at >= BUFFER_BYTES or time.monotonic() - self._flushed > FLUSH_SECS:
             self.flush()
 
     def _open(self) -> None:
@@ -252,7 +279,7 @@ class EventWriter:
 
     def _stop(self, err: OSError) -> None:
         """Switch off: drop the buffer, cut the file back to its whole records, raise once."""
-        self._pending, self._pending_bytes = [], 0
+        self._fill = 0
         if self._file is not None:
             file, self._file = self._file, None
             with contextlib.suppress(OSError):

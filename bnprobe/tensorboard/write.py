@@ -28,12 +28,12 @@ import functools
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 
 from bnprobe.store import Rows
-from bnprobe.tensorboard.events import EventWriter, varint
+from bnprobe.tensorboard.events import Buffer, EventWriter, varint
 from bnprobe.tensorboard.tags import HIST_BINS, HIST_NAMES, PREFIX, epoch_tag, hist_tag, scalar_tag
 
 if TYPE_CHECKING:
@@ -223,15 +223,17 @@ def _write_summary(
         _add_summary(writer, summary_bytes(tags, values), int(step))
 
 
-def _add_summary(writer: Writer, summary: bytes, step: int) -> None:
-    """One event of the serialized ``Summary`` ``summary``: bnprobe's own writer takes the
-    bytes; a ``SummaryWriter`` gets the message parsed back, through its file writer."""
+def _add_summary(writer: Writer, summary: bytes | list[Buffer], step: int) -> None:
+    """One event of the serialized ``Summary`` ``summary`` (or its pieces, in order):
+    bnprobe's own writer takes the bytes; a ``SummaryWriter`` gets the message parsed back,
+    through its file writer."""
     if isinstance(writer, EventWriter):
         writer.write_summary(summary, step)
         return
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    file_writer(writer).add_summary(Summary.FromString(summary), step)
+    data = summary if isinstance(summary, bytes) else b"".join(summary)
+    file_writer(writer).add_summary(Summary.FromString(data), step)
 
 
 def summary_bytes(tags: tuple[str, ...], values: Iterable[float]) -> bytes:
@@ -306,61 +308,163 @@ def histogram_bytes(
 ) -> tuple[list[str], bytes]:
     """The tags and the serialized ``Summary`` of :func:`histogram_protos`'s histograms, built
     as bytes: the same bytes as ``Summary(value=[Value(tag=t, histo=h), ...])
-    .SerializeToString()``, without a protobuf object (about 1 us a histogram, not ~8).
-
-    Wire format: ``HistogramProto`` holds ``min, max, num, sum, sum_squares`` (fields 1-5,
-    doubles, each left out when its bits are zero, as proto3 does) and the packed doubles
-    ``bucket_limit`` (6) and ``bucket`` (7); a ``Summary.Value`` holds ``tag`` (1) and ``histo``
-    (5). Each histogram is one row of a byte matrix (tag head, fields, arrays); the rows' kept
-    bytes, in order, are the message.
-    """
+    .SerializeToString()``, without a protobuf object (:func:`_histogram_summary`)."""
     binned = _bin(vectors, bins)
     if binned is None:
         return [], b""
     tags, fields, limits, counts = binned
-    n, width = len(tags), bins + 1
-    packed = varint(8 * width)
-    scalars = np.ascontiguousarray(fields, dtype="<f8")
-    present = scalars.view(np.uint64) != 0  # (n, 5): proto3 leaves out zero bits
-    body = np.empty((n, 5 * 9 + 2 * (1 + len(packed) + 8 * width)), dtype=np.uint8)
-    scalar_part = body[:, : 5 * 9].reshape(n, 5, 9)
-    scalar_part[:, :, 0] = np.array([0x09, 0x11, 0x19, 0x21, 0x29], dtype=np.uint8)
-    scalar_part[:, :, 1:] = scalars.view(np.uint8).reshape(n, 5, 8)
-    at = 5 * 9
-    for key, array in ((0x32, limits), (0x3A, counts)):
-        head = np.frombuffer(bytes([key]) + packed, dtype=np.uint8)
-        body[:, at : at + len(head)] = head
-        at += len(head)
-        body[:, at : at + 8 * width] = np.ascontiguousarray(array, dtype="<f8").view(np.uint8)
-        at += 8 * width
-    keep = np.ones(body.shape, dtype=bool)
-    keep[:, : 5 * 9] = np.repeat(present, 9, axis=1)
-    missing = 5 - present.sum(axis=1)
-    heads, head_keep = _histogram_heads(tuple(tags), body.shape[1], missing.tobytes())
-    matrix = np.concatenate([heads, body], axis=1)
-    mask = np.concatenate([head_keep, keep], axis=1)
-    return list(tags), matrix[mask].tobytes()
+    pieces = _histogram_pieces(_coder(tuple(tags), bins), fields, limits, counts)
+    return tags, b"".join(pieces)
+
+
+_SCALAR_KEYS = np.array([0x09, 0x11, 0x19, 0x21, 0x29], dtype=np.uint8)
+"""The keys of ``HistogramProto``'s ``min, max, num, sum, sum_squares`` (fields 1-5, doubles)."""
+
+
+class _Coder(NamedTuple):
+    """What the messages of one list of histogram tags share, made once per list of tags."""
+
+    prefixes: list[bytes]
+    """Per tag, ``Value.tag`` and the key of ``Value.histo``: the head before the histo size."""
+    heads: list[bytes]
+    """Per tag, every byte before its ``HistogramProto`` when all five scalars are written."""
+    rows: list[slice]
+    """Each histogram's row in the byte matrix of :func:`_histogram_summary`."""
+    array_heads: tuple[np.ndarray, np.ndarray]
+    """The key and packed length of ``bucket_limit`` (6) and of ``bucket`` (7), as uint8."""
+    width: int
+    """Bytes of a histogram with all five scalars: ``5 * 9`` and the two packed arrays."""
 
 
 @lru_cache(maxsize=8)
-def _histogram_heads(
-    tags: tuple[str, ...], full: int, missing: bytes
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per histogram, the bytes before its ``HistogramProto`` (``Summary.value`` key and length,
-    ``Value.tag``, ``Value.histo`` key and length) left-aligned in a row, and which are bytes."""
-    sizes = [full - 9 * m for m in np.frombuffer(missing, dtype=np.int64).tolist()]
-    rows = []
-    for tag, size in zip(tags, sizes, strict=True):
-        name = tag.encode()
-        value = b"\x0a" + varint(len(name)) + name + b"\x2a" + varint(size)
-        rows.append(b"\x0a" + varint(len(value) + size) + value)
-    longest = max(len(r) for r in rows)
-    heads = np.zeros((len(rows), longest), dtype=np.uint8)
-    keep = np.zeros((len(rows), longest), dtype=bool)
-    for i, row in enumerate(rows):
-        heads[i, : len(row)] = np.frombuffer(row, dtype=np.uint8)
-        keep[i, : len(row)] = True
-    return heads, keep
+def _coder(tags: tuple[str, ...], bins: int) -> _Coder:
+    packed = varint(8 * (bins + 1))
+    array_heads = tuple(np.frombuffer(bytes([key]) + packed, dtype=np.uint8) for key in (50, 58))
+    width = 5 * 9 + 2 * (1 + len(packed) + 8 * (bins + 1))
+    prefixes = [b"\x0a" + varint(len(tag.encode())) + tag.encode() + b"\x2a" for tag in tags]
+    heads = [_head(prefix, width) for prefix in prefixes]
+    rows = [slice(i * width, (i + 1) * width) for i in range(len(tags))]
+    return _Coder(prefixes, heads, rows, (array_heads[0], array_heads[1]), width)
+
+
+def _head(prefix: bytes, size: int) -> bytes:
+    """``Summary.value``'s key and length, then ``Value`` up to a ``HistogramProto`` of ``size``
+    bytes."""
+    value = prefix + varint(size)
+    return b"\x0a" + varint(len(value) + size) + value
+
+
+def _histogram_pieces(
+    coder: _Coder, fields: np.ndarray, limits: np.ndarray, counts: np.ndarray
+) -> list[Buffer]:
+    """The serialized ``Summary`` (its pieces, in order: join them) of the histograms
+    ``fields`` (``min, max, num, sum, sum_squares`` rows), ``limits`` and ``counts``, one
+    ``Value`` each with ``coder``'s tags.
+
+    Wire format: ``HistogramProto`` holds ``min, max, num, sum, sum_squares`` (fields 1-5,
+    doubles, each left out when its bits are zero, as proto3 does) and the packed doubles
+    ``bucket_limit`` (6) and ``bucket`` (7); a ``Summary.Value`` holds ``tag`` (1) and ``histo``
+    (5). Every histogram is one row of a byte matrix, filled column block by column block for
+    all of them at once: the five scalars, then the two arrays. A scalar left out is moved to
+    the row's start, and the row is read from after it. The message is each histogram's head
+    (tag and sizes, cached per tag) followed by its row: one ``bytes.join``, left to the
+    caller (the event writer joins them with the event's own head).
+    """
+    n, width = len(fields), coder.width
+    scalars = np.ascontiguousarray(fields, dtype="<f8")
+    body = np.empty((n, width), dtype=np.uint8)
+    scalar_part = body[:, : 5 * 9].reshape(n, 5, 9)
+    scalar_part[:, :, 0] = _SCALAR_KEYS
+    scalar_part[:, :, 1:] = scalars.view(np.uint8).reshape(n, 5, 8)
+    at = 5 * 9
+    for head, array in zip(coder.array_heads, (limits, counts), strict=True):
+        body[:, at : at + len(head)] = head
+        at += len(head)
+        size = 8 * array.shape[1]
+        body[:, at : at + size] = np.ascontiguousarray(array, dtype="<f8").view(np.uint8)
+        at += size
+    present = scalars.view(np.uint64) != 0  # (n, 5): proto3 leaves out zero bits
+    heads: list[bytes] = coder.heads
+    data = memoryview(body.tobytes()) if present.all() else None
+    if data is not None:
+        pieces: list[Buffer] = list(map(data.__getitem__, coder.rows))
+    else:
+        missing = 5 - present.sum(axis=1)
+        short = np.flatnonzero(missing)
+        # the scalars written, in field order, at the end of their block; the left-out first
+        order = np.argsort(present[short], axis=1, kind="stable")
+        scalar_part[short] = scalar_part[short[:, None], order]
+        heads = list(heads)
+        for i, m in zip(short.tolist(), missing[short].tolist(), strict=True):
+            heads[i] = _head(coder.prefixes[i], width - 9 * m)
+        data = memoryview(body.tobytes())
+        ends = np.arange(1, n + 1) * width
+        starts = ends - width + 9 * missing
+        pieces = [data[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+    out: list[Buffer] = [b""] * (2 * n)
+    out[0::2] = heads
+    out[1::2] = pieces
+    return out
+
+
+class _Binned(NamedTuple):
+    """Histograms of vectors concatenated in one array, one row per vector, all float64."""
+
+    fields: np.ndarray
+    """(n, 5): ``min, max, num, sum, sum_squares`` of each vector's finite values."""
+    limits: np.ndarray
+    """(n, bins + 1) bucket limits (TensorBoard reads right edges)."""
+    counts: np.ndarray
+    """(n, bins + 1) bucket counts, each row starting with a 0."""
+    has: np.ndarray
+    """(n,) bool: the vector has a finite value (otherwise its row means nothing)."""
+
+
+def _bin_segments(
+    flat: np.ndarray, sizes: np.ndarray, bins: int, owner: np.ndarray | None = None
+) -> _Binned:
+    """The histograms of the vectors ``flat`` holds one after the other (``sizes[i]`` values
+    each; ``owner``: each value's vector, ``np.repeat(np.arange(n), sizes)``, when cached), all
+    binned at once: per vector its finite min and max, ``bins`` equal widths between them (a
+    constant vector: one bin of width 1 around it), ``floor((x - left) / width)`` clipped to the
+    last bin (the max falls in it), counted by one ``np.bincount`` over ``vector * bins + bin``.
+    """
+    n = len(sizes)
+    if owner is None:
+        owner = np.repeat(np.arange(n), sizes)
+    finite = np.isfinite(flat)
+    if finite.all():
+        num = np.asarray(sizes, dtype=np.int64)
+    else:
+        flat, owner = flat[finite], owner[finite]
+        num = np.bincount(owner, minlength=n)
+    starts = np.cumsum(num) - num
+    has = num > 0
+    # owner is sorted: per-vector min and max by reduceat over the non-empty segments
+    lo = np.full(n, np.inf)
+    hi = np.full(n, -np.inf)
+    if flat.size:
+        lo[has] = np.minimum.reduceat(flat, starts[has])
+        hi[has] = np.maximum.reduceat(flat, starts[has])
+    total = np.bincount(owner, weights=flat, minlength=n)
+    with np.errstate(over="ignore"):  # beyond 1e154: an infinite sum of squares
+        squares = np.bincount(owner, weights=flat * flat, minlength=n)
+    left, right = lo.copy(), hi.copy()
+    flat_range = left == right
+    left[flat_range] -= 0.5
+    right[flat_range] += 0.5
+    width = (right - left) / bins
+    with np.errstate(all="ignore"):
+        index = np.floor((flat - np.repeat(left, num)) / np.repeat(width, num)).astype(np.int64)
+    np.clip(index, 0, bins - 1, out=index)
+    index += owner * bins
+    counts = np.zeros((n, bins + 1))
+    counts[:, 1:] = np.bincount(index, minlength=n * bins).reshape(n, bins)
+    with np.errstate(invalid="ignore", over="ignore"):  # no finite value: dropped by callers
+        limits = left[:, None] + width[:, None] * np.arange(bins + 1)
+    limits[:, -1] = right
+    fields = np.stack([lo, hi, num.astype(np.float64), total, squares], axis=1)
+    return _Binned(fields, limits, counts, has)
 
 
 def _bin(
@@ -374,44 +478,93 @@ def _bin(
         return None
     arrays = [np.asarray(vectors[t], dtype=np.float64).ravel() for t in tags]
     sizes = np.array([a.size for a in arrays], dtype=np.int64)
-    flat = np.concatenate(arrays)
-    owner = np.repeat(np.arange(len(tags)), sizes)
-    finite = np.isfinite(flat)
-    if not finite.all():
-        flat, owner = flat[finite], owner[finite]
-    if flat.size == 0:
+    binned = _bin_segments(np.concatenate(arrays), sizes, bins)
+    if not binned.has.any():
         return None
-    num = np.bincount(owner, minlength=len(tags))
-    bounds = np.cumsum(num)
-    starts = bounds - num
-    has = num > 0
-    # owner is sorted: per-vector min and max by reduceat over the non-empty segments
-    lo = np.full(len(tags), np.inf)
-    hi = np.full(len(tags), -np.inf)
-    lo[has] = np.minimum.reduceat(flat, starts[has])
-    hi[has] = np.maximum.reduceat(flat, starts[has])
-    total = np.bincount(owner, weights=flat, minlength=len(tags))
-    with np.errstate(over="ignore"):  # beyond 1e154: an infinite sum of squares
-        squares = np.bincount(owner, weights=flat * flat, minlength=len(tags))
-    left, right = lo.copy(), hi.copy()
-    flat_range = left == right
-    left[flat_range] -= 0.5
-    right[flat_range] += 0.5
-    width = (right - left) / bins
-    with np.errstate(all="ignore"):
-        index = np.floor((flat - left[owner]) / width[owner]).astype(np.int64)
-    index = np.clip(index, 0, bins - 1)
-    counts = np.zeros((len(tags), bins + 1))
-    counts[:, 1:] = np.bincount(owner * bins + index, minlength=len(tags) * bins).reshape(-1, bins)
-    with np.errstate(invalid="ignore", over="ignore"):  # no finite value: dropped below
-        limits = left[:, None] + width[:, None] * np.arange(bins + 1)
-    limits[:, -1] = right
-    fields = np.stack([lo, hi, num.astype(np.float64), total, squares], axis=1)
-    keep = np.flatnonzero(has)
+    fields, limits, counts = binned.fields, binned.limits, binned.counts
+    keep = np.flatnonzero(binned.has)
     if keep.size < len(tags):
         tags = [tags[i] for i in keep]
         fields, limits, counts = fields[keep], limits[keep], counts[keep]
     return tags, fields, limits, counts
+
+
+class _ColumnPlan(NamedTuple):
+    """How the columns of a :class:`bnprobe.tap.rows.ChannelColumns` become histograms (the
+    same for every step of the same layers: cached)."""
+
+    takes: tuple[tuple[str, np.ndarray | None], ...]
+    """Per name written, which values of its column (None: all of them)."""
+    sizes: np.ndarray
+    """Values of each (name, layer) vector, name by name: the order of the binned array."""
+    owner: np.ndarray
+    order: np.ndarray
+    """Into the name-by-name vectors, layer by layer: the order of the tags."""
+    tags: tuple[str, ...]
+    coder: _Coder
+
+
+@lru_cache(maxsize=8)
+def _column_plan(
+    stage: str,
+    root: str,
+    layers: tuple[str, ...],
+    sizes_key: bytes,
+    present: tuple[tuple[str, bytes], ...],
+    bins: int,
+) -> _ColumnPlan:
+    sizes = np.frombuffer(sizes_key, dtype=np.int64)
+    takes: list[tuple[str, np.ndarray | None]] = []
+    vector_sizes: list[np.ndarray] = []
+    pairs: list[tuple[int, int]] = []  # (layer, name), name by name
+    for j, (name, key) in enumerate(present):
+        has = np.frombuffer(key, dtype=bool)
+        if not has.any():
+            continue
+        take = None if has.all() else np.flatnonzero(np.repeat(has, sizes))
+        takes.append((name, take))
+        vector_sizes.append(sizes[has])
+        pairs += [(i, j) for i in np.flatnonzero(has).tolist()]
+    by_layer = sorted(range(len(pairs)), key=pairs.__getitem__)
+    names = [name for name, _ in present]
+    tags = tuple(hist_tag(stage, names[pairs[k][1]], layers[pairs[k][0]], root) for k in by_layer)
+    flat_sizes = np.concatenate(vector_sizes) if vector_sizes else np.zeros(0, dtype=np.int64)
+    return _ColumnPlan(
+        tuple(takes),
+        flat_sizes,
+        np.repeat(np.arange(len(flat_sizes)), flat_sizes),
+        np.array(by_layer, dtype=np.int64),
+        tags,
+        _coder(tags, bins),
+    )
+
+
+def _column_histograms(
+    channels: Any, stage: str, names: Sequence[str], root: str, bins: int = HIST_BINS
+) -> tuple[list[str], list[Buffer]]:
+    """:func:`histogram_bytes` (the message's pieces) of the (name, layer) vectors of a
+    ``ChannelColumns``, in the order of :func:`write_histograms`' tags, binned from its
+    columns with no per-layer work."""
+    columns, present = channels.columns, channels.present
+    key = tuple((name, present[name].tobytes()) for name in names if name in columns)
+    sizes = np.ascontiguousarray(channels.sizes, dtype=np.int64)
+    plan = _column_plan(stage, root, tuple(channels.layers), sizes.tobytes(), key, bins)
+    if not plan.tags:
+        return [], []
+    parts = [columns[name] if take is None else columns[name][take] for name, take in plan.takes]
+    flat = np.concatenate(parts).astype(np.float64, copy=False)
+    binned = _bin_segments(flat, plan.sizes, bins, plan.owner)
+    order = plan.order
+    fields, limits, counts = binned.fields[order], binned.limits[order], binned.counts[order]
+    has = binned.has[order]
+    if has.all():
+        return list(plan.tags), _histogram_pieces(plan.coder, fields, limits, counts)
+    keep = np.flatnonzero(has)
+    if keep.size == 0:
+        return [], []
+    tags = tuple(plan.tags[i] for i in keep.tolist())
+    coder = _coder(tags, bins)
+    return list(tags), _histogram_pieces(coder, fields[keep], limits[keep], counts[keep])
 
 
 def write_histograms(
@@ -425,14 +578,22 @@ def write_histograms(
     """Histograms ``<root>/<stage>/hist/<name>/<layer>`` of every layer's per-channel vectors
     (``channels``: layer -> {name: vector}, as in ``Snapshot.channels``; numpy arrays, tensors
     or sequences) in one event; returns the tags written. NaN and inf are left out (the
-    ``nonfinite`` metric counts them); a vector with no finite value is skipped."""
-    vectors = {
-        hist_tag(stage, name, layer, root): _as_numpy(per[name])
-        for layer, per in channels.items()
-        for name in names
-        if name in per
-    }
-    tags, summary = histogram_bytes(vectors)
+    ``nonfinite`` metric counts them); a vector with no finite value is skipped.
+
+    The tap's ``Snapshot.channels`` (a :class:`bnprobe.tap.rows.ChannelColumns`: it has
+    ``columns``) is binned from its concatenated columns, with no work per layer: the tags,
+    their order and the event's bytes are those of the same vectors given as a dict."""
+    summary: bytes | list[Buffer]
+    if getattr(channels, "columns", None) is not None:
+        tags, summary = _column_histograms(channels, stage, names, root)
+    else:
+        vectors = {
+            hist_tag(stage, name, layer, root): _as_numpy(per[name])
+            for layer, per in channels.items()
+            for name in names
+            if name in per
+        }
+        tags, summary = histogram_bytes(vectors)
     if tags:
         _add_summary(writer, summary, int(step))
     return tags
