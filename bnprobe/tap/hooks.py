@@ -351,23 +351,56 @@ class BNTap:
 
     def _before(self, layer: LayerState, m: _BatchNorm, x: Any) -> Layout:
         """At the layer's first forward of a measured step: the facts about it (its
-        :class:`Layout`); and, where the step's snapshot does not hold the layer (a lazy layer
-        initialized by this forward's own pre-hook), one O(channels) copy (one ``torch.cat``)
-        of what that forward starts from."""
-        x = tensor_input(x)
+        :class:`Layout`, :attr:`LayerState.modes`, ``frozen``, ``batch_size``); and, where the
+        step's snapshot does not hold the layer (a lazy layer initialized by this forward's own
+        pre-hook), one O(channels) copy (one ``torch.cat``) of what that forward starts from.
+
+        The facts nearly always repeat from one measured step to the next: they are a function
+        of the key below (input shape, both modes, momentum, eps, ``track_running_stats``,
+        ``suspect``, whether gamma_0 is taken, the layer's place in the snapshot, which says
+        which buffers it has, and the SyncBN world size) and of the warm-up reference
+        :attr:`LayerState.initial` (by identity). While they are the same as at the last first
+        forward the snapshot held, that one's layout is reused: the other facts it set are
+        still in place (only this method writes them)."""
+        if not isinstance(x, Tensor):
+            x = tensor_input(x)  # raises
+        if (layer.gamma0 is None and m.affine) or layer.initial is None:
+            take_reference(layer)  # a lazy layer's own pre-hook, which runs first, initialized it
+        if self._trace.running:
+            layer.producer = self._trace.producer(x)
+        world = 1
+        if self._world_size is not None and m.training and isinstance(m, nn.SyncBatchNorm):
+            world = self._world_size(m)  # SyncBN normalizes with moments over every rank
+        key = (
+            x.shape,
+            m.training,
+            self.model.training,
+            m.momentum,
+            m.eps,
+            m.track_running_stats,
+            layer.suspect,
+            layer.gamma0 is not None and m.affine,
+            layer.snapped,
+            world,
+        )
+        facts = layer.facts
+        if facts is not None and facts[0] == key and facts[2] is layer.initial:
+            layer.layout = facts[1]
+            return facts[1]
+        lay = self._layout(layer, m, x, world)
+        layer.facts = None if layer.before is not None else (key, lay, layer.initial)
+        return lay
+
+    def _layout(self, layer: LayerState, m: _BatchNorm, x: Tensor, world: int) -> Layout:
+        """:meth:`_before` without a layout to reuse: every fact read afresh."""
         channels = int(x.shape[1]) if x.dim() > 1 else 0
         if channels < 1:
             raise ValueError(f"expected an input of shape (N, C, ...), got {tuple(x.shape)}")
-        if (layer.gamma0 is None and m.affine) or layer.initial is None:
-            take_reference(layer)  # a lazy layer's own pre-hook, which runs first, initialized it
         layer.modes = (m.training, self.model.training)
         if self.model.training:
             layer.frozen = not m.training
-        if self._trace.running:
-            layer.producer = self._trace.producer(x)
         count, batch_size = x.numel() / channels, float(x.shape[0])
-        if self._world_size is not None and m.training and isinstance(m, nn.SyncBatchNorm):
-            world = self._world_size(m)  # SyncBN normalizes with moments over every rank
+        if world != 1:
             count, batch_size = count * world, batch_size * world
         layer.batch_size = batch_size
         running = running_buffers(m)
