@@ -592,7 +592,8 @@ def test_layout_reused_between_steps_follows_every_change_made_between_them() ->
             got, want = rows
             assert list(got.layers) == list(want.layers) and list(got.metrics) == list(want.metrics)
             np.testing.assert_array_equal(got.values, want.values)
-            table = {(la, me): v for la, me, v in zip(got.layers, got.metrics, got.values)}
+            cells = zip(got.layers, got.metrics, got.values, strict=True)
+            table = {(la, me): v for la, me, v in cells}
             if change is momentum:
                 assert table["1", "momentum"] == pytest.approx(0.3)
             if change is eps:

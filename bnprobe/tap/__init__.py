@@ -9,10 +9,10 @@ device and dtype; a lazy layer not initialized yet is copied by its own pre-hook
 moments follow exactly from the running buffers before and after the update
 (:func:`bnprobe.stats.recover_moments`); the updated buffers are read at :meth:`BNTap.collect`,
 or copied by a second call's pre-hook when the layer runs again. Only where the moments cannot
-be recovered does the pre-hook compute them from the input (one ``var_mean``). :meth:`BNTap.collect` moves
-every layer's values to the host in one transfer per device and derives all metrics there in
-float64 numpy (:func:`bnprobe.stats.segment_metrics`). No activation is kept and nothing
-synchronizes with the host inside a hook.
+be recovered does the pre-hook compute them from the input (one ``var_mean``).
+:meth:`BNTap.collect` moves every layer's values to the host in one transfer per device and
+derives all metrics there in float64 numpy (:func:`bnprobe.stats.segment_metrics`). No
+activation is kept and nothing synchronizes with the host inside a hook.
 
 The package, in the order the data flows:
 
