@@ -388,7 +388,8 @@ class BNTap:
             layer.layout = facts[1]
             return facts[1]
         lay = self._layout(layer, m, x, world)
-        layer.facts = None if layer.before is not None else (key, lay, layer.initial)
+        # kept only where the snapshot held the layer (and so says which buffers it has)
+        layer.facts = None if layer.snapped is None else (key, lay, layer.initial)
         return lay
 
     def _layout(self, layer: LayerState, m: _BatchNorm, x: Tensor, world: int) -> Layout:
