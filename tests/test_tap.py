@@ -142,7 +142,7 @@ def test_off_steps_record_nothing_and_hooks_are_removed() -> None:
     model = mlp1d().train()
     tap = BNTap(model).attach()
     tap.attach()  # idempotent
-    assert len(model[1]._forward_hooks) == 1 and len(model[1]._forward_pre_hooks) == 1
+    assert not model[1]._forward_hooks and len(model[1]._forward_pre_hooks) == 1  # one hook
     model(torch.randn(8, 6))  # not a measured step
     layer = tap.layers[0]
     assert layer.calls == 0 and layer.layout is None and layer.before is layer.after is None
@@ -407,7 +407,7 @@ def test_snapshot_parts_are_rows_and_a_table_given_to_it_keeps_its_rows_and_orde
     assert np.array_equal(by_table.to_dataframe()["value"][-5:], [1, 2, 3, 4, 5])
 
 
-def test_traced_step_leaves_no_global_hook_and_pooled_step_skips_the_pre_hook() -> None:
+def test_traced_step_leaves_no_global_hook_and_pooled_step_counts_no_calls() -> None:
     from torch.nn.modules.module import _global_forward_hooks
 
     before = len(_global_forward_hooks)
@@ -531,3 +531,86 @@ def test_shared_and_lazy_layers_match_the_reference_on_recovered_steps() -> None
                 assert _check(rows, ref.metrics) >= 2 * 13
     assert ref is not None
     ref.remove()
+
+
+def test_layout_reused_between_steps_follows_every_change_made_between_them() -> None:
+    """The tap reuses a layer's layout while nothing it depends on changed since the last
+    measured step. Each change a user can make between steps (momentum, eps, the layer put in
+    eval mode and back, a smaller last batch, track_running_stats off, the model alone in eval
+    mode, the running statistics removed), made alone and followed by an unchanged step, gives
+    the rows a tap that builds every layout afresh gives, bit for bit, and shows in the
+    structure rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.BatchNorm1d(6))
+    twin = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.BatchNorm1d(6))
+    twin.load_state_dict(model.state_dict())
+
+    def momentum(m: nn.Sequential) -> None:
+        m[1].momentum = 0.3
+
+    def eps(m: nn.Sequential) -> None:
+        m[3].eps = 1e-3
+
+    def frozen(m: nn.Sequential) -> None:
+        m[1].eval()
+
+    def thawed(m: nn.Sequential) -> None:
+        m[1].train()
+
+    def untracked(m: nn.Sequential) -> None:
+        m[3].track_running_stats = False
+
+    def model_eval(m: nn.Sequential) -> None:
+        m.training = False  # the model's own flag only: its BN layers still train
+
+    def no_running(m: nn.Sequential) -> None:
+        m[1].running_mean = m[1].running_var = m[1].num_batches_tracked = None
+
+    smaller = "smaller"
+    steps = [None, None, None, momentum, None, eps, None, frozen, None, thawed, None, smaller]
+    steps += [None, untracked, None, model_eval, None, no_running, None]
+    fresh_tap = BNTap(twin).attach()
+    reused = 0
+    with BNTap(model) as tap:
+        previous: list = [None, None]
+        for step, change in enumerate(steps):
+            if callable(change):
+                change(model)
+                change(twin)
+            x = torch.randn(5 if change == smaller else 16, 4) + step
+            for layer in fresh_tap.layers:
+                layer.facts = None  # every layout built afresh
+            rows = []
+            for t, m in ((tap, model), (fresh_tap, twin)):
+                t.start()
+                m(x)
+                rows.append(t.collect(step=step).parts[0])
+            layouts = [layer.layout for layer in tap.layers]
+            reused += sum(a is b for a, b in zip(layouts, previous, strict=True))
+            previous = layouts
+            assert layouts == [layer.layout for layer in fresh_tap.layers], step
+            got, want = rows
+            assert list(got.layers) == list(want.layers) and list(got.metrics) == list(want.metrics)
+            np.testing.assert_array_equal(got.values, want.values)
+            cells = zip(got.layers, got.metrics, got.values, strict=True)
+            table = {(la, me): v for la, me, v in cells}
+            if change is momentum:
+                assert table["1", "momentum"] == pytest.approx(0.3)
+            if change is eps:
+                assert table["3", "eps"] == pytest.approx(1e-3)
+            if change is frozen:
+                assert table["1", "train_mode"] == 0 and tap.frozen_layers() == ["1"]
+            if change is thawed:
+                assert table["1", "train_mode"] == 1 and tap.frozen_layers() == []
+            if change == smaller:
+                assert table["1", "batch_size"] == 5 and table["3", "samples_per_channel"] == 5
+            if change is untracked:
+                assert table["3", "has_running_stats"] == 0
+                assert not tap.layers[1].layout.recoverable  # type: ignore[union-attr]
+            if change is model_eval:
+                assert table["1", "model_train_mode"] == 0 and table["1", "train_mode"] == 1
+            if change is no_running:
+                assert not tap.layers[0].layout.running  # type: ignore[union-attr]
+                assert ("1", "running_mean") not in table
+    fresh_tap.detach()
+    assert reused >= 10  # the unchanged steps reuse the layouts

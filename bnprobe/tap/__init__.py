@@ -1,7 +1,7 @@
 """Find the BatchNorm layers of a model and measure them with forward hooks.
 
-:class:`BNTap` registers one forward pre-hook and one forward hook per BN layer, once, and
-removes them on :meth:`BNTap.detach` (idempotent; also a context manager). Between logging steps
+:class:`BNTap` registers one forward pre-hook per BN layer, once, and removes them on
+:meth:`BNTap.detach` (idempotent; also a context manager). Between logging steps
 the hooks only check a flag. On a logging step (:meth:`BNTap.start` ... :meth:`BNTap.collect`)
 the pre-hook of the step's first BN forward copies what each layer's first forward starts
 from, for every layer at once: the running buffers, gamma and beta (one ``torch.cat`` per
@@ -9,10 +9,10 @@ device and dtype; a lazy layer not initialized yet is copied by its own pre-hook
 moments follow exactly from the running buffers before and after the update
 (:func:`bnprobe.stats.recover_moments`); the updated buffers are read at :meth:`BNTap.collect`,
 or copied by a second call's pre-hook when the layer runs again. Only where the moments cannot
-be recovered does the post-hook compute them (one ``var_mean``). :meth:`BNTap.collect` moves
-every layer's values to the host in one transfer per device and derives all metrics there in
-float64 numpy (:func:`bnprobe.stats.segment_metrics`). No activation is kept and nothing
-synchronizes with the host inside a hook.
+be recovered does the pre-hook compute them from the input (one ``var_mean``).
+:meth:`BNTap.collect` moves every layer's values to the host in one transfer per device and
+derives all metrics there in float64 numpy (:func:`bnprobe.stats.segment_metrics`). No
+activation is kept and nothing synchronizes with the host inside a hook.
 
 The package, in the order the data flows:
 

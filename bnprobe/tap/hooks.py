@@ -1,16 +1,20 @@
 """BNTap: the hook handles, the step state machine and the two measuring paths.
 
-:class:`BNTap` registers one forward pre-hook and one forward hook per BN layer, once, and
-removes them on :meth:`BNTap.detach`. The hooks check a flag and hand the forward to the path
-the step was started with:
+:class:`BNTap` registers one forward pre-hook per BN layer, once, and removes it on
+:meth:`BNTap.detach`. The hook checks a flag and hands the forward to the path the step was
+started with:
 
 * a measured step (:meth:`BNTap.start`): the pre-hook of the step's first BN forward copies
   what every layer's first forward starts from (one snapshot of all layers,
   :func:`_snapshot`); the pre-hook of each layer's first forward notes its facts
-  (:class:`~bnprobe.tap.packing.Layout`); the post-hook computes the batch moments only where
-  the running-stat update cannot give them;
-* a pooled step (``start(pool=True)``, stage ``val``): the post-hook pools the input moments of
+  (:class:`~bnprobe.tap.packing.Layout`) and computes the batch moments of its input, only
+  where the running-stat update cannot give them;
+* a pooled step (``start(pool=True)``, stage ``val``): the pre-hook pools the input moments of
   every forward; :meth:`BNTap.collect` turns each pool into the same raw vector.
+
+Everything the tap measures reads the layer's input (which BN does not change) or what the
+forward starts from, so one pre-hook suffices: a forward hook as well would cost every forward
+of every layer, measured or not, a second dispatch.
 
 :meth:`BNTap.collect` packs every layer (:mod:`bnprobe.tap.packing`), derives the metrics on the
 host (:func:`bnprobe.stats.segment_metrics`) and builds the rows (:mod:`bnprobe.tap.rows`).
@@ -94,19 +98,17 @@ class BNTap:
         """A measured step whose first BN forward has not run yet (:func:`_snapshot`)."""
         self._on_input: _Hook = self._first_forward
         """What the pre-hook does with a layer's input on an active step."""
-        self._on_output: _Hook = self._direct_moments
-        """What the post-hook does with a layer's input on an active step."""
 
     # -- lifecycle ----------------------------------------------------------------------------
     def attach(self) -> BNTap:
-        """Register the hooks (once; calling again does nothing) and remember gamma_0, beta_0."""
+        """Register the pre-hooks (once; calling again does nothing) and remember gamma_0,
+        beta_0."""
         if self._handles:
             return self
         for layer in self.layers:
             take_reference(layer)
             m = layer.module
             self._handles.append(m.register_forward_pre_hook(partial(self._pre_hook, layer)))
-            self._handles.append(m.register_forward_hook(partial(self._post_hook, layer)))
         return self
 
     def detach(self) -> None:
@@ -153,10 +155,7 @@ class BNTap:
         for layer in self.layers:
             layer.new_step()
         self._pooling = pool
-        if pool:
-            self._on_input, self._on_output = _ignore, self._pool_input
-        else:
-            self._on_input, self._on_output = self._first_forward, self._direct_moments
+        self._on_input = self._pool_input if pool else self._first_forward
         self._snapshot_due = not pool
         self._snapshots = []
         if trace:
@@ -290,12 +289,6 @@ class BNTap:
         if self.active and not layer.failed:
             self._on_input(layer, module, args)
 
-    def _post_hook(
-        self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...], output: Any
-    ) -> None:
-        if self.active and not layer.failed:
-            self._on_output(layer, module, args)
-
     def _guarded(self, layer: LayerState, fn: Callable[..., None], *args: Any) -> None:
         try:
             with torch.no_grad():
@@ -324,27 +317,26 @@ class BNTap:
     # -- a measured step: the first forward of each layer ---------------------------------------
     def _first_forward(self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
         """Pre-hook of a measured step: at the step's first BN forward, snapshot every layer;
-        count the forward; at the layer's first, note its facts; at a second of a recovered
-        layer, copy the buffers its first update left."""
+        count the forward; at the layer's first, note its facts and, where the update does not
+        give the batch moments (not recovered), compute them from its input (one ``var_mean``:
+        BN does not change its input, so the pre-hook sees what the forward normalizes); at a
+        second of a recovered layer, copy the buffers its first update left."""
         if self._snapshot_due:
             self._snapshot_due = False
             self._take_snapshot()
         layer.calls += 1
         try:
             if layer.calls == 1:
-                self._before(layer, module, args[0] if args else None)
+                x = args[0] if args else None
+                lay = self._before(layer, module, x)
+                if not lay.recovered:
+                    with torch.no_grad():
+                        _batch_moments(layer, x)
             elif layer.calls == 2 and layer.layout is not None and layer.layout.recovered:
                 # shared layer, or re-run by activation checkpointing: keep the first update
                 layer.after = torch.cat(running_buffers(module))
         except Exception as err:  # the probe must never stop training
             self._fail(layer, err)
-
-    def _direct_moments(self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
-        """Post-hook of a measured step: where the update does not give the batch moments (not
-        recovered), compute them from the first forward's input (one ``var_mean``)."""
-        lay = layer.layout
-        if layer.calls == 1 and layer.after is None and lay is not None and not lay.recovered:
-            self._guarded(layer, _batch_moments, layer, args[0])
 
     def _take_snapshot(self) -> None:
         """:func:`_snapshot` of every layer; on an error, none (each pre-hook copies its own
@@ -357,25 +349,59 @@ class BNTap:
             for layer in self.layers:
                 layer.snapped = None
 
-    def _before(self, layer: LayerState, m: _BatchNorm, x: Any) -> None:
+    def _before(self, layer: LayerState, m: _BatchNorm, x: Any) -> Layout:
         """At the layer's first forward of a measured step: the facts about it (its
-        :class:`Layout`); and, where the step's snapshot does not hold the layer (a lazy layer
-        initialized by this forward's own pre-hook), one O(channels) copy (one ``torch.cat``)
-        of what that forward starts from."""
-        x = tensor_input(x)
+        :class:`Layout`, :attr:`LayerState.modes`, ``frozen``, ``batch_size``); and, where the
+        step's snapshot does not hold the layer (a lazy layer initialized by this forward's own
+        pre-hook), one O(channels) copy (one ``torch.cat``) of what that forward starts from.
+
+        The facts nearly always repeat from one measured step to the next: they are a function
+        of the key below (input shape, both modes, momentum, eps, ``track_running_stats``,
+        ``suspect``, whether gamma_0 is taken, the layer's place in the snapshot, which says
+        which buffers it has, and the SyncBN world size) and of the warm-up reference
+        :attr:`LayerState.initial` (by identity). While they are the same as at the last first
+        forward the snapshot held, that one's layout is reused: the other facts it set are
+        still in place (only this method writes them)."""
+        if not isinstance(x, Tensor):
+            x = tensor_input(x)  # raises
+        if (layer.gamma0 is None and m.affine) or layer.initial is None:
+            take_reference(layer)  # a lazy layer's own pre-hook, which runs first, initialized it
+        if self._trace.running:
+            layer.producer = self._trace.producer(x)
+        world = 1
+        if self._world_size is not None and m.training and isinstance(m, nn.SyncBatchNorm):
+            world = self._world_size(m)  # SyncBN normalizes with moments over every rank
+        key = (
+            x.shape,
+            m.training,
+            self.model.training,
+            m.momentum,
+            m.eps,
+            m.track_running_stats,
+            layer.suspect,
+            layer.gamma0 is not None and m.affine,
+            layer.snapped,
+            world,
+        )
+        facts = layer.facts
+        if facts is not None and facts[0] == key and facts[2] is layer.initial:
+            layer.layout = facts[1]
+            return facts[1]
+        lay = self._layout(layer, m, x, world)
+        # kept only where the snapshot held the layer (and so says which buffers it has)
+        layer.facts = None if layer.snapped is None else (key, lay, layer.initial)
+        return lay
+
+    def _layout(self, layer: LayerState, m: _BatchNorm, x: Tensor, world: int) -> Layout:
+        """:meth:`_before` without a layout to reuse: every fact read afresh."""
         channels = int(x.shape[1]) if x.dim() > 1 else 0
         if channels < 1:
             raise ValueError(f"expected an input of shape (N, C, ...), got {tuple(x.shape)}")
-        if (layer.gamma0 is None and m.affine) or layer.initial is None:
-            take_reference(layer)  # a lazy layer's own pre-hook, which runs first, initialized it
         layer.modes = (m.training, self.model.training)
         if self.model.training:
             layer.frozen = not m.training
-        if self._trace.running:
-            layer.producer = self._trace.producer(x)
         count, batch_size = x.numel() / channels, float(x.shape[0])
-        if self._world_size is not None and m.training and isinstance(m, nn.SyncBatchNorm):
-            world = self._world_size(m)  # SyncBN normalizes with moments over every rank
+        if world != 1:
             count, batch_size = count * world, batch_size * world
         layer.batch_size = batch_size
         running = running_buffers(m)
@@ -415,11 +441,12 @@ class BNTap:
             -1.0 if momentum is None else float(momentum),
             recoverable,
         )
-        layer.layout = tuple.__new__(Layout, fields)
+        lay = layer.layout = tuple.__new__(Layout, fields)
+        return lay
 
     # -- a pooled step (stage val): every forward's input moments --------------------------------
     def _pool_input(self, layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
-        """Post-hook of a pooled step: add this forward's input moments to the layer's pool."""
+        """Pre-hook of a pooled step: add this forward's input moments to the layer's pool."""
         self._guarded(layer, _accumulate, layer, args[0])
 
 
@@ -499,10 +526,6 @@ class _Group(NamedTuple):
 
 def _numel(tensors: list[Tensor]) -> int:
     return sum(t.numel() for t in tensors)
-
-
-def _ignore(layer: LayerState, module: _BatchNorm, args: tuple[Any, ...]) -> None:
-    """Pre-hook of a pooled step: nothing to do before the forward."""
 
 
 def _batch_moments(layer: LayerState, x: Any) -> None:

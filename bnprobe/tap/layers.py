@@ -104,6 +104,10 @@ class LayerState:
     suspect: bool = True
     """Compute the batch moments directly at the next measured step, as recovering them from
     the update would not be accurate (true until a measured step shows otherwise)."""
+    facts: tuple[tuple[Any, ...], Layout, Tensor | None] | None = None
+    """(key, layout, :attr:`initial`) of the last first forward whose blocks the step's
+    snapshot held: the next one reuses that layout while its key and :attr:`initial` are the
+    same (see ``BNTap._before``). Kept across steps, like :attr:`modes`."""
 
     def new_step(self) -> None:
         """Forget what the previous measured step recorded (references and flags stay)."""
