@@ -172,3 +172,58 @@ def test_rows_of_several_steps_split_back_and_build_their_table() -> None:
     with pytest.raises(ValueError, match="one stage and rank"):
         Rows.stack([parts[0], parts[1]._replace(rank=0)])
     assert np.asarray(block.step).dtype == np.int64
+
+
+def test_rank_zero_reads_a_batch_of_another_rank_as_one_block() -> None:
+    """What one exchange of 5 steps brings rank 0 (the vectors packed as ``RankGather._send``
+    packs them): one block of rank 1's rows and one of rank_divergence, whose steps are the rows
+    the vectors hold, step by step."""
+    import torch
+    from torch import nn
+
+    from bnprobe.distributed import gather as g
+    from bnprobe.tap import BNTap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Linear(6, 6), nn.BatchNorm1d(6))
+    ranks = g.RankGather({"1": 1e-5, "3": 1e-5}, batch=5)
+    sent = []
+    with BNTap(model, keep_channels=True) as tap:
+        for step in range(5):
+            tap.start()
+            model(torch.randn(8, 6))
+            layout, vector = ranks.encode(tap.collect(step=10 + step, epoch=step // 3))
+            sent.append((10 + step, step // 3, vector))
+    ranks._known[layout.key] = layout
+    ranks._cap, ranks.batch_steps = layout.size, 5
+    slots = ranks.note_bytes // 8
+    width = g.STEP_HEADER + layout.size
+    table = np.zeros((2, g.HEADER + slots + 5 * width))
+    for r in range(2):
+        table[r, : g.HEADER].view(np.int64)[:] = [5, 0, 0, 0]
+        body = table[r, g.HEADER + slots :].reshape(5, width)
+        for j, (step, epoch, vector) in enumerate(sent):
+            body[j, : g.STEP_HEADER].view(np.int64)[:] = [
+                step,
+                epoch,
+                g._OK,
+                len(vector),
+                layout.key,
+            ]
+            body[j, g.STEP_HEADER :] = vector * (1 + r)  # rank 1's running moments differ
+    out = ranks._decode(table, step=14, epoch=1)
+    assert [(rows.rank, rows.multi, rows.tiling() is not None) for rows in out] == [
+        (1, True, True),
+        (0, True, True),
+    ]
+    other, divergence = out
+    n = len(layout.metrics)
+    for j, one in enumerate(other.split()):
+        step, epoch, vector = sent[j]
+        assert (one.step, one.epoch, one.layers, one.metrics) == (
+            step, epoch, layout.layers, layout.metrics,
+        )  # fmt: skip
+        np.testing.assert_array_equal(one.values, 2 * vector[:n])
+    assert [one.step for one in divergence.split()] == [10, 11, 12, 13, 14]
+    assert set(divergence.metrics) == {"rank_divergence"} and len(divergence.metrics) == 10
+    assert np.isfinite(np.asarray(divergence.values)).all() and (divergence.values > 0).all()
