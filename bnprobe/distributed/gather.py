@@ -40,7 +40,7 @@ from bnprobe.distributed.divergence import (
 from bnprobe.distributed.ranks import collective_device, is_distributed
 from bnprobe.metrics import CATALOGUE
 from bnprobe.store import Rows
-from bnprobe.store.table import same_names, tile
+from bnprobe.store.table import read_only, same_names, tile
 from bnprobe.tap import Snapshot
 
 Warn = Callable[[str], None]
@@ -483,8 +483,8 @@ class RankGather:
         size = len(names)
         return [
             Rows(
-                np.repeat(heads[:, 0], size),
-                np.repeat(heads[:, 1], size),
+                read_only(np.repeat(heads[:, 0], size)),
+                read_only(np.repeat(heads[:, 1], size)),
                 "train",
                 0,
                 tile(names, k),
@@ -576,8 +576,8 @@ def _rows_of(
     k = len(steps)
     heads = step_heads[rank, steps, :2]
     return Rows(
-        np.repeat(heads[:, 0], size),
-        np.repeat(heads[:, 1], size),
+        read_only(np.repeat(heads[:, 0], size)),
+        read_only(np.repeat(heads[:, 1], size)),
         "train",
         rank,
         tile(layout.layers, k),

@@ -215,7 +215,8 @@ class Rows(NamedTuple):
         first = step[:, 0]
         if ok and k > 1:
             ok = bool(((first[1:] != first[:-1]) | (epoch[1:, 0] != epoch[:-1, 0])).all())
-        _last_tiling[:] = [self.step, self.epoch, (n, k), ok]
+        if not (_writable(self.step) or _writable(self.epoch)):  # cannot change: remember
+            _last_tiling[:] = [self.step, self.epoch, (n, k), ok]
         return (n, lay[1], met[1]) if ok else None
 
     @classmethod
@@ -233,8 +234,8 @@ class Rows(NamedTuple):
         if any((p.channels is None) != (first.channels is None) for p in parts):
             raise ValueError("Rows.stack takes layer rows or per-channel rows, not both")
         sizes = np.array([len(p.metrics) for p in parts], dtype=np.int64)
-        step = np.repeat(np.array([p.step for p in parts], dtype=np.int64), sizes)
-        epoch = np.repeat(np.array([p.epoch for p in parts], dtype=np.int64), sizes)
+        step = read_only(np.repeat(np.array([p.step for p in parts], dtype=np.int64), sizes))
+        epoch = read_only(np.repeat(np.array([p.epoch for p in parts], dtype=np.int64), sizes))
         values = np.concatenate([np.asarray(p.values, dtype=np.float64) for p in parts])
         shared = all(p.layers is first.layers and p.metrics is first.metrics for p in parts)
         if shared:
@@ -290,8 +291,21 @@ class Rows(NamedTuple):
 
 
 _last_tiling: list[Any] = [None, None, None, False]
-"""The step and epoch columns :meth:`Rows.tiling` last checked, and the answer (every sink asks
-it of the same block; the block's arrays are not changed once made)."""
+"""The read-only step and epoch columns :meth:`Rows.tiling` last checked, and the answer (every
+sink asks it of the same block)."""
+
+
+def _writable(column: object) -> bool:
+    return not isinstance(column, np.ndarray) or column.flags.writeable
+
+
+def read_only(column: np.ndarray) -> np.ndarray:
+    """``column``, made read-only (a block's step and epoch columns: :meth:`Rows.tiling` may
+    then remember its answer for them)."""
+    column.flags.writeable = False
+    return column
+
+
 _TILES: dict[int, tuple[np.ndarray, Any, int]] = {}
 """id of a column made by :func:`tile` -> (the column, the names it repeats, times)."""
 _TILE_OF: dict[tuple[int, int], np.ndarray] = {}
