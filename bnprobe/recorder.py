@@ -329,7 +329,7 @@ def _stage_and_step(part: Any) -> tuple[str, int]:
     """The stage and step of a snapshot's first block of rows (the tap's own)."""
     if isinstance(part, pd.DataFrame):
         return str(part["stage"].iloc[0]), int(part["step"].iloc[0])
-    return str(part.stage), int(part.step)
+    return str(part.stage), int(part.split()[0].step)
 
 
 def _plural(n: int, what: str) -> str:

@@ -236,6 +236,9 @@ class Digest:
         n = len(rows.metrics)
         if n == 0:
             return
+        if rows.multi:
+            self._add_steps(rows)
+            return
         value = np.asarray(rows.values, dtype=np.float64)
         metric = self._encode_seq(rows.metrics)
         layer = self._encode_seq(rows.layers)
@@ -243,7 +246,7 @@ class Digest:
             channel = _full(n, -1, np.int64)
             if self._legacy and self._is(_SMALL_FRAC)[metric].any():
                 self._legacy = False
-            self._count(rows.stage, rows.rank, rows.step)
+            self._count(rows.stage, rows.rank, int(rows.step))
         else:
             keep = self._channel_keep(metric, value)
             if self._legacy and rows.stage == "train":
@@ -270,7 +273,42 @@ class Digest:
             value,
         )
         self.rows_seen += n
-        self._put(rows.stage, rows.step, block)
+        self._put(rows.stage, int(rows.step), block)
+
+    def _add_steps(self, rows: store.Rows) -> None:
+        """:meth:`_add_rows` of rows of several steps (:attr:`bnprobe.store.Rows.multi`): layer
+        rows of steps named alike (:meth:`~bnprobe.store.Rows.tiling`) encoded once and cut into
+        one block per step; anything else step by step."""
+        tiled = rows.tiling() if rows.channels is None else None
+        if tiled is None:
+            for part in rows.split():
+                self._add_rows(part)
+            return
+        n, layers, metrics = tiled
+        k = len(rows.metrics) // n
+        metric = self._encode_seq(metrics)
+        layer = self._encode_seq(layers)
+        if self._legacy and self._is(_SMALL_FRAC)[metric].any():
+            self._legacy = False
+        stage = self._vocab.get(rows.stage)
+        if stage is None:
+            stage = int(self.encode([rows.stage])[0])
+        value = np.asarray(rows.values, dtype=np.float64)
+        step, epoch = np.asarray(rows.step), np.asarray(rows.epoch)
+        seq = np.arange(self.rows_seen, self.rows_seen + k * n, dtype=np.int64)
+        channel = _full(n, -1, np.int64)
+        stages = _full(n, stage, np.int32)
+        ranks = _full(n, rows.rank, np.int64)
+        # Views of the block's columns: the kept steps (head, tail) hold at most a few blocks.
+        for a in range(0, k * n, n):
+            at = int(step[a])
+            self._count(rows.stage, rows.rank, at)
+            b = a + n
+            block = Block(
+                seq[a:b], step[a:b], epoch[a:b], stages, ranks, layer, channel, metric, value[a:b]
+            )
+            self._put(rows.stage, at, block)
+        self.rows_seen += k * n
 
     def _channel_keep(self, metric: np.ndarray, value: np.ndarray) -> np.ndarray:
         """Per-channel rows kept: non-finite values of ``_NONFINITE``, counts above 0."""

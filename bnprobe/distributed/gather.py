@@ -40,7 +40,7 @@ from bnprobe.distributed.divergence import (
 from bnprobe.distributed.ranks import collective_device, is_distributed
 from bnprobe.metrics import CATALOGUE
 from bnprobe.store import Rows
-from bnprobe.store.table import same_names
+from bnprobe.store.table import read_only, same_names, tile
 from bnprobe.tap import Snapshot
 
 Warn = Callable[[str], None]
@@ -382,8 +382,9 @@ class RankGather:
         out: list[Rows] = []
         layouts: list[list[Layout | None]] = [[] for _ in range(n)]
         for r in range(world):
+            run: list[int] = []  # steps of rank r read with one layout, not yet in `out`
             for j in range(n):
-                s, e, status, length, key = step_heads[r, j].tolist()
+                _, _, status, length, key = step_heads[r, j].tolist()
                 layout = self._known.get(key) if status == _OK else None
                 if status == _OK and (layout is None or layout.size != length):
                     layout = None
@@ -393,9 +394,14 @@ class RankGather:
                             "its rows are left out of rank 0's table until it sends its layout."
                         )
                 layouts[j].append(layout)
-                if r != 0 and layout is not None:
-                    values = body[r, j, STEP_HEADER : STEP_HEADER + len(layout.metrics)]
-                    out.append(Rows(s, e, "train", r, layout.layers, layout.metrics, values))
+                if r == 0 or layout is None:
+                    continue
+                if run and layouts[run[0]][r] is not layout:
+                    out.append(_rows_of(body, step_heads, r, run, layouts[run[0]][r]))
+                    run = []
+                run.append(j)
+            if run:
+                out.append(_rows_of(body, step_heads, r, run, layouts[run[0]][r]))
         out += self._divergences(body, step_heads, layouts)
         return out
 
@@ -428,8 +434,11 @@ class RankGather:
                 result = np.array(list(found.values()), dtype=np.float64)
                 out.append(Rows(s, e, "train", 0, names, _divergence_metrics(len(names)), result))
         if same:
-            out += self._divergence_block(body, step_heads, layouts, same)
-        out.sort(key=lambda rows: rows.step)
+            block = self._divergence_block(body, step_heads, layouts, same)
+            if not out:  # one block of every step, in step order
+                return block
+            out += [one for rows in block for one in rows.split()]
+        out.sort(key=lambda rows: int(rows.step))
         return out
 
     def _divergence_block(
@@ -467,11 +476,22 @@ class RankGather:
             np.tile(eps, k),
         ).reshape(k, len(counts))
         metrics = _divergence_metrics(len(names))
-        out = []
-        for i, j in enumerate(steps):
-            s, e = step_heads[0, j, :2].tolist()
-            out.append(Rows(s, e, "train", 0, names, metrics, result[i]))
-        return out
+        heads = step_heads[0, steps, :2]
+        if k == 1:
+            s, e = heads[0].tolist()
+            return [Rows(s, e, "train", 0, names, metrics, result[0])]
+        size = len(names)
+        return [
+            Rows(
+                read_only(np.repeat(heads[:, 0], size)),
+                read_only(np.repeat(heads[:, 1], size)),
+                "train",
+                0,
+                tile(names, k),
+                tile(metrics, k),
+                result.reshape(-1),
+            )
+        ]
 
     def _receive(
         self, rank: int, slots: np.ndarray, total: int, at: int, size: int
@@ -540,6 +560,30 @@ def _same_names(names: tuple[Any, Any] | None, parts: Sequence[Rows]) -> bool:
     if names is None or len(parts) != 1:
         return False
     return same_names(names[1], parts[0].metrics) and same_names(names[0], parts[0].layers)
+
+
+def _rows_of(
+    body: np.ndarray, step_heads: np.ndarray, rank: int, steps: list[int], layout: Layout | None
+) -> Rows:
+    """The layer rows of ``rank`` at these steps (indices into the exchange), all read with
+    ``layout``: one :class:`Rows` of the steps (single-step rows for one step)."""
+    assert layout is not None
+    size = len(layout.metrics)
+    if len(steps) == 1:
+        s, e = step_heads[rank, steps[0], :2].tolist()
+        values = body[rank, steps[0], STEP_HEADER : STEP_HEADER + size]
+        return Rows(s, e, "train", rank, layout.layers, layout.metrics, values)
+    k = len(steps)
+    heads = step_heads[rank, steps, :2]
+    return Rows(
+        read_only(np.repeat(heads[:, 0], size)),
+        read_only(np.repeat(heads[:, 1], size)),
+        "train",
+        rank,
+        tile(layout.layers, k),
+        tile(layout.metrics, k),
+        body[rank, steps, STEP_HEADER : STEP_HEADER + size].reshape(-1),
+    )
 
 
 @functools.cache

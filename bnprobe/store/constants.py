@@ -48,10 +48,13 @@ class Changes:
         self._plans: dict[tuple[str, int, int], tuple[Any, Any, Any]] = {}
 
     def keep(self, rows: Rows) -> np.ndarray | None:
-        """A mask of the rows to store (None: all of them)."""
+        """A mask of the rows to store (None: all of them). Rows of several steps
+        (:attr:`Rows.multi`) are judged step by step, as if each step came on its own."""
         constants = CONSTANT_METRICS.get(rows.stage)
         if constants is None or rows.channels is not None or not len(rows.metrics):
             return None
+        if rows.multi:
+            return self._keep_steps(rows, constants)
         plan = self._plan(rows, constants)
         if plan is None:
             return None
@@ -67,6 +70,45 @@ class Changes:
         keep = np.ones(len(rows.metrics), dtype=bool)
         keep[where[drop]] = False
         return keep
+
+    def _keep_steps(self, rows: Rows, constants: frozenset[str]) -> np.ndarray | None:
+        """:meth:`keep` of rows of several steps: for k steps named alike (:meth:`Rows.tiling`)
+        one plan and one (k, constants) comparison, each step against the one before (the
+        first against the last value kept); else step by step."""
+        tiled = rows.tiling()
+        plan = None
+        if tiled is not None:
+            n, layers, metrics = tiled
+            plan = self._plan(Rows(0, 0, rows.stage, rows.rank, layers, metrics, ()), constants)
+            if plan is None:
+                return None
+        if tiled is None or plan is None or len(np.unique(plan[1])) != len(plan[1]):
+            pairs = zip(rows.runs(), rows.split(), strict=True)
+            masks = [(run, self.keep(part)) for run, part in pairs]
+            if all(mask is None for _, mask in masks):
+                return None
+            out = np.ones(len(rows.metrics), dtype=bool)
+            for (a, b), mask in masks:
+                if mask is not None:
+                    out[a:b] = mask
+            return out
+        where, slots, anchored = plan
+        k = len(rows.metrics) // n
+        values = np.asarray(rows.values, dtype=np.float64).reshape(k, n)[:, where]
+        before = np.empty_like(values)
+        before[0] = self._last[slots]
+        before[1:] = values[:-1]
+        seen = np.ones(values.shape, dtype=bool)
+        seen[0] = self._seen[slots]
+        same = seen & ((values == before) | (np.isnan(values) & np.isnan(before)))
+        self._last[slots] = values[-1]
+        self._seen[slots] = True
+        drop = same & anchored
+        if not drop.any():
+            return None
+        keep = np.ones((k, n), dtype=bool)
+        keep[:, where] = ~drop
+        return keep.reshape(-1)
 
     def _plan(
         self, rows: Rows, constants: frozenset[str]

@@ -93,15 +93,20 @@ class _Columns:
     def extend(self, rows: Rows, keep: np.ndarray | None = None) -> None:
         """Add ``rows`` (only those where ``keep`` is True, if given)."""
         layers, channels, metrics, values = rows.layers, rows.channels, rows.metrics, rows.values
+        step, epoch = rows.step, rows.epoch  # ints, or one entry per row (several steps)
         if keep is not None:
+            if isinstance(step, np.ndarray):
+                step = step[keep]
+            if isinstance(epoch, np.ndarray):
+                epoch = epoch[keep]
             layers = np.asarray(layers, dtype=object)[keep]
             metrics = np.asarray(metrics, dtype=object)[keep]
             values = np.asarray(values, dtype=np.float64)[keep]
             if channels is not None:
                 channels = np.asarray(channels, dtype=np.int64)[keep]
         cols: dict[str, Any] = {
-            "step": rows.step,
-            "epoch": rows.epoch,
+            "step": step,
+            "epoch": epoch,
             "stage": rows.stage,
             "rank": rows.rank,
             "layer": layers,
@@ -200,8 +205,9 @@ class Store:
         self._cleaned: Path | None = None
 
     def append(self, rows: Rows | pd.DataFrame) -> None:
-        """Keep ``rows`` (:class:`Rows`, or a table with the SPEC columns from a caller outside
-        the tap, turned into Rows here); constants only where they changed."""
+        """Keep ``rows`` (:class:`Rows` of one step or several, or a table with the SPEC columns
+        from a caller outside the tap, turned into Rows here); constants only where they
+        changed, step by step."""
         for part in [rows] if isinstance(rows, Rows) else Rows.from_frame(rows):
             if len(part.metrics):
                 self._rows.extend(part, self._changes.keep(part))

@@ -108,7 +108,7 @@ def _points(
             if isinstance(rows.values, np.ndarray):
                 values = np.concatenate([(float(rows.epoch),), rows.values.astype(np.float64)])
             else:
-                values = itertools.chain((rows.epoch,), rows.values)
+                values = itertools.chain((int(rows.epoch),), rows.values)
             if index is not None:
                 values = np.fromiter(values, dtype=np.float64, count=len(rows.metrics) + 1)[index]
             by_step.setdefault(int(rows.step), []).append((tags, values))
@@ -135,10 +135,11 @@ def _merge_plan(blocks: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], n
 
 
 def _layer_rows(part: Rows | pd.DataFrame) -> list[Rows]:
-    """The layer aggregates of rank 0 in one part of a snapshot, as :class:`Rows` blocks."""
+    """The layer aggregates of rank 0 in one part of a snapshot, as single-step :class:`Rows`
+    blocks (a block of several steps: one per step, :meth:`Rows.split`)."""
     if isinstance(part, Rows):
         keep = part.channels is None and part.rank == 0 and len(part.metrics) > 0
-        return [part] if keep else []
+        return part.split() if keep else []
     agg = part[part["channel"].isna().to_numpy() & (part["rank"] == 0).to_numpy()]
     out: list[Rows] = []
     for key, rows in agg.groupby(["step", "epoch", "stage"], sort=False):
