@@ -110,6 +110,7 @@ class BNTap:
         self._on_input: _Hook = self._first_forward
         """What the pre-hook does with a layer's input on an active step."""
         self._references = HostReferences()
+        self._row_memo = build.RowMemo()
         self._last_plan: tuple[_PlanKey, Plan] | None = None
         """The last measured step's plan and what it was made of (:meth:`_host_metrics`)."""
 
@@ -192,7 +193,11 @@ class BNTap:
                     self._guarded(layer, _finish_pool, layer)
         measured, ok, seg, chan = self._host_metrics([lay for lay in self.layers if not lay.failed])
         self._snapshots, self._snapshot_due = [], False
-        parts = [build.layer_rows(step, epoch, stage, rank, self.layers, measured, self._pooling)]
+        parts = [
+            build.layer_rows(
+                step, epoch, stage, rank, self.layers, measured, self._pooling, self._row_memo
+            )
+        ]
         channels: build.ChannelVectors = {}
         if seg is not None and self.keep_channels:
             channels = build.channel_vectors(ok, seg, chan)
