@@ -303,6 +303,9 @@ class Segments:
     """The layer's momentum per channel; negative for ``momentum=None`` (cumulative average)."""
     ill_conditioned: np.ndarray | None = None
     """Per layer: recovering its moments from the update is (or would be) inaccurate."""
+    per_layer_counts: bool = False
+    """``n``, ``n0`` and ``momentum`` are given and the same in every channel of a layer (as
+    the tap packs them): the warm-up residual is computed once per layer."""
 
 
 WARMUP_LEARNED_MIN = 1e-6
@@ -427,7 +430,10 @@ def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.
     mean0 = seg.mean0 if seg.mean0 is not None else lay.nan
     var0 = seg.var0 if seg.var0 is not None else lay.nan
     with np.errstate(all="ignore"):
-        r = _warmup_residual(n, n0, momentum)
+        if seg.per_layer_counts:  # one power per layer, not per channel: the same values
+            r = _warmup_residual(n[starts], n0[starts], momentum[starts]).repeat(seg.channels)
+        else:
+            r = _warmup_residual(n, n0, momentum)
         mu_s, var_s, learned = _corrected(mu_r, var_r, r, mean0, var0)
         # rows d, d*, v, v*: against the running statistics and the warm-up-corrected ones
         shift = np.empty((4, size))

@@ -327,7 +327,7 @@ class Plan:
         )
         seg.running, seg.mean0, seg.var0 = self.running, initial_mean, initial_var
         seg.n0, seg.n = initial_tracked, tracked
-        seg.momentum = self.momentum
+        seg.momentum, seg.per_layer_counts = self.momentum, True
         if self.any_recoverable:
             ill = stats.recovery_ill_conditioned(
                 running_mean,
