@@ -93,6 +93,8 @@ def recover_moments(
     var_new: np.ndarray,
     factor: float | np.ndarray,
     count: float | np.ndarray,
+    *,
+    bessel: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Batch moments ``(mu_B, biased var_B)`` recovered from one running-stat update.
 
@@ -107,9 +109,11 @@ def recover_moments(
     1/f, is the error (:func:`recovery_bounds`). A variance within its bound of 0 (or below 0)
     is returned as exactly 0: the update cannot tell it from 0, and 0 is what a dead or
     constant channel has. Direct moments pass through unchanged with ``f = n = 1`` and zero old
-    buffers (their bound, 4 ulp of var_B, is never above a positive var_B).
+    buffers (their bound, 4 ulp of var_B, is never above a positive var_B). ``bessel``:
+    :func:`bessel` of ``count``, where the caller keeps it.
     """
-    bessel = _bessel(count)
+    if bessel is None:
+        bessel = _bessel(count)
     with np.errstate(all="ignore"):
         mean = mean_old + (mean_new - mean_old) / factor
         var = (var_new - (1.0 - factor) * var_old) / factor * bessel
@@ -118,11 +122,14 @@ def recover_moments(
     return mean, var
 
 
-def _bessel(count: float | np.ndarray) -> np.ndarray:
+def bessel(count: float | np.ndarray) -> np.ndarray:
     """``(n-1)/n`` for n > 1, else 1: from the unbiased variance back to the biased one."""
     count = np.asarray(count, dtype=np.float64)
     out: np.ndarray = np.where(count > 1, (count - 1.0) / np.maximum(count, 1.0), 1.0)
     return out
+
+
+_bessel = bessel
 
 
 def _ulp32(x: np.ndarray) -> np.ndarray:
@@ -195,11 +202,15 @@ def recovery_ill_conditioned(
     var: np.ndarray,
     factor: float | np.ndarray,
     count: float | np.ndarray,
+    *,
+    bessel: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per channel: recovering these moments would not be accurate to ``RECOVERY_VAR_RTOL``
     (relative, var_B) and ``RECOVERY_MEAN_TOL`` (batch standard deviations, mu_B). Dead
-    channels (var_B = 0) always are."""
-    bessel = _bessel(count)
+    channels (var_B = 0) always are. ``bessel``: :func:`bessel` of ``count``, where the caller
+    keeps it."""
+    if bessel is None:
+        bessel = _bessel(count)
     with np.errstate(all="ignore"):
         err_mean, err_var = _recovery_bounds(mean_old, var_old, mean, var, factor, bessel)
         ok = (err_var <= RECOVERY_VAR_RTOL * var) & (err_mean <= RECOVERY_MEAN_TOL * np.sqrt(var))
@@ -292,6 +303,9 @@ class Segments:
     """The layer's momentum per channel; negative for ``momentum=None`` (cumulative average)."""
     ill_conditioned: np.ndarray | None = None
     """Per layer: recovering its moments from the update is (or would be) inaccurate."""
+    per_layer_counts: bool = False
+    """``n``, ``n0`` and ``momentum`` are given and the same in every channel of a layer (as
+    the tap packs them): the warm-up residual is computed once per layer."""
 
 
 WARMUP_LEARNED_MIN = 1e-6
@@ -416,7 +430,10 @@ def segment_metrics(seg: Segments) -> tuple[dict[str, np.ndarray], dict[str, np.
     mean0 = seg.mean0 if seg.mean0 is not None else lay.nan
     var0 = seg.var0 if seg.var0 is not None else lay.nan
     with np.errstate(all="ignore"):
-        r = _warmup_residual(n, n0, momentum)
+        if seg.per_layer_counts:  # one power per layer, not per channel: the same values
+            r = _warmup_residual(n[starts], n0[starts], momentum[starts]).repeat(seg.channels)
+        else:
+            r = _warmup_residual(n, n0, momentum)
         mu_s, var_s, learned = _corrected(mu_r, var_r, r, mean0, var0)
         # rows d, d*, v, v*: against the running statistics and the warm-up-corrected ones
         shift = np.empty((4, size))

@@ -165,6 +165,50 @@ def test_shared_layer_is_measured_once_and_calls_are_counted() -> None:
     assert got["mean_shift"] == pytest.approx(ref.metrics["0"]["mean_shift"], rel=RTOL)
 
 
+def test_rows_of_a_step_follow_what_changed_since_the_step_before() -> None:
+    """The tap reuses the step before's row plan and structure rows while nothing they depend on
+    changed: calls, momentum and batch size that change must still show."""
+    bn = nn.BatchNorm1d(4)
+    model = nn.Sequential(bn, nn.ReLU(), bn)
+    seen = []
+    with BNTap(model) as tap:
+        for step, (forwards, batch, momentum) in enumerate(
+            [(1, 8, 0.1), (1, 8, 0.1), (2, 8, 0.1), (1, 8, 0.1), (1, 6, 0.1), (1, 6, 0.3)]
+        ):
+            bn.momentum = momentum
+            tap.start()
+            x = torch.randn(batch, 4)
+            model(x) if forwards == 2 else bn(x)
+            got = tap.collect(step=step).rows.set_index("metric")["value"]
+            seen.append((got["forward_calls"], got["batch_size"], got["momentum"]))
+    assert seen == [
+        (1, 8, 0.1),
+        (1, 8, 0.1),
+        (2, 8, 0.1),
+        (1, 8, 0.1),
+        (1, 6, 0.1),
+        (1, 6, pytest.approx(0.3)),
+    ]
+
+
+def test_restored_references_replace_the_host_copy_of_the_old_ones() -> None:
+    """gamma_0 is kept on the host between steps; a restored one (a resumed run) is used from
+    the next step on: gamma_drift = ||gamma - gamma_0|| / ||gamma_0||."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    x = torch.randn(8, 4)
+    drifts = []
+    with BNTap(model) as tap:
+        for step in range(3):
+            if step == 2:
+                refs = tap.references()
+                refs["1"]["gamma0"] = refs["1"]["gamma0"] + 1.0  # gamma = 1, gamma_0 = 2
+                tap.load_references(refs)
+            tap.start()
+            model(x)
+            drifts.append(tap.collect(step=step).rows.set_index("metric")["value"]["gamma_drift"])
+    assert drifts == [0.0, 0.0, pytest.approx(0.5, rel=1e-12)]
+
+
 def test_structure_rows_name_batch_size_and_eps() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, eps=1e-3))
     with BNTap(model) as tap:

@@ -52,11 +52,22 @@ from bnprobe.tap.layers import (
     tensor_input,
     tracked_buffer,
 )
-from bnprobe.tap.packing import Layout, host_plan, pieces_size, raw_pieces, to_host
+from bnprobe.tap.packing import (
+    HostReferences,
+    Layout,
+    Plan,
+    host_plan,
+    live_pieces,
+    pieces_size,
+    raw_pieces,
+    reference_pieces,
+    to_host,
+)
 from bnprobe.tap.rows import Snapshot
 from bnprobe.tap.trace import ProducerTrace
 
 _Hook = Callable[[LayerState, _BatchNorm, Any], None]
+_PlanKey = tuple[list[Layout], list[Snapped | None], list[tuple[int, int]]]
 
 
 class BNTap:
@@ -98,6 +109,10 @@ class BNTap:
         """A measured step whose first BN forward has not run yet (:func:`_snapshot`)."""
         self._on_input: _Hook = self._first_forward
         """What the pre-hook does with a layer's input on an active step."""
+        self._references = HostReferences()
+        self._row_memo = build.RowMemo()
+        self._last_plan: tuple[_PlanKey, Plan] | None = None
+        """The last measured step's plan and what it was made of (:meth:`_host_metrics`)."""
 
     # -- lifecycle ----------------------------------------------------------------------------
     def attach(self) -> BNTap:
@@ -178,7 +193,11 @@ class BNTap:
                     self._guarded(layer, _finish_pool, layer)
         measured, ok, seg, chan = self._host_metrics([lay for lay in self.layers if not lay.failed])
         self._snapshots, self._snapshot_due = [], False
-        parts = [build.layer_rows(step, epoch, stage, rank, self.layers, measured, self._pooling)]
+        parts = [
+            build.layer_rows(
+                step, epoch, stage, rank, self.layers, measured, self._pooling, self._row_memo
+            )
+        ]
         channels: build.ChannelVectors = {}
         if seg is not None and self.keep_channels:
             channels = build.channel_vectors(ok, seg, chan)
@@ -209,32 +228,43 @@ class BNTap:
             values, counts = group
             groups.append((values.numel(), 0 if counts is None else counts.numel()))
             pieces += [values] if counts is None else [values, counts]
+        references: list[Tensor] = []
         for layer in measured:
-            lay = layer.layout
-            if lay is None:
-                continue
-            parts = raw_pieces(layer)
+            parts = live_pieces(layer)
             if parts is None:
                 continue
+            lay = layer.layout
+            assert lay is not None
             if lay.channels < 1:
+                whole = raw_pieces(layer)
+                assert whole is not None
                 self._fail(
-                    layer, RuntimeError(f"measured {_numel(parts)} values, the layout is {lay}")
+                    layer, RuntimeError(f"measured {_numel(whole)} values, the layout is {lay}")
                 )
                 continue
             ok.append(layer)
             layouts.append(lay)
             snapped.append(layer.snapped)
             pieces += parts
+            if lay.affine or lay.reference:
+                references += reference_pieces(layer, lay)
         if not ok:
             return None, [], None, {}
         try:
-            step_plan = host_plan(tuple(layouts), tuple(snapped), tuple(groups))
+            key = (layouts, snapped, groups)
+            last = self._last_plan
+            if last is not None and last[0] == key:  # the layouts are the same objects: cheap
+                step_plan = last[1]
+            else:  # host_plan hashes every layout
+                step_plan = host_plan(tuple(layouts), tuple(snapped), tuple(groups))
+                self._last_plan = key, step_plan
             raw = to_host(pieces)
+            refs = self._references.host(references)
         except Exception as err:  # the probe must never stop training: one warning, every layer
             for layer in ok:
                 self._fail(layer, err)
             return None, [], None, {}
-        if raw.size != step_plan.size:  # a layer measured what its layout does not say
+        if raw.size + refs.size != step_plan.size:  # a layer measured what its layout does not say
             kept = self._sized(ok)
             if len(kept) < len(ok):
                 return self._host_metrics(kept)
@@ -243,7 +273,7 @@ class BNTap:
                 self._fail(layer, odd)
             return None, [], None, {}
         try:
-            seg = step_plan.segments(raw)
+            seg = step_plan.segments(raw, refs)
             table, per = stats.segment_metrics(seg)
         except Exception as err:  # the probe must never stop training: one warning, every layer
             for layer in ok:

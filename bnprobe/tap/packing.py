@@ -12,6 +12,7 @@ TensorBoard, no pandas.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import NamedTuple
@@ -88,6 +89,64 @@ def pieces_size(lay: Layout, snapped: Snapped | None) -> int:
     return lay.size - lay.channels * (2 * lay.running + 2 * lay.affine) - lay.tracked
 
 
+def reference_size(lay: Layout) -> int:
+    """The length of the references that end a layer's raw vector (:class:`Layout`): gamma_0
+    and beta_0 (``affine``), the warm-up reference (``reference``)."""
+    return lay.channels * (2 * lay.affine + 2 * lay.reference) + lay.tracked * lay.reference
+
+
+def live_pieces(layer: LayerState) -> list[Tensor] | None:
+    """:func:`raw_pieces` without the references at its end (:func:`reference_pieces`): what
+    this step measured, which goes to the host every step."""
+    lay = layer.layout
+    if lay is None:
+        return None
+    before, after = layer.before, layer.after
+    if after is None:
+        if not lay.recovered:
+            return None
+        after_pieces = running_buffers(layer.module)  # the buffers as that forward left them
+        return after_pieces if before is None else [before, *after_pieces]
+    return [after] if before is None else [before, after]
+
+
+def reference_pieces(layer: LayerState, lay: Layout) -> list[Tensor]:
+    """The references that end the layer's raw vector: gamma_0, beta_0 and the warm-up
+    reference, those its layout has. They change only when taken or restored (new tensors):
+    :class:`HostReferences` keeps their host copy."""
+    pieces = []
+    if lay.affine:
+        assert layer.gamma0 is not None and layer.beta0 is not None
+        pieces += [layer.gamma0, layer.beta0]
+    if lay.reference:
+        assert layer.initial is not None
+        pieces.append(layer.initial)
+    return pieces
+
+
+class HostReferences:
+    """The host copy (float64) of the step's references (:func:`reference_pieces` of every
+    layer, concatenated), kept while they are the same tensor objects: gamma_0, beta_0 and the
+    initial running buffers are taken once (:func:`bnprobe.tap.layers.take_reference`, or a
+    lazy layer's first forward) or restored (:func:`bnprobe.tap.layers.restore_references`),
+    each time as new tensors, and never changed in place. So a step moves only what it
+    measured to the host; the references join it there."""
+
+    def __init__(self) -> None:
+        self._tensors: list[Tensor] = []
+        self._host = np.empty(0)
+
+    def host(self, tensors: list[Tensor]) -> np.ndarray:
+        """``to_host(tensors)``, from the copy kept when they are the same objects as last
+        time. Read-only."""
+        kept = self._tensors
+        if len(kept) != len(tensors) or not all(map(operator.is_, kept, tensors)):
+            host = to_host(tensors) if tensors else np.empty(0)
+            host.setflags(write=False)
+            self._tensors, self._host = list(tensors), host
+        return self._host
+
+
 @lru_cache(maxsize=16)
 def host_plan(
     layouts: tuple[Layout, ...],
@@ -96,13 +155,14 @@ def host_plan(
 ) -> Plan:
     """The :class:`Plan` of these layouts reading the host array as it arrives: each snapshot
     group's values and update counts first (``groups``: their sizes, in group order), then each
-    layer's :func:`raw_pieces` (its :attr:`Plan.size` is that array's). Cached: steps nearly
-    always repeat."""
+    layer's :func:`live_pieces`, then every layer's :func:`reference_pieces` (its
+    :attr:`Plan.size` is that array's). Cached: steps nearly always repeat."""
     base = plan(layouts)
     order, size = snapshot_order(layouts, snapped, groups)
     if order is None:
         return base
     index = np.concatenate([order, (size, size + 1)])[base.index]  # [*raw, 0, nan] -> host
+    index.setflags(write=False)
     return replace(base, index=index, size=size)
 
 
@@ -112,14 +172,16 @@ def snapshot_order(
     groups: tuple[tuple[int, int], ...],
 ) -> tuple[np.ndarray | None, int]:
     """Where each value of the layers' raw vectors (:class:`Layout`, in layer order) sits in
-    what the host receives (:func:`host_plan`), and the size of the latter: ``host[order]``
-    is the layers' concatenated raw vectors (order None: no layer is in the snapshot, the host
-    array is them already)."""
+    what the host receives (:func:`host_plan`: the snapshot, the live pieces, the references),
+    and the size of the latter: ``host[order]`` is the layers' concatenated raw vectors (order
+    None: the host array is them already)."""
     bases, at = [], 0
     for values, counts in groups:
         bases.append((at, at + values))
         at += values + counts
     order: list[np.ndarray] = []
+    tails: list[tuple[int, int, int]] = []  # (place in order, first reference value, length)
+    refs = 0
     for lay, snap in zip(layouts, snapped, strict=True):
         if snap is not None:
             c, (values, counts) = lay.channels, bases[snap.group]
@@ -131,12 +193,19 @@ def snapshot_order(
                 order.append(np.array([counts + snap.count_at]))
             if lay.affine:
                 order.append(np.arange(first, first + 2 * c))
-        n = pieces_size(lay, snap)
+        tail = reference_size(lay)
+        n = pieces_size(lay, snap) - tail
         order.append(np.arange(at, at + n))
         at += n
-    if not any(values + counts for values, counts in groups):
+        if tail:
+            tails.append((len(order), refs, tail))
+            order.append(np.empty(0, dtype=np.int64))
+            refs += tail
+    if not refs and not any(values + counts for values, counts in groups):
         return None, at
-    return np.concatenate(order), at
+    for place, first, n in tails:  # the references follow every live piece
+        order[place] = np.arange(at + first, at + first + n)
+    return np.concatenate(order), at + refs
 
 
 def to_host(tensors: list[Tensor]) -> np.ndarray:
@@ -213,8 +282,18 @@ class Plan:
     """The length of the host array it reads: the layouts' concatenated raw vectors, or with
     :func:`host_plan` the step's snapshot's values before them."""
 
-    def segments(self, raw: np.ndarray) -> stats.Segments:
-        values = np.concatenate([raw, (0.0, np.nan)])[self.index]
+    bessel: np.ndarray
+    """``(n-1)/n`` of ``count`` (:func:`bnprobe.stats.bessel`), for the recovery."""
+    bound_factor: np.ndarray
+    """The momentum where the update gives the moments (``recoverable``), else 1."""
+    bound_bessel: np.ndarray
+    """``(n-1)/n`` of ``samples``, for :func:`bnprobe.stats.recovery_ill_conditioned`."""
+    any_recoverable: bool
+
+    def segments(self, *host: np.ndarray) -> stats.Segments:
+        """The step's :class:`bnprobe.stats.Segments` from the host array it reads, given in
+        parts (the transfer, then the references: :class:`HostReferences`)."""
+        values = np.concatenate([*host, _ZERO_NAN])[self.index]
         (
             mean_old,
             var_old,
@@ -232,7 +311,7 @@ class Plan:
             initial_tracked,
         ) = values
         mean, var = stats.recover_moments(
-            mean_old, var_old, mean_new, var_new, self.factor, self.count
+            mean_old, var_old, mean_new, var_new, self.factor, self.count, bessel=self.bessel
         )
         seg = stats.Segments(
             self.channels,
@@ -248,14 +327,23 @@ class Plan:
         )
         seg.running, seg.mean0, seg.var0 = self.running, initial_mean, initial_var
         seg.n0, seg.n = initial_tracked, tracked
-        seg.momentum = self.momentum
-        if self.recoverable.any():
-            rf = np.where(self.recoverable, self.momentum, 1.0)
+        seg.momentum, seg.per_layer_counts = self.momentum, True
+        if self.any_recoverable:
             ill = stats.recovery_ill_conditioned(
-                running_mean, running_var, mean, var, rf, self.samples
+                running_mean,
+                running_var,
+                mean,
+                var,
+                self.bound_factor,
+                self.samples,
+                bessel=self.bound_bessel,
             )
             seg.ill_conditioned = np.add.reduceat(ill & self.recoverable, self.starts) > 0
         return seg
+
+
+_ZERO_NAN = np.array([0.0, np.nan])
+_ZERO_NAN.setflags(write=False)
 
 
 @lru_cache(maxsize=16)
@@ -308,11 +396,19 @@ def plan(layouts: tuple[Layout, ...]) -> Plan:
         "running": np.repeat([lay.running for lay in layouts], channels),
         "recoverable": np.repeat([lay.recoverable for lay in layouts], channels),
     }
-    return Plan(
+    result = Plan(
         channels=channels,
         index=np.stack([np.concatenate(parts[key]) for key in QUANTITIES]),
         starts=np.concatenate([[0], np.cumsum(channels)[:-1]]),
         size=total,
         **repeated,
         **flags,
+        bessel=stats.bessel(repeated["count"]),
+        bound_factor=np.where(flags["recoverable"], repeated["momentum"], 1.0),
+        bound_bessel=stats.bessel(repeated["samples"]),
+        any_recoverable=bool(flags["recoverable"].any()),
     )
+    for value in vars(result).values():
+        if isinstance(value, np.ndarray):
+            value.setflags(write=False)  # shared by every step of these layouts
+    return result
