@@ -96,6 +96,8 @@ class BNTap:
         """The snapshot of this step: per group, its values and update counts."""
         self._snapshot_due = False
         """A measured step whose first BN forward has not run yet (:func:`_snapshot`)."""
+        self._plan: _SnapshotPlan | None = None
+        """The snapshot's plan, kept between measured steps while it holds the layers."""
         self._on_input: _Hook = self._first_forward
         """What the pre-hook does with a layer's input on an active step."""
 
@@ -343,8 +345,14 @@ class BNTap:
         layer, as for a lazy one)."""
         try:
             with torch.no_grad():
-                self._snapshots = _snapshot(self.layers)
+                plan = self._plan
+                if plan is None or not plan.holds(self.layers):
+                    plan = self._plan = _SnapshotPlan(self.layers)
+                self._snapshots = taken = plan.take()
+                if None in taken:  # a group failed: keep no plan that holds it
+                    self._plan = None
         except Exception:  # the probe must never stop training: the per-layer copy instead
+            self._plan = None
             self._snapshots = []
             for layer in self.layers:
                 layer.snapped = None
@@ -464,52 +472,92 @@ def _snapshot(layers: list[LayerState]) -> list[tuple[Tensor, Tensor | None] | N
     (:func:`bnprobe.tap.packing.host_plan` reads them back into its raw vector).
 
     A layer not initialized yet (lazy) is left to its pre-hook, and so is every layer of a group
-    whose copy fails (the pre-hook then copies it, or fails the layer as it would have)."""
-    groups: dict[tuple[int, torch.dtype, torch.dtype], _Group] = {}
-    for layer in layers:
-        if layer.failed:
-            continue
-        m = layer.module
-        buffers = m._buffers  # Module.__getattr__ costs ~0.5 us a call
-        mean, var = buffers.get("running_mean"), buffers.get("running_var")
-        blocks = [mean, var] if mean is not None and var is not None else []
-        running = bool(blocks)
-        affine = layer.gamma0 is not None and m.affine
-        if affine:
-            params = m._parameters
-            blocks += [params["weight"], params["bias"]]  # type: ignore[list-item]
-        if not blocks or is_lazy(blocks[0]):  # lazy layers initialize every tensor at once
-            continue
-        first, last = blocks[0], blocks[-1]  # (mean, var | gamma, beta): each pair is alike
-        key = (first.get_device(), first.dtype, last.dtype)  # one cat dtype per group
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = _Group(len(groups), [0], [], [], [])
-        nbt = buffers.get("num_batches_tracked") if running else None
-        count = -1
-        if nbt is not None:
-            count = len(group.counts)
-            group.counts.append(nbt)
-        offset = group.size[0]
-        group.size[0] += first.numel() * len(blocks)
-        group.tensors.extend(blocks)
-        group.members.append(layer)
-        # tuple.__new__: a NamedTuple's own __new__ costs ~0.4 us
-        layer.snapped = tuple.__new__(
-            Snapped, (running, count >= 0, affine, group.number, offset, count)
-        )
-    taken: list[tuple[Tensor, Tensor | None] | None] = []
-    for group in groups.values():
-        try:
-            values = torch.cat(group.tensors)
-            counts = torch.stack(group.counts).to(values.dtype) if group.counts else None
-        except Exception:  # the pre-hooks copy these layers one by one
-            for layer in group.members:
-                layer.snapped = None
-            taken.append(None)
-        else:
-            taken.append((values, counts))
-    return taken
+    whose copy fails (the pre-hook then copies it, or fails the layer as it would have).
+
+    This is the snapshot without a plan kept from an earlier step: :meth:`BNTap._take_snapshot`
+    keeps the :class:`_SnapshotPlan` and takes the same copies with it."""
+    return _SnapshotPlan(layers).take()
+
+
+class _SnapshotPlan:
+    """Which tensors :func:`_snapshot` concatenates, in which group, and where each layer's
+    values land (its :class:`Snapped`): the same from one measured step to the next unless a
+    layer changes, so :class:`BNTap` keeps it and rebuilds it only when :meth:`holds` says
+    it no longer describes the layers (a loop over the layers rebuilding the groups cost ~3 us
+    a layer; the check costs about a third of that).
+
+    It depends on, per layer: whether it failed; which tensor objects its running buffers,
+    ``num_batches_tracked``, weight and bias are (a buffer replaced or set to None, a module
+    ``.to()``, which replaces buffers, or ``load_state_dict(assign=True)``); whether gamma_0 is
+    taken and ``affine``; and of its first block (running_mean, or the weight) the class (a
+    lazy tensor materializes in place), dtype, device and shape, and of its last block the
+    dtype (``.data = ...`` and ``Module.to()`` change these of a parameter without replacing
+    the object). That is everything the grouping reads: the cat of the same tensor objects
+    gives the same values, whatever was written into them since.
+    ``Tensor._version`` cannot say this: BN's update bumps it every step."""
+
+    __slots__ = ("groups", "signature", "snapped")
+
+    def __init__(self, layers: list[LayerState]) -> None:
+        self.signature = _signature(layers)
+        groups: dict[tuple[int, torch.dtype, torch.dtype], _Group] = {}
+        self.snapped: list[tuple[LayerState, Snapped]] = []
+        for layer in layers:
+            if layer.failed:
+                continue
+            m = layer.module
+            buffers = m._buffers  # Module.__getattr__ costs ~0.5 us a call
+            mean, var = buffers.get("running_mean"), buffers.get("running_var")
+            blocks = [mean, var] if mean is not None and var is not None else []
+            running = bool(blocks)
+            affine = layer.gamma0 is not None and m.affine
+            if affine:
+                params = m._parameters
+                blocks += [params["weight"], params["bias"]]  # type: ignore[list-item]
+            if not blocks or is_lazy(blocks[0]):  # lazy layers initialize every tensor at once
+                continue
+            first, last = blocks[0], blocks[-1]  # (mean, var | gamma, beta): each pair is alike
+            key = (first.get_device(), first.dtype, last.dtype)  # one cat dtype per group
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = _Group(len(groups), [0], [], [], [])
+            nbt = buffers.get("num_batches_tracked") if running else None
+            count = -1
+            if nbt is not None:
+                count = len(group.counts)
+                group.counts.append(nbt)
+            offset = group.size[0]
+            group.size[0] += first.numel() * len(blocks)
+            group.tensors.extend(blocks)
+            group.members.append(layer)
+            # tuple.__new__: a NamedTuple's own __new__ costs ~0.4 us
+            snap = tuple.__new__(
+                Snapped, (running, count >= 0, affine, group.number, offset, count)
+            )
+            self.snapped.append((layer, snap))
+        self.groups = list(groups.values())
+
+    def holds(self, layers: list[LayerState]) -> bool:
+        """Whether this plan still describes ``layers`` (see the class)."""
+        return _signature(layers) == self.signature
+
+    def take(self) -> list[tuple[Tensor, Tensor | None] | None]:
+        """This step's snapshot: per group, its values and update counts (None where the copy
+        failed); sets each layer's :attr:`LayerState.snapped`."""
+        for layer, snap in self.snapped:
+            layer.snapped = snap
+        taken: list[tuple[Tensor, Tensor | None] | None] = []
+        for group in self.groups:
+            try:
+                values = torch.cat(group.tensors)
+                counts = torch.stack(group.counts).to(values.dtype) if group.counts else None
+            except Exception:  # the pre-hooks copy these layers one by one
+                for layer in group.members:
+                    layer.snapped = None
+                taken.append(None)
+            else:
+                taken.append((values, counts))
+        return taken
 
 
 class _Group(NamedTuple):
@@ -522,6 +570,50 @@ class _Group(NamedTuple):
     counts: list[Tensor]
     """num_batches_tracked of the layers that have it."""
     members: list[LayerState]
+
+
+def _signature(layers: list[LayerState]) -> list[Any]:
+    """What :class:`_SnapshotPlan` depends on, per layer, as values compared with ``==``.
+    Tensors by ``id``: the plan holds every tensor it concatenates, so no other object can take
+    its id while the plan lives; a lazy layer's tensors it does not hold, but one that takes
+    such an id is either lazy too (left to the pre-hook all the same) or of another class."""
+    sig: list[Any] = []
+    for layer in layers:
+        if layer.failed:
+            sig.append(None)
+            continue
+        m = layer.module
+        buffers = m._buffers  # Module.__getattr__ costs ~0.5 us a call
+        mean, var = buffers.get("running_mean"), buffers.get("running_var")
+        running = mean is not None and var is not None
+        nbt = buffers.get("num_batches_tracked") if running else None
+        weight = bias = None
+        if layer.gamma0 is not None and m.affine:
+            params = m._parameters
+            weight, bias = params["weight"], params["bias"]
+        first = mean if running else weight
+        if first is None:
+            sig.append((id(mean), id(var), id(weight)))
+            continue
+        last = bias if bias is not None else var
+        if is_lazy(first):
+            sig.append((id(first), first.__class__))
+            continue
+        sig.append(
+            (
+                id(mean),
+                id(var),
+                id(nbt),
+                id(weight),
+                id(bias),
+                first.__class__,
+                first.dtype,
+                first.device,
+                first.shape,
+                last.dtype,  # type: ignore[union-attr]
+            )
+        )
+    return sig
 
 
 def _numel(tensors: list[Tensor]) -> int:
