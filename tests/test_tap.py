@@ -507,7 +507,7 @@ def test_start_snapshot_gives_the_numbers_the_per_layer_copy_gives(monkeypatch) 
 
 class _Branches(nn.Module):
     """BN layers side by side, each on the first ``width`` columns of the input (so a test can
-    change a layer's width between steps), one of them lazy."""
+    change a layer's width between steps), two of them lazy."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -516,11 +516,14 @@ class _Branches(nn.Module):
         self.plain = nn.BatchNorm1d(4, affine=False)
         self.lazy = nn.LazyBatchNorm1d()
         self.wide = nn.BatchNorm1d(4).double()
-        self.width = {"a": 4, "b": 4, "plain": 4, "lazy": 3, "wide": 4}
+        self.lazy_plain = nn.LazyBatchNorm1d(affine=False)  # not called while its width is 0
+        self.width = {"a": 4, "b": 4, "plain": 4, "lazy": 3, "wide": 4, "lazy_plain": 0}
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = []
         for name, w in self.width.items():
+            if not w:
+                continue
             bn = getattr(self, name)
             dtype = bn.weight.dtype if bn.affine else bn.running_var.dtype
             out.append(bn(x[:, :w].to(dtype)))
@@ -591,6 +594,8 @@ def test_the_snapshot_plan_kept_between_steps_follows_every_change_of_the_layers
 
         changes = [
             ("nothing", lambda: None),
+            ("a lazy layer without gamma_0 initializes", lambda: model.width.update(lazy_plain=2)),
+            ("it initialized (in place: the same objects)", lambda: None),
             ("load_state_dict in place", lambda: copied_state(a)),
             ("buffer replaced", lambda: setattr(a, "running_mean", torch.zeros(4))),
             ("counter replaced", lambda: setattr(a, "num_batches_tracked", torch.tensor(7))),
@@ -613,9 +618,10 @@ def test_the_snapshot_plan_kept_between_steps_follows_every_change_of_the_layers
             step()
             plan, _, snapped = seen[-1]
             kept = what in ("nothing", "load_state_dict in place", "counter .data")
+            kept |= what.startswith("a lazy layer")  # it initializes after the snapshot
             assert (plan is before) == kept, what  # the same objects of the same shape: kept
             assert not tap.failures, (what, tap.failures)
-        assert [s is None for s in snapped] == [False, False, False, False, False]
+        assert [s is None for s in snapped] == [False] * 6
         assert len({s.group for s in snapped if s is not None}) == 1  # all float64 now
 
 
