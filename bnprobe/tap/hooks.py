@@ -6,7 +6,7 @@ started with:
 
 * a measured step (:meth:`BNTap.start`): the pre-hook of the step's first BN forward copies
   what every layer's first forward starts from (one snapshot of all layers,
-  :func:`_snapshot`); the pre-hook of each layer's first forward notes its facts
+  :func:`_snapshot`, by a :class:`_SnapshotPlan` kept between steps); the pre-hook of each layer's first forward notes its facts
   (:class:`~bnprobe.tap.packing.Layout`) and computes the batch moments of its input, only
   where the running-stat update cannot give them;
 * a pooled step (``start(pool=True)``, stage ``val``): the pre-hook pools the input moments of
