@@ -6,9 +6,9 @@ started with:
 
 * a measured step (:meth:`BNTap.start`): the pre-hook of the step's first BN forward copies
   what every layer's first forward starts from (one snapshot of all layers,
-  :func:`_snapshot`, by a :class:`_SnapshotPlan` kept between steps); the pre-hook of each layer's first forward notes its facts
-  (:class:`~bnprobe.tap.packing.Layout`) and computes the batch moments of its input, only
-  where the running-stat update cannot give them;
+  :func:`_snapshot`, by a :class:`_SnapshotPlan` kept between steps); the pre-hook of each
+  layer's first forward notes its facts (:class:`~bnprobe.tap.packing.Layout`) and computes
+  the batch moments of its input, only where the running-stat update cannot give them;
 * a pooled step (``start(pool=True)``, stage ``val``): the pre-hook pools the input moments of
   every forward; :meth:`BNTap.collect` turns each pool into the same raw vector.
 
@@ -117,6 +117,7 @@ class BNTap:
         """Remove every hook this tap registered. Safe to call any number of times."""
         self.active = False
         self._trace.stop()
+        self._plan = None  # it holds the layers' tensors
         while self._handles:
             self._handles.pop().remove()
 
@@ -493,8 +494,9 @@ class _SnapshotPlan:
     last block the dtype (``.data = ...`` and ``Module.to()`` change these of a parameter
     without replacing the object). That is everything the grouping reads: the cat of the same
     tensor objects gives the same values, whatever was written into them since. The plan holds
-    the objects, so ``is`` compares them. ``Tensor._version`` cannot say any of this: BN's
-    update bumps it every step."""
+    the objects, so ``is`` compares them (and keeps those a change replaced, O(channels) each,
+    until the next measured step or :meth:`BNTap.detach`). ``Tensor._version`` cannot say any
+    of this: BN's update bumps it every step."""
 
     __slots__ = ("entries", "groups", "snapped")
 
