@@ -533,7 +533,7 @@ def test_start_snapshot_gives_the_numbers_the_per_layer_copy_gives(monkeypatch) 
     assert snapped["lazy"] is None and snapped["a"] is not None  # lazy: the pre-hook copies
     assert snapped["a"].group != snapped["wide"].group  # float32 and float64: two groups
     assert snapped["untracked"] is not None and not snapped["untracked"].running
-    monkeypatch.setattr(hooks, "_snapshot", lambda layers: [])
+    monkeypatch.setattr(hooks._SnapshotPlan, "take", lambda plan: [])
     with BNTap(twin) as tap:
         tap.start()
         twin(first)
@@ -547,6 +547,151 @@ def test_start_snapshot_gives_the_numbers_the_per_layer_copy_gives(monkeypatch) 
         recovered += 1
     assert recovered == 5
     assert not any(layer.suspect for layer in tap.layers if layer.name in ("a", "shared"))
+
+
+class _Branches(nn.Module):
+    """BN layers side by side, each on the first ``width`` columns of the input (so a test can
+    change a layer's width between steps), two of them lazy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.BatchNorm1d(4)
+        self.b = nn.BatchNorm1d(4)
+        self.plain = nn.BatchNorm1d(4, affine=False)
+        self.lazy = nn.LazyBatchNorm1d()
+        self.wide = nn.BatchNorm1d(4).double()
+        self.lazy_plain = nn.LazyBatchNorm1d(affine=False)  # not called while its width is 0
+        self.width = {"a": 4, "b": 4, "plain": 4, "lazy": 3, "wide": 4, "lazy_plain": 0}
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for name, w in self.width.items():
+            if not w:
+                continue
+            bn = getattr(self, name)
+            dtype = bn.weight.dtype if bn.affine else bn.running_var.dtype
+            out.append(bn(x[:, :w].to(dtype)))
+        return out
+
+
+def _bitwise(got: object, want: object) -> None:
+    if isinstance(got, torch.Tensor):
+        assert isinstance(want, torch.Tensor) and got.dtype == want.dtype
+        assert torch.equal(got, want)
+    elif isinstance(got, (list, tuple)):
+        assert isinstance(want, (list, tuple)) and len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            _bitwise(g, w)
+    else:
+        assert got == want
+
+
+def test_the_snapshot_plan_kept_between_steps_follows_every_change_of_the_layers() -> None:
+    """The snapshot's plan (which tensors, which group, each layer's place) is kept between
+    measured steps; every change it depends on, made between steps, gives the snapshot an
+    uncached :func:`_snapshot` takes at the same moment, bit for bit."""
+    from bnprobe.tap import hooks
+
+    torch.manual_seed(0)
+    model = _Branches().train()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    seen: list[tuple[object, object, object]] = []
+    with BNTap(model) as tap:
+
+        def compare(module: nn.Module, args: object) -> None:  # after the tap's pre-hook
+            if not tap.active:
+                return
+            cached = (tap._snapshots, [layer.snapped for layer in tap.layers])
+            plan = tap._plan
+            with torch.no_grad():
+                fresh = hooks._snapshot(tap.layers)
+            _bitwise(cached, (fresh, [layer.snapped for layer in tap.layers]))
+            seen.append((plan, cached[0], cached[1]))
+
+        model.a.register_forward_pre_hook(compare)  # the first BN forward: the snapshot's
+        a, b = model.a, model.b
+
+        def step() -> None:
+            tap.start()
+            model(x)
+            tap.collect(step=len(seen))
+
+        def to_float64(m: nn.BatchNorm1d) -> None:
+            for t in (m.running_mean, m.running_var, m.weight, m.bias):
+                t.data = t.data.double()
+
+        def wider(m: nn.BatchNorm1d) -> None:  # without gamma_0, beta_0 that must match
+            for t in (m.running_mean, m.running_var):
+                t.data = torch.rand(6, dtype=t.dtype)
+            model.width["plain"] = 6
+
+        def fresh_state(m: nn.BatchNorm1d) -> None:
+            state = {k: v.clone() + 1 for k, v in m.state_dict().items()}
+            m.load_state_dict(state, assign=True)
+
+        def copied_state(m: nn.BatchNorm1d) -> None:
+            m.load_state_dict({k: v.clone() + 1 for k, v in m.state_dict().items()})
+
+        def no_running(m: nn.BatchNorm1d) -> None:
+            m.running_mean = None
+            m.running_var = None
+
+        changes = [
+            ("nothing", lambda: None),
+            ("a lazy layer without gamma_0 initializes", lambda: model.width.update(lazy_plain=2)),
+            ("it initialized (in place: the same objects)", lambda: None),
+            ("load_state_dict in place", lambda: copied_state(a)),
+            ("buffer replaced", lambda: setattr(a, "running_mean", torch.zeros(4))),
+            ("counter replaced", lambda: setattr(a, "num_batches_tracked", torch.tensor(7))),
+            ("counter .data", lambda: setattr(b.num_batches_tracked, "data", torch.tensor(9))),
+            ("parameter .data dtype", lambda: to_float64(b)),
+            ("module.to(dtype)", lambda: b.float()),
+            ("buffer .data shape", lambda: wider(model.plain)),
+            ("load_state_dict(assign=True)", lambda: fresh_state(a)),
+            ("buffers set to None", lambda: no_running(a)),
+            ("whole model .to(dtype)", lambda: model.double()),
+            ("nothing", lambda: None),
+        ]
+        step()  # the lazy layer initializes: left to its pre-hook
+        assert tap.layers[3].name == "lazy" and seen[-1][2][3] is None
+        step()  # it is in the snapshot now
+        assert seen[-1][2][3] is not None and seen[-1][0] is not seen[-2][0]
+        for what, change in changes:
+            before = seen[-1][0]
+            change()
+            step()
+            plan, _, snapped = seen[-1]
+            kept = what in ("nothing", "load_state_dict in place", "counter .data")
+            kept |= what.startswith("a lazy layer")  # it initializes after the snapshot
+            assert (plan is before) == kept, what  # the same objects of the same shape: kept
+            assert not tap.failures, (what, tap.failures)
+        assert [s is None for s in snapped] == [False] * 6
+        assert len({s.group for s in snapped if s is not None}) == 1  # all float64 now
+
+
+@pytest.mark.parametrize("blocks", [("running_mean", "running_var"), ("weight", "bias")])
+def test_the_snapshot_plan_no_longer_holds_a_layer_whose_blocks_change_dtype(blocks) -> None:
+    """A change of the running buffers' dtype only, or of gamma's and beta's only, made with
+    ``.data`` (the same objects; a forward would not run in between), moves the layer to
+    another group: the kept plan no longer holds, and a new one takes what :func:`_snapshot`
+    takes."""
+    from bnprobe.tap import hooks
+
+    model = _Branches()
+    model(torch.randn(8, 6, dtype=torch.float64))  # the lazy layer initializes
+    with BNTap(model) as tap:
+        plan = hooks._SnapshotPlan(tap.layers)
+        assert plan.holds(tap.layers)
+        for name in blocks:
+            t = getattr(model.b, name)
+            t.data = t.data.double() + 0.5
+        assert not plan.holds(tap.layers)
+        with torch.no_grad():
+            taken = hooks._SnapshotPlan(tap.layers).take()
+            snapped = [layer.snapped for layer in tap.layers]
+            want = hooks._snapshot(tap.layers)
+        _bitwise((taken, snapped), (want, [layer.snapped for layer in tap.layers]))
+        assert len(taken) == 3 and snapped[1] is not None and snapped[1].group == 1
 
 
 def test_shared_and_lazy_layers_match_the_reference_on_recovered_steps() -> None:
