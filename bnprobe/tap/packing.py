@@ -62,24 +62,13 @@ class Layout(NamedTuple):
 def raw_pieces(layer: LayerState) -> list[Tensor] | None:
     """The tensors whose concatenation is the layer's raw vector (:class:`Layout`), without its
     first blocks where the step's snapshot holds them (:attr:`LayerState.snapped`,
-    :func:`snapshot_order`), or None when its first forward of the step did not finish."""
-    lay = layer.layout
-    if lay is None:
+    :func:`snapshot_order`), or None when its first forward of the step did not finish: what
+    it measured (:func:`live_pieces`), then its references (:func:`reference_pieces`)."""
+    live = live_pieces(layer)
+    if live is None:
         return None
-    pieces = [layer.before] if layer.before is not None else []
-    if layer.after is not None:
-        pieces.append(layer.after)
-    elif lay.recovered:  # called once: the buffers still hold what that forward left
-        pieces += running_buffers(layer.module)
-    else:
-        return None
-    if lay.affine:
-        assert layer.gamma0 is not None and layer.beta0 is not None
-        pieces += [layer.gamma0, layer.beta0]
-    if lay.reference:
-        assert layer.initial is not None
-        pieces.append(layer.initial)
-    return pieces
+    assert layer.layout is not None
+    return [*live, *reference_pieces(layer, layer.layout)]
 
 
 def pieces_size(lay: Layout, snapped: Snapped | None) -> int:
