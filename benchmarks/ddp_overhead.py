@@ -252,22 +252,17 @@ def main() -> None:
         summary(per_round(lambda *v: (v[5] - v[3]) / max(v[2] - v[0], 1e-9))),
         "(target <= 1.2)",
     )
-    single, ddp = own["single_probe"], own["ddp_probe"]
-    print("probe's own CPU ms per step (its batch start + end hooks, this thread), median:")
-    print(f"  single {statistics.median(single):.3f}   ddp rank 0 {statistics.median(ddp):.3f}")
-    print(
-        "  own cost ddp/single         ",
-        summary([d / max(s, 1e-9) for s, d in zip(single, ddp, strict=True)]),
-        "(the same ratio without the noise of the rest of the step)",
-    )
-    single, ddp = own_mean["single_probe"], own_mean["ddp_probe"]
-    print("probe's own CPU ms per step, mean (counts the steps that exchange a batch):")
-    print(f"  single {statistics.median(single):.3f}   ddp rank 0 {statistics.median(ddp):.3f}")
-    print(
-        "  own mean cost ddp/single    ",
-        summary([d / max(s, 1e-9) for s, d in zip(single, ddp, strict=True)]),
-        "(target <= 1.2)",
-    )
+    for per_run, what, label, note in (
+        (own, " (its batch start + end hooks, this thread), median", "own cost ddp/single     ",
+         "(the same ratio without the noise of the rest of the step)"),
+        (own_mean, ", mean (counts the steps that exchange a batch)", "own mean cost ddp/single",
+         "(target <= 1.2)"),
+    ):  # fmt: skip
+        single, ddp = per_run["single_probe"], per_run["ddp_probe"]
+        print(f"probe's own CPU ms per step{what}:")
+        print(f"  single {statistics.median(single):.3f}   ddp rank 0 {statistics.median(ddp):.3f}")
+        ratios = [d / max(s, 1e-9) for s, d in zip(single, ddp, strict=True)]
+        print(f"  {label}    ", summary(ratios), note)
 
 
 def profile(args: argparse.Namespace) -> None:

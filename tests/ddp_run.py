@@ -107,17 +107,24 @@ def fit(out: Path, name: str, *, broadcast_buffers: bool = True, odd: bool = Fal
     data = loader((6,), n=16 * (40 if not broadcast_buffers else 3), batch_size=16, seed=10 + RANK)
     data.dataset.tensors = (data.dataset.tensors[0] + shift, data.dataset.tensors[1])
     trainer.fit(lit, data)
-    folder = out / name / f"rank{RANK}"
+    folder = save_rank(out / name, record, probe)
+    weights = {k: v.tolist() for k, v in lit.state_dict().items() if v.dtype.is_floating_point}
+    (folder / "weights.json").write_text(json.dumps(weights))
+    if probe.tap is not None:
+        (folder / "failures.json").write_text(json.dumps(probe.tap.failures))
+
+
+def save_rank(run: Path, record: RecordRunning, probe: BNProbe) -> Path:
+    """This rank's folder of ``run``: what its reference recorder saw (``reference.json``) and,
+    on rank 0, the probe's table (``table.parquet``)."""
+    folder = run / f"rank{RANK}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "reference.json").write_text(
         json.dumps({"metrics": record.metrics, "running": record.running})
     )
     if RANK == 0:
         probe.to_dataframe().to_parquet(folder / "table.parquet")
-    weights = {k: v.tolist() for k, v in lit.state_dict().items() if v.dtype.is_floating_point}
-    (folder / "weights.json").write_text(json.dumps(weights))
-    if probe.tap is not None:
-        (folder / "failures.json").write_text(json.dumps(probe.tap.failures))
+    return folder
 
 
 class StoreAtCheckpoint(pl.Callback):
@@ -165,13 +172,8 @@ def fit_batched(out: Path, name: str = "batched") -> None:
         ],
     )
     trainer.fit(lit, loader((6,), n=16 * 7, batch_size=16, seed=10 + RANK))
-    folder = out / name / f"rank{RANK}"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "reference.json").write_text(
-        json.dumps({"metrics": record.metrics, "running": record.running})
-    )
+    folder = save_rank(out / name, record, probe)
     if RANK == 0:
-        probe.to_dataframe().to_parquet(folder / "table.parquet")
         (folder / "checkpoints.json").write_text(json.dumps(seen.seen))
 
 
