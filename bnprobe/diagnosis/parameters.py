@@ -165,11 +165,16 @@ def _frozen_running_stats(run: Run, train: pd.DataFrame, skip: set[str]) -> list
         if name in skip:
             continue
         pos = pos[known[pos]]
-        steps = len(np.unique(step[pos]))
+        at_steps = step[pos]
+        if len(at_steps) > 1 and bool((at_steps[1:] > at_steps[:-1]).all()):
+            steps = len(at_steps)  # one rank: a wide view's steps of a layer are in order
+        else:
+            steps = len(np.unique(at_steps))
         if steps < run.th.frozen_min_steps:
             continue
         unchanged = True
-        for at in groups(rank[pos])[1]:
+        one_rank = not len(pos) or bool((rank[pos] == rank[pos[0]]).all())
+        for at in [np.arange(len(pos))] if one_rank else groups(rank[pos])[1]:
             for x in (s[pos[at]] for s in stats):
                 scale = max(float(np.max(np.abs(x))), 1e-12)
                 if np.max(np.abs(x - x[0])) > run.th.frozen_rel_change * scale:

@@ -272,8 +272,12 @@ def pivot(rows: Columns | pd.DataFrame, stage: str) -> pd.DataFrame:
         return pd.DataFrame({"rank": [], "layer": [], "step": []}).astype(
             {"rank": "int64", "layer": object, "step": "int64"}
         )
-    rank, layer, step, metric = (x[idx] for x in (rows.rank, rows.layer, rows.step, rows.metric))
-    value = rows.value[idx]
+    if len(idx) == len(rows):  # one stage, no channel rows: the columns themselves
+        rank, layer, step, metric, value = rows.rank, rows.layer, rows.step, rows.metric, rows.value
+    else:
+        rank, layer, step, metric, value = (
+            x[idx] for x in (rows.rank, rows.layer, rows.step, rows.metric, rows.value)
+        )
     ranks, rank_code = _dense(rank)
     steps, step_code = _dense(step)
     present = np.flatnonzero(np.bincount(metric, minlength=len(rows.names)))
