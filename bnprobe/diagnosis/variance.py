@@ -265,13 +265,15 @@ def rule_nonfinite(run: Run) -> list[Finding]:
     the layer where it appeared first."""
     r = run.rows
     unused = run.unused()
-    values = r.value
-    measured = r.codes(["train", "val"])[r.stage] & ~r.codes(unused)[r.layer]
-    counted = (r.metric == r.code("nonfinite")) & (values > 0)
-    moments = r.codes(NONFINITE_METRICS)[r.metric] & ~np.isfinite(values)
-    invalid = (r.metric == r.code("running_invalid")) & (values > 0)
-    running = r.codes(RUNNING_METRICS)[r.metric] & ~np.isfinite(values)
-    picked = np.flatnonzero((measured & (counted | moments)) | invalid | running)
+    # only the rows of the metrics judged here (a third of a layer's rows) are looked at
+    rows = np.flatnonzero(r.codes(NONFINITE_METRICS | {"nonfinite", "running_invalid"})[r.metric])
+    values, metric = r.value[rows], r.metric[rows]
+    measured = r.codes(["train", "val"])[r.stage[rows]] & ~r.codes(unused)[r.layer[rows]]
+    counted = (metric == r.code("nonfinite")) & (values > 0)
+    moments = r.codes(NONFINITE_METRICS)[metric] & ~np.isfinite(values)
+    invalid = (metric == r.code("running_invalid")) & (values > 0)
+    running = r.codes(RUNNING_METRICS)[metric] & ~np.isfinite(values)
+    picked = rows[np.flatnonzero((measured & (counted | moments)) | invalid | running)]
     bad = r.frame(picked, ["step", "stage", "rank", "layer", "metric", "value"])
     if not len(bad):
         return []
