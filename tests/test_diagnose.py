@@ -1222,3 +1222,42 @@ def test_latest_and_worst_are_named_where_both_appear() -> None:
     assert "model at the latest probe (step 100): logits_gap 0.03, pred_agreement 0.7" in text
     f = one(diagnose(df), "train_eval_gap")
     assert "At the latest probe (step 100)" in f.message and "30% of the probe batch" in f.message
+
+
+def test_spans_and_latest_are_what_the_groupby_and_the_sort_give() -> None:
+    from bnprobe.diagnosis.table import by_layer, latest, spans
+
+    rng = np.random.default_rng(3)
+    n = 80
+    df = pd.DataFrame(
+        {
+            "rank": rng.integers(0, 2, n),
+            "layer": rng.choice(["a.bn", "b.bn", "c.bn"], n),
+            "step": rng.integers(0, 20, n),
+            "score": rng.random(n),
+        }
+    )
+    df.loc[[3, 7, 11], "score"] = np.nan
+    want = []
+    for layer, g in df.groupby("layer", sort=False):
+        top = np.argmax(np.nan_to_num(g["score"].to_numpy(float), nan=-np.inf))
+        want.append((layer, int(g["step"].min()), int(df.index.get_loc(g.index[top]))))
+    assert spans(df) == want
+    assert spans(df.drop(columns="score")) == [
+        (la, s, int(df.index.get_loc(g.index[0])))
+        for (la, s), (_, g) in zip(
+            [(la, int(g["step"].min())) for la, g in df.groupby("layer", sort=False)],
+            df.groupby("layer", sort=False),
+            strict=True,
+        )
+    ]
+    one = (
+        df[df["rank"] == 0]
+        .drop_duplicates(["layer", "step"])
+        .sort_values(["layer", "step"])
+        .reset_index(drop=True)
+    )
+    for frame in (df, one):  # several ranks (sorted), one rank in step order (no sort)
+        for pos in by_layer(frame).values():
+            want_row = frame.iloc[pos].sort_values("step").iloc[-1]
+            pd.testing.assert_series_equal(latest(frame, pos), want_row)

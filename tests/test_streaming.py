@@ -386,3 +386,28 @@ def test_a_store_a_table_and_steps_feed_a_digest_alike(
     whole = Digest()
     whole.add(long_run)
     pd.testing.assert_frame_equal(whole.table(), _fed(long_run).table())
+
+
+def test_the_constants_fill_skipped_where_stored_at_every_anchor_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A constant stored at every anchor (the recorder's feed) is not filled: the columns are
+    those of the fill itself; a layer that stores it only when it changes is still filled."""
+    from bnprobe.diagnosis import digest as digest_module
+
+    d = Digest(**TINY)
+    for step in range(30):
+        layers = ["a.bn"] * 3 + ["b.bn"] * 2  # eps at every anchor: not filled
+        metrics = ["batch_mean", "eps", "momentum", "batch_mean", "eps"]
+        values = [0.1 * (step % 5), 1e-5, 0.1, 0.2 * (step % 3), 1e-3]
+        if step % 7 == 0:  # b.bn stores its momentum only now and then
+            layers, metrics, values = [*layers, "b.bn"], [*metrics, "momentum"], [*values, 0.01]
+        d.add(store.Rows(step, 0, "train", 0, layers, metrics, values))
+    fast = d.columns()
+    monkeypatch.setattr(digest_module, "_aligned", lambda *args: False)
+    slow = d.columns()
+    for name in ("step", "stage", "rank", "layer", "channel", "metric", "value"):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name))
+    momentum_b = (fast.metric == fast.code("momentum")) & (fast.layer == fast.code("b.bn"))
+    anchors_b = (fast.metric == fast.code("batch_mean")) & (fast.layer == fast.code("b.bn"))
+    assert momentum_b.sum() == anchors_b.sum() > 10  # filled at every kept step of b.bn

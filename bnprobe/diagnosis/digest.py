@@ -437,8 +437,16 @@ class Digest:
             width = len(self._names)
             a_key = rows.rank[anchors] * width + rows.layer[anchors]
             a_step = rows.step[anchors]
-            for metric in np.unique(rows.metric[const]).tolist():
-                at = const[rows.metric[const] == metric]
+            codes = rows.metric[const]
+            by_metric = const[np.argsort(codes, kind="stable")]  # each metric's rows in order
+            counts = np.bincount(codes)
+            present = np.flatnonzero(counts)
+            sizes = counts[present]
+            ends = np.cumsum(sizes)
+            for metric, end, k in zip(present.tolist(), ends.tolist(), sizes.tolist(), strict=True):
+                at = by_metric[end - k : end]
+                if _aligned(rows, at, anchors):
+                    continue  # stored at every anchor (a digest fed by the recorder)
                 key, step = rows.rank[at] * width + rows.layer[at], rows.step[at]
                 order = np.lexsort((np.arange(len(at)), step, key))
                 key, step, at = key[order], step[order], at[order]
@@ -513,6 +521,19 @@ class Digest:
         from bnprobe.diagnosis.engine import diagnose_columns
 
         return diagnose_columns(self.columns(), thresholds=thresholds)
+
+
+def _aligned(rows: Block, at: np.ndarray, anchors: np.ndarray) -> bool:
+    """Whether the ``at`` rows (of one constant metric) and the ``anchors`` rows are the same
+    (rank, layer, step)s in the same order: then each anchor has the constant stored at its own
+    step and nothing is filled (a check in O(rows), where the fill sorts)."""
+    if len(at) != len(anchors):
+        return False
+    return bool(
+        np.array_equal(rows.step[at], rows.step[anchors])
+        and np.array_equal(rows.layer[at], rows.layer[anchors])
+        and np.array_equal(rows.rank[at], rows.rank[anchors])
+    )
 
 
 def columns(df: pd.DataFrame) -> dict[str, np.ndarray]:

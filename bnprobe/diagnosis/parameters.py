@@ -14,8 +14,10 @@ from bnprobe.diagnosis.table import (
     episodes,
     evidence,
     groups,
+    latest,
     num,
     pct,
+    spans,
     trailing,
 )
 
@@ -49,10 +51,11 @@ def rule_dead_channels(run: Run) -> list[Finding]:
     bad = trailing(rows.assign(score=s), s > 1.0)
     out = []
     at = by_layer(rows)
+    steps = rows["step"].to_numpy()
     for layer, first, worst in episodes(bad):
-        g = rows.iloc[at[layer]].sort_values("step")
-        latest = g.iloc[-1]
-        worst_frac, last_frac = float(worst["dead_frac"]), float(latest["dead_frac"])
+        pos = at[layer]
+        now = latest(rows, pos)
+        worst_frac, last_frac = float(worst["dead_frac"]), float(now["dead_frac"])
         ev = evidence(
             worst,
             ("gamma_mean", "gamma_std"),
@@ -61,13 +64,13 @@ def rule_dead_channels(run: Run) -> list[Finding]:
             step_worst=int(worst["step"]),
             threshold=th.dead_channel_frac_max,
         )
-        if bool(latest["zero_init"]):
-            if not bool(latest["all_zero"]):
+        if bool(now["zero_init"]):
+            if not bool(now["all_zero"]):
                 continue  # zero-init gammas that grew: a young layer, judged later
             ev["zero_init"] = 1
             message = (
-                f"Layer {layer}: every gamma is still exactly 0 at step {int(latest['step'])}, "
-                f"as at its first measurement (step {int(g['step'].iloc[0])}): a zero-initialized "
+                f"Layer {layer}: every gamma is still exactly 0 at step {int(now['step'])}, "
+                f"as at its first measurement (step {int(steps[pos].min())}): a zero-initialized "
                 "residual BN (torchvision zero_init_residual, timm zero_init_last). Its block "
                 "starts as the identity; the gammas grow once they get gradient."
             )
@@ -85,7 +88,7 @@ def rule_dead_channels(run: Run) -> list[Finding]:
             continue
         message = (
             f"Layer {layer}: {pct(last_frac)} of its channels have a scale gamma near zero "
-            f"(below 1% of the largest) at step {int(latest['step'])}, the latest measurement, "
+            f"(below 1% of the largest) at step {int(now['step'])}, the latest measurement, "
             f"and so since step {first} (worst: {pct(worst_frac)} at step "
             f"{int(worst['step'])}). Those channels output only their shift beta and pass no "
             "signal on."
@@ -120,11 +123,10 @@ def rule_frozen_bn(run: Run) -> list[Finding]:
     in_eval = (col(train, "train_mode") == 0.0) & (model_mode != 0.0)
     bad = train[in_eval.to_numpy()].assign(score=1.0)
     at, bad_at = by_layer(train), by_layer(bad)
-    for layer, first, _ in episodes(bad):
-        rows = train.iloc[at[layer]]
+    for layer, first, _ in spans(bad):
         k = len(bad_at[layer])
         message = (
-            f"Layer {layer} is in eval mode while the model trains ({k} of {len(rows)} logged "
+            f"Layer {layer} is in eval mode while the model trains ({k} of {len(at[layer])} logged "
             f"training steps since step {first}). It normalizes with its running statistics "
             "and never updates them, so eval mode uses statistics that never saw this training."
         )
@@ -132,7 +134,7 @@ def rule_frozen_bn(run: Run) -> list[Finding]:
             "train_mode": 0,
             "model_train_mode": 1,
             "steps_in_eval_mode": k,
-            "logged_steps": len(rows),
+            "logged_steps": len(at[layer]),
         }
         out.append(
             Finding(
@@ -163,11 +165,16 @@ def _frozen_running_stats(run: Run, train: pd.DataFrame, skip: set[str]) -> list
         if name in skip:
             continue
         pos = pos[known[pos]]
-        steps = len(np.unique(step[pos]))
+        at_steps = step[pos]
+        if len(at_steps) > 1 and bool((at_steps[1:] > at_steps[:-1]).all()):
+            steps = len(at_steps)  # one rank: a wide view's steps of a layer are in order
+        else:
+            steps = len(np.unique(at_steps))
         if steps < run.th.frozen_min_steps:
             continue
         unchanged = True
-        for at in groups(rank[pos])[1]:
+        one_rank = not len(pos) or bool((rank[pos] == rank[pos[0]]).all())
+        for at in [np.arange(len(pos))] if one_rank else groups(rank[pos])[1]:
             for x in (s[pos[at]] for s in stats):
                 scale = max(float(np.max(np.abs(x))), 1e-12)
                 if np.max(np.abs(x - x[0])) > run.th.frozen_rel_change * scale:

@@ -28,6 +28,7 @@ from bnprobe.diagnosis.table import (
     pct,
     rolling_median,
     score,
+    spans,
     trailing,
 )
 
@@ -294,7 +295,7 @@ def rule_train_eval_gap(run: Run) -> list[Finding]:
     rank_score = np.fmax(disagree / max(1.0 - th.pred_agreement_min, 1e-12), 0.0)
     rank_score += np.nan_to_num(col(model, "recal_pred_change").to_numpy(dtype=float))
     bad = trailing(model.assign(score=rank_score), bad_rows)
-    for _, first, _worst in episodes(bad):
+    for _, first, _ in spans(bad):
         latest = bad.sort_values("step").iloc[-1]
         step = int(latest["step"])
         i = int(np.flatnonzero(model["step"].to_numpy() == step)[-1])

@@ -7,7 +7,7 @@ import numpy as np
 
 from bnprobe.diagnosis.advice import advice
 from bnprobe.diagnosis.findings import Evidence, Finding, Kind, Severity
-from bnprobe.diagnosis.table import Run, by_layer, col, episodes, groups, num
+from bnprobe.diagnosis.table import Run, by_layer, col, episodes, groups, num, spans
 
 
 def rule_unused_layer(run: Run) -> list[Finding]:
@@ -49,7 +49,7 @@ def rule_no_running_stats(run: Run) -> list[Finding]:
     out = []
     running = col(train, "running_mean").notna().to_numpy()
     at = by_layer(train)
-    for layer, first, _ in episodes(bad.assign(score=1.0)):
+    for layer, first, _ in spans(bad):
         if running[at[layer]].any():
             continue  # buffers kept but not updated: frozen_bn reports it
         message = (
@@ -150,7 +150,7 @@ def rule_bias_before_bn(run: Run) -> list[Finding]:
         return []
     bad = train[train["input_bias"] == 1.0].assign(score=1.0)
     out = []
-    for layer, first, _ in episodes(bad):
+    for layer, first, _ in spans(bad):
         message = (
             f"Layer {layer} follows a convolution or linear layer with a bias. BatchNorm "
             "subtracts the batch mean, which cancels any per-channel constant, so that bias "

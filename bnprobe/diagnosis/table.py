@@ -272,8 +272,12 @@ def pivot(rows: Columns | pd.DataFrame, stage: str) -> pd.DataFrame:
         return pd.DataFrame({"rank": [], "layer": [], "step": []}).astype(
             {"rank": "int64", "layer": object, "step": "int64"}
         )
-    rank, layer, step, metric = (x[idx] for x in (rows.rank, rows.layer, rows.step, rows.metric))
-    value = rows.value[idx]
+    if len(idx) == len(rows):  # one stage, no channel rows: the columns themselves
+        rank, layer, step, metric, value = rows.rank, rows.layer, rows.step, rows.metric, rows.value
+    else:
+        rank, layer, step, metric, value = (
+            x[idx] for x in (rows.rank, rows.layer, rows.step, rows.metric, rows.value)
+        )
     ranks, rank_code = _dense(rank)
     steps, step_code = _dense(step)
     present = np.flatnonzero(np.bincount(metric, minlength=len(rows.names)))
@@ -399,10 +403,36 @@ def trailing(df: pd.DataFrame, bad: np.ndarray) -> pd.DataFrame:
 
 def episodes(bad: pd.DataFrame) -> Iterator[tuple[str, int, pd.Series]]:
     """Per layer of ``bad`` (in table order): (layer, first step, the row with the top score)."""
-    for layer, g in bad.groupby("layer", sort=False):
-        first = int(g["step"].min())
-        worst = top(g, "score") if "score" in g else g.iloc[0]
-        yield str(layer), first, worst
+    for layer, first, i in spans(bad):
+        yield layer, first, bad.iloc[i]
+
+
+def spans(bad: pd.DataFrame) -> list[tuple[str, int, int]]:
+    """:func:`episodes` with the position in ``bad`` of the row with the top score (the first
+    of its layer where ``bad`` has no ``score``) instead of the row: one pass over the layers'
+    positions, no per-layer table (a rule that does not read the row pays nothing for it)."""
+    if not len(bad):
+        return []
+    keys, pos = groups(bad["layer"])
+    step = bad["step"].to_numpy()
+    score = (
+        np.nan_to_num(bad["score"].to_numpy(dtype=float), nan=-np.inf) if "score" in bad else None
+    )
+    out = []
+    for layer, p in zip(keys, pos, strict=True):
+        i = p[int(np.argmax(score[p]))] if score is not None else p[0]
+        out.append((str(layer), int(step[p].min()), int(i)))
+    return out
+
+
+def latest(df: pd.DataFrame, pos: np.ndarray) -> pd.Series:
+    """``df.iloc[pos].sort_values("step").iloc[-1]`` (``pos`` non-empty), without the sort where
+    ``pos`` is in strictly increasing step order (one rank: a wide view is sorted by rank,
+    layer, step), where the row at the largest step is the last."""
+    step = df["step"].to_numpy()[pos]
+    if len(step) < 2 or bool((step[1:] > step[:-1]).all()):
+        return df.iloc[int(pos[-1])]
+    return df.iloc[pos].sort_values("step").iloc[-1]
 
 
 def top(df: pd.DataFrame, column: str) -> pd.Series:

@@ -20,6 +20,8 @@ from bnprobe.diagnosis.table import (
     fmt,
     get,
     groups,
+    latest,
+    spans,
     trailing,
 )
 
@@ -209,14 +211,15 @@ def rule_small_input_variance(run: Run) -> list[Finding]:
     bad = trailing(rows.assign(score=1.0), flag)
     out = []
     at = by_layer(rows)
-    for layer, first, _ in episodes(bad):
-        g = rows.iloc[at[layer]]
-        latest = g.sort_values("step").iloc[-1]
-        if int(g["step"].min()) != first and bool(g["collapsed"].any()):
+    steps, collapsed = rows["step"].to_numpy(), rows["collapsed"].to_numpy(dtype=bool)
+    for layer, first, _ in spans(bad):
+        pos = at[layer]
+        if int(steps[pos].min()) != first and bool(collapsed[pos].any()):
             continue  # it collapsed earlier and partly recovered: not the init pattern
-        bvw, e = get(latest, "batch_var"), get(latest, "eps")
-        ratio = get(latest, "var_over_eps")
-        frac = get(latest, "collapsed_frac")
+        row = latest(rows, pos)
+        bvw, e = get(row, "batch_var"), get(row, "eps")
+        ratio = get(row, "var_over_eps")
+        frac = get(row, "collapsed_frac")
         share = (
             f"; {fmt(100 * frac, '.0f')}% of its channels below {th.var_small_eps_factor:g} x eps"
             if math.isfinite(frac)
@@ -233,7 +236,7 @@ def rule_small_input_variance(run: Run) -> list[Finding]:
             "channels dead from the start."
         )
         ev: Evidence = evidence(
-            latest,
+            row,
             ("batch_var", "running_var", "collapsed_frac"),
             eps=e,
             var_over_eps=ratio,
@@ -262,13 +265,15 @@ def rule_nonfinite(run: Run) -> list[Finding]:
     the layer where it appeared first."""
     r = run.rows
     unused = run.unused()
-    values = r.value
-    measured = r.codes(["train", "val"])[r.stage] & ~r.codes(unused)[r.layer]
-    counted = (r.metric == r.code("nonfinite")) & (values > 0)
-    moments = r.codes(NONFINITE_METRICS)[r.metric] & ~np.isfinite(values)
-    invalid = (r.metric == r.code("running_invalid")) & (values > 0)
-    running = r.codes(RUNNING_METRICS)[r.metric] & ~np.isfinite(values)
-    picked = np.flatnonzero((measured & (counted | moments)) | invalid | running)
+    # only the rows of the metrics judged here (a third of a layer's rows) are looked at
+    rows = np.flatnonzero(r.codes(NONFINITE_METRICS | {"nonfinite", "running_invalid"})[r.metric])
+    values, metric = r.value[rows], r.metric[rows]
+    measured = r.codes(["train", "val"])[r.stage[rows]] & ~r.codes(unused)[r.layer[rows]]
+    counted = (metric == r.code("nonfinite")) & (values > 0)
+    moments = r.codes(NONFINITE_METRICS)[metric] & ~np.isfinite(values)
+    invalid = (metric == r.code("running_invalid")) & (values > 0)
+    running = r.codes(RUNNING_METRICS)[metric] & ~np.isfinite(values)
+    picked = rows[np.flatnonzero((measured & (counted | moments)) | invalid | running)]
     bad = r.frame(picked, ["step", "stage", "rank", "layer", "metric", "value"])
     if not len(bad):
         return []
