@@ -268,7 +268,17 @@ class RankGather:
         else:
             epochs = [int(e) for e in epoch]
         status, rows, cause = _NOTHING, [_EMPTY] * len(steps), error
-        if error is None and snapshot is not None:
+        if error is None and snapshot is not None and len(steps) > 1 and len(epochs) == len(steps):
+            try:
+                singles = _split_block(snapshot, steps)
+            except Exception as err:
+                cause = f"building its rows to send failed with {type(err).__name__}: {err}"
+            else:
+                if singles is not None:  # steps that name their rows differently: one by one
+                    for one, s, e in zip(singles, steps, epochs, strict=True):
+                        self.add(one, step=s, epoch=e)
+                    return
+        if cause is None and snapshot is not None:
             try:
                 own, values = self.encode(snapshot)
                 if values.ndim == 1:
@@ -354,6 +364,28 @@ class RankGather:
         """One ``gather`` of these steps (at most :attr:`batch_steps`)."""
         dist = torch.distributed
         rank, world = dist.get_rank(), dist.get_world_size()
+        send = self._pack(steps)
+        tensor = torch.from_numpy(send).to(collective_device())
+        into = None  # rank 0: every rank's vector, as the rows of one table (no stack)
+        if rank == 0:
+            into = torch.empty((world, len(send)), dtype=tensor.dtype, device=tensor.device)
+        dist.gather(tensor, None if into is None else list(into.unbind(0)), dst=0)
+        if into is None:
+            return None
+        try:
+            table = into.cpu().numpy()
+            return self._decode(table, step=step, epoch=epoch)
+        except Exception as err:  # the collective is done: only rank 0's table misses rows
+            self.warn(
+                f"BNProbe: reading the rows of the other ranks failed with "
+                f"{type(err).__name__}: {err}. Rank 0's table misses them at this step; "
+                "training goes on."
+            )
+            return []
+
+    def _pack(self, steps: list[_Step]) -> np.ndarray:
+        """This rank's vector of one exchange: the header, the next piece of its note, these
+        steps (at most :attr:`batch_steps`) and zeros for the rest."""
         assert self._cap is not None
         self._next.messages += self._outbox
         self._outbox = []
@@ -382,22 +414,7 @@ class RankGather:
         self._note_at += len(piece)
         if self._note_at >= len(self._note):
             self._note, self._note_at = b"", 0
-        tensor = torch.from_numpy(send).to(collective_device())
-        into = torch.empty((world, len(send)), dtype=tensor.dtype, device=tensor.device)
-        received = list(into.unbind(0)) if rank == 0 else None  # rows of one table: no stack
-        dist.gather(tensor, received, dst=0)
-        if rank != 0 or received is None:
-            return None
-        try:
-            table = into.cpu().numpy()
-            return self._decode(table, step=step, epoch=epoch)
-        except Exception as err:  # the collective is done: only rank 0's table misses rows
-            self.warn(
-                f"BNProbe: reading the rows of the other ranks failed with "
-                f"{type(err).__name__}: {err}. Rank 0's table misses them at this step; "
-                "training goes on."
-            )
-            return []
+        return send
 
     def _decode(self, table: np.ndarray, *, step: int, epoch: int) -> list[Rows]:
         slots = self.note_bytes // 8
@@ -655,6 +672,42 @@ def _block_names(parts: Sequence[Rows]) -> tuple[int, list[Rows]]:
         steps = first
         names.append(part._replace(layers=layers, metrics=metrics))
     return (0 if steps is None else len(steps)), names
+
+
+def _split_block(snapshot: Snapshot, steps: list[int]) -> list[Snapshot | None] | None:
+    """A block whose steps do not all name their layer rows alike (the first measured step has
+    its trace rows, a layer switched off, ...) as one snapshot per step (None: no rows at that
+    step), each with its own step's channels; None for a block :meth:`RankGather.encode` reads
+    at once."""
+    parts = [p for p in snapshot.parts if p.channels is None and p.stage == "train"]
+    if all(p.multi and p.tiling() is not None for p in parts):
+        return None
+    by_step: dict[int, list[Rows]] = {s: [] for s in steps}
+    for part in parts:
+        for one in part.split():
+            if int(one.step) not in by_step:
+                raise ValueError(f"a block holds rows of step {one.step}, not one of {steps}")
+            by_step[int(one.step)].append(one)
+    return [
+        Snapshot(by_step[s], _step_channels(snapshot.channels, i, len(steps)))
+        if by_step[s]
+        else None
+        for i, s in enumerate(steps)
+    ]
+
+
+def _step_channels(channels: Any, i: int, k: int) -> Any:
+    """Step ``i`` of a block's channels (:func:`_running_columns` says what they may be)."""
+    if isinstance(channels, Sequence) and not isinstance(channels, Mapping):
+        return channels[i]
+    columns = getattr(channels, "columns", None)
+    if isinstance(columns, dict):
+        one = {key: np.asarray(col).reshape(k, -1)[i] for key, col in columns.items()}
+        return type(channels)(channels.layers, channels.sizes, one, channels.present)
+    return {
+        layer: {key: np.asarray(v).reshape(k, -1)[i] for key, v in per.items()}
+        for layer, per in channels.items()
+    }
 
 
 def _block_steps(snapshot: Snapshot) -> list[int]:
