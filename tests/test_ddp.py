@@ -197,6 +197,10 @@ def test_multi_process_layout_has_a_rank_divergence_chart(ddp_out: Path) -> None
     train = next(c for c in layout.category if c.title == "bnprobe/train")
     assert "rank_divergence" in [chart.title for chart in train.chart]
     assert any(t.startswith("bnprobe/train/rank_divergence/") for t in acc.Tags()["scalars"])
+    # rank_divergence arrives after its steps' own rows, without a second epoch point
+    assert [e.step for e in acc.Scalars("bnprobe/train/epoch")] == [0, 1, 2]
+    divergence = [t for t in acc.Tags()["scalars"] if "/rank_divergence/" in t]
+    assert [e.step for e in acc.Scalars(divergence[0])] == [0, 1, 2]
 
 
 # -- a failure on one rank: every rank finishes, rank 0 says which rank and why ------------------
@@ -375,6 +379,28 @@ def test_a_block_of_k_steps_gives_rank_0_the_rows_of_k_single_steps(
     divergence = table[table["metric"] == "rank_divergence"]
     assert set(divergence["rank"]) == {0} and len(divergence) == 2 * k
     assert (divergence["value"] > 0).all()
+
+
+def test_a_late_rank_divergence_block_writes_no_epoch_point() -> None:
+    """Under DDP rank_divergence comes in its own block, after its step's own rows (which wrote
+    the epoch): it adds no second epoch point; a step's own rows keep theirs."""
+    from bnprobe.store import Rows
+    from bnprobe.tensorboard.write import snapshot_metrics
+
+    late = Rows(5, 2, "train", 0, ("a", "b"), ("rank_divergence",) * 2, np.array([0.5, 0.0]))
+    got = snapshot_metrics(Snapshot([late]))
+    assert got == {
+        5: {"bnprobe/train/rank_divergence/a": 0.5, "bnprobe/train/rank_divergence/b": 0.0}
+    }
+    block = Rows.stack([late, late._replace(step=6, values=np.array([1.0, 2.0]))])
+    assert list(snapshot_metrics(Snapshot([block]))[6].values()) == [1.0, 2.0]
+    own = Rows(5, 2, "train", 0, ("a",), ("mean_shift",), np.array([3.0]))
+    assert snapshot_metrics(Snapshot([own, late]))[5] == {
+        "bnprobe/train/epoch": 2.0,
+        "bnprobe/train/mean_shift/a": 3.0,
+        "bnprobe/train/rank_divergence/a": 0.5,
+        "bnprobe/train/rank_divergence/b": 0.0,
+    }
 
 
 def test_a_block_whose_steps_disagree_with_its_rows_is_sent_as_failed(
