@@ -113,7 +113,7 @@ def _points(
                 values = itertools.chain((int(rows.epoch),), rows.values)
             if index is not None:
                 values = np.fromiter(values, dtype=np.float64, count=len(rows.metrics) + 1)[index]
-            if len(rows.metrics) and all(m == "rank_divergence" for m in rows.metrics):
+            if _late(rows.metrics):
                 tags, values = tags[1:], np.fromiter(values, dtype=np.float64)[1:]  # no epoch
             by_step.setdefault(int(rows.step), []).append((tags, values))
     out: dict[int, tuple[tuple[str, ...], Iterable[float]]] = {}
@@ -125,6 +125,18 @@ def _points(
         flat = np.concatenate([np.fromiter(v, dtype=np.float64) for _, v in blocks])
         out[step] = (tags, flat[index])
     return out
+
+
+def _late(metrics: Sequence[str] | np.ndarray) -> bool:
+    """Whether a block of rows is ``rank_divergence`` alone (:func:`_points`)."""
+    if isinstance(metrics, tuple):
+        return _all_divergence(metrics)
+    return len(metrics) > 0 and all(m == "rank_divergence" for m in metrics)
+
+
+@functools.lru_cache(maxsize=16)
+def _all_divergence(metrics: tuple[str, ...]) -> bool:
+    return len(metrics) > 0 and all(m == "rank_divergence" for m in metrics)
 
 
 @functools.lru_cache(maxsize=16)
