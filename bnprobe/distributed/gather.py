@@ -192,6 +192,8 @@ class RankGather:
         self._said: dict[int, list[str]] = {}  # rank 0: what each rank said (warned once)
         self._plan: tuple[Layout, np.ndarray, np.ndarray, tuple[str, ...], object] | None = None
         self._names: tuple[Any, Any] | None = None  # the name columns the layout was made from
+        self._into: torch.Tensor | None = None  # rank 0: where the exchanges arrive
+        self._buffer: np.ndarray | None = None  # this rank's vector of an exchange, reused
 
     @property
     def due(self) -> bool:
@@ -368,7 +370,10 @@ class RankGather:
         tensor = torch.from_numpy(send).to(collective_device())
         into = None  # rank 0: every rank's vector, as the rows of one table (no stack)
         if rank == 0:
-            into = torch.empty((world, len(send)), dtype=tensor.dtype, device=tensor.device)
+            into = self._into
+            if into is None or into.shape != (world, len(send)) or into.device != tensor.device:
+                into = torch.empty((world, len(send)), dtype=tensor.dtype, device=tensor.device)
+                self._into = into  # kept: rows read from it are copies (_rows_of, _decode)
         dist.gather(tensor, None if into is None else list(into.unbind(0)), dst=0)
         if into is None:
             return None
@@ -395,7 +400,10 @@ class RankGather:
         piece = self._note[self._note_at : self._note_at + self.note_bytes]
         slots = self.note_bytes // 8
         width = STEP_HEADER + self._cap
-        send = np.zeros(HEADER + slots + self.batch_steps * width, dtype=np.float64)
+        size = HEADER + slots + self.batch_steps * width
+        send = self._buffer  # reused: what a step row holds past its length is never read
+        if send is None or len(send) != size:
+            send = self._buffer = np.zeros(size, dtype=np.float64)
         send[:HEADER].view(np.int64)[:] = [
             len(steps),
             len(self._note) if piece else 0,
@@ -768,7 +776,7 @@ def _rows_of(
     size = len(layout.metrics)
     if len(steps) == 1:
         s, e = step_heads[rank, steps[0], :2].tolist()
-        values = body[rank, steps[0], STEP_HEADER : STEP_HEADER + size]
+        values = body[rank, steps[0], STEP_HEADER : STEP_HEADER + size].copy()  # not the table's
         return Rows(s, e, "train", rank, layout.layers, layout.metrics, values)
     k = len(steps)
     heads = step_heads[rank, steps, :2]
