@@ -22,6 +22,13 @@ Usage::
 
     .venv/bin/python benchmarks/ddp_overhead.py                  # the real run (quiet machine)
     .venv/bin/python benchmarks/ddp_overhead.py --rounds 1 --steps 30 --layers 4   # smoke run
+    .venv/bin/python benchmarks/ddp_overhead.py --micro --layers 8   # rank 0's exchange parts
+
+``--micro`` times rank 0's DDP-only work alone, on two gloo processes without Lightning (thread
+CPU time, which the load of a shared machine disturbs less than step times): ``RankGather.add``
+per step, and per exchange of ``--gather-batch`` (default 32) steps the exchange itself and the
+recording of what it brings (the other rank's rows and ``rank_divergence``), over ``--rounds``
+x 4 exchanges of a real tap's steps (``--layers`` BatchNorm1d layers of ``--width`` channels).
 """
 
 from __future__ import annotations
@@ -197,6 +204,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--gather-batch", type=int, help="BNProbe(gather_batch=...)")
+    parser.add_argument("--micro", action="store_true", help="time rank 0's exchange parts")
     parser.add_argument("--worker")
     parser.add_argument("--out", type=Path)
     parser.add_argument(
@@ -220,6 +228,9 @@ def main() -> None:
         return
     if args.profile:
         profile(args)
+        return
+    if args.micro:
+        micro(args)
         return
     rows: dict[str, list[float]] = {c: [] for c in CONFIGS}
     own: dict[str, list[float]] = {c: [] for c in CONFIGS}
@@ -286,6 +297,85 @@ def profile(args: argparse.Namespace) -> None:
         )
         for cum, calls, where in rows[:30]:
             print(f"  {1e3 * cum / args.steps:8.3f}  {calls:7d}  {where}")
+
+
+def micro(args: argparse.Namespace) -> None:
+    """Rank 0's DDP-only work, timed part by part on two gloo processes (``--micro``)."""
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(ROOT))
+    from tests.launch import free_port
+
+    mp.spawn(_micro_rank, args=(free_port(), args), nprocs=2)
+
+
+def _micro_rank(rank: int, port: int, args: argparse.Namespace) -> None:
+    import torch
+    from torch import distributed as dist
+    from torch import nn
+
+    from bnprobe import BNProbe
+    from bnprobe.distributed import RankGather, capacity
+    from bnprobe.recorder import Recorder
+    from bnprobe.store import Store
+    from bnprobe.tap import BNTap, Snapshot
+    from bnprobe.tensorboard import EventWriter, tag_root
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(rank)
+    blocks: list[nn.Module] = []
+    for _ in range(args.layers):
+        blocks += [nn.Linear(args.width, args.width), nn.BatchNorm1d(args.width), nn.ReLU()]
+    model = nn.Sequential(*blocks)
+    batch, exchanges = args.gather_batch or 32, 4 * args.rounds
+    tap = BNTap(model, keep_channels=True).attach()
+    snaps = []
+    for step in range(batch * exchanges + 1):
+        tap.start(trace=step == 0)
+        model(torch.randn(32, args.width)).sum().backward()
+        snaps.append(tap.collect(step=step, epoch=0, rank=rank))
+    eps = {layer.name: layer.module.eps for layer in tap.layers}
+    bound = capacity([args.width] * args.layers)
+    scalars = BNProbe(every_n_steps=1, histograms=False, summary=False)._scalar_metrics
+    with tempfile.TemporaryDirectory() as tmp:
+        recorder = Recorder(
+            Store(tmp if rank == 0 else None, rank=rank),
+            writers=[(EventWriter(f"{tmp}/tb"), tag_root())] if rank == 0 else [],
+            histograms=False,
+            scalars=scalars,
+            flush_every_s=1e9,
+        )
+        gather = RankGather(eps, capacity=lambda: bound, batch=batch)
+        gather.add(snaps[0], step=0, epoch=0)
+        gather.exchange(step=0, epoch=0)  # the first one agrees the sizes
+        add: list[float] = []
+        exchange: list[float] = []
+        record: list[float] = []
+        for e in range(exchanges):
+            for step in range(1 + e * batch, 1 + (e + 1) * batch):
+                t = time.thread_time()
+                gather.add(snaps[step], step=step, epoch=0)
+                add.append(time.thread_time() - t)
+            dist.barrier()  # both ranks arrive together: no waiting in the timed collective
+            t = time.thread_time()
+            others = gather.exchange(step=step, epoch=0)
+            exchange.append(time.thread_time() - t)
+            t = time.thread_time()
+            if others:
+                recorder.record(Snapshot(others))
+            record.append(time.thread_time() - t)
+    if rank == 0:
+        ms = {name: 1e3 * min(v) for name, v in (("exchange", exchange), ("record", record))}
+        per_step = 1e3 * statistics.median(add)
+        print(
+            f"{args.layers} layers of {args.width}, rank 0 thread CPU ms: add {per_step:.3f} a "
+            f"step (median); a {batch}-step exchange {ms['exchange']:.2f}, recording what it "
+            f"brings {ms['record']:.2f} (min of {exchanges}); DDP-only work a step "
+            f"{per_step + (ms['exchange'] + ms['record']) / batch:.3f}"
+        )
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

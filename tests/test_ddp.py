@@ -197,6 +197,10 @@ def test_multi_process_layout_has_a_rank_divergence_chart(ddp_out: Path) -> None
     train = next(c for c in layout.category if c.title == "bnprobe/train")
     assert "rank_divergence" in [chart.title for chart in train.chart]
     assert any(t.startswith("bnprobe/train/rank_divergence/") for t in acc.Tags()["scalars"])
+    # rank_divergence arrives after its steps' own rows, without a second epoch point
+    assert [e.step for e in acc.Scalars("bnprobe/train/epoch")] == [0, 1, 2]
+    divergence = [t for t in acc.Tags()["scalars"] if "/rank_divergence/" in t]
+    assert [e.step for e in acc.Scalars(divergence[0])] == [0, 1, 2]
 
 
 # -- a failure on one rank: every rank finishes, rank 0 says which rank and why ------------------
@@ -269,3 +273,157 @@ def test_gather_every_is_checked_and_gathers_every_kth_measured_step() -> None:
     probe = BNProbe(every_n_steps=5, gather_every=3)
     probe._every = 5
     assert [s for s in range(0, 60, 5) if probe._gathers(s)] == [0, 15, 30, 45]
+
+
+# -- a block of steps: what the tap hands over when it processes several steps at once ----------
+def _tap_steps(k: int, start: int = 10) -> list[Snapshot]:
+    """``k`` measured steps of a small net (one layer without running statistics), taken as the
+    callback takes them under DDP (``keep_channels=True``)."""
+    from torch import nn
+
+    from bnprobe.tap import BNTap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 6),
+        nn.BatchNorm1d(6),
+        nn.Linear(6, 5),
+        nn.BatchNorm1d(5, track_running_stats=False),
+        nn.Linear(5, 4),
+        nn.BatchNorm1d(4, momentum=None),
+    )
+    snaps = []
+    with BNTap(model, keep_channels=True) as tap:
+        for i in range(k):
+            tap.start(trace=i == 0)
+            model(torch.randn(8, 6) * (1 + i))
+            snaps.append(tap.collect(step=start + i, epoch=i // 3))
+    return snaps
+
+
+def _block(snaps: list[Snapshot], channels: str) -> Snapshot:
+    """The steps as one block: their layer rows as one multi-step Rows, their channels with the
+    steps on the first axis (``"columns"``: the tap's columns, stacked; ``"layers"``: layer ->
+    (k, C) arrays; ``"steps"``: a sequence of each step's channels)."""
+    from bnprobe.store import Rows
+
+    rows = Rows.stack([s.parts[0] for s in snaps])
+    if channels == "steps":
+        return Snapshot([rows], [s.channels for s in snaps])  # type: ignore[arg-type]
+    if channels == "layers":
+        per = {
+            name: {key: np.stack([s.channels[name][key] for s in snaps]) for key in vectors}
+            for name, vectors in snaps[0].channels.items()
+        }
+        return Snapshot([rows], per)
+    first = snaps[0].channels
+    columns = {key: np.stack([s.channels.columns[key] for s in snaps]) for key in first.columns}  # type: ignore[attr-defined]
+    stacked = type(first)(first.layers, first.sizes, columns, first.present)  # type: ignore[attr-defined]
+    return Snapshot([rows], stacked)
+
+
+def _decoded(gather: RankGather, other: RankGather) -> list[Any]:
+    """What rank 0 (``gather``) makes of one exchange where rank 1 is ``other``: both ranks'
+    packed vectors, decoded as rank 0 decodes them."""
+    table = np.stack([gather._pack(gather._steps), other._pack(other._steps)])
+    gather._steps, other._steps = [], []
+    return gather._decode(table, step=0, epoch=0)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("channels", ["columns", "layers", "steps"])
+def test_a_block_of_k_steps_gives_rank_0_the_rows_of_k_single_steps(
+    monkeypatch: pytest.MonkeyPatch, channels: str, traced: bool
+) -> None:
+    """``RankGather.add`` of a block of 5 steps counts 5 steps towards ``due`` and brings rank 0
+    the same rows of the other rank and the same rank_divergence as 5 single-step adds, value
+    for value (rank 1's vectors are rank 0's with other running moments). Read at once when
+    every step names its rows alike; step by step when the first is the traced one (it has
+    more rows)."""
+    from bnprobe.distributed import gather as g
+
+    monkeypatch.setattr(g, "is_distributed", lambda: True)  # add is local: no process group
+    snaps, k = _tap_steps(6, start=9), 5
+    snaps = snaps[:k] if traced else snaps[1:]
+    steps = [int(s.parts[0].step) for s in snaps]
+    epochs = [int(s.parts[0].epoch) for s in snaps]
+    at_once = g._split_block(_block(snaps, channels), steps) is None
+    assert at_once is not traced
+    eps = {"1": 1e-5, "3": 1e-5, "5": 1e-5}
+    got = {}
+    for how in ("single", "block"):
+        ranks = [RankGather(eps, batch=8) for _ in range(2)]
+        for r, gather in enumerate(ranks):
+            gather._cap, gather.batch_steps = g.capacity([6, 5, 4]), 8
+            if how == "single":
+                for snap, step, epoch in zip(snaps, steps, epochs, strict=True):
+                    gather.add(snap, step=step, epoch=epoch)
+            else:
+                gather.add(_block(snaps, channels), step=steps, epoch=epochs)
+            assert len(gather._steps) == k and not gather.due
+            if r == 1:  # rank 1's running moments differ from rank 0's
+                for s in gather._steps:
+                    s.values[len(gather._known[s.key].metrics) :] *= 1.5
+        assert ranks[0]._layout is not None and ranks[0]._layout.running == (("1", 6), ("5", 4))
+        got[how] = _decoded(*ranks)
+    for how in ("single", "block"):
+        frame = pd.concat([rows.frame() for rows in got[how]], ignore_index=True)
+        got[how] = frame.sort_values(["rank", "step", "metric", "layer"], ignore_index=True)
+    pd.testing.assert_frame_equal(got["single"], got["block"])
+    table = got["block"]
+    assert sorted(table["step"].unique()) == steps
+    mine = pd.concat([s.parts[0].frame() for s in snaps], ignore_index=True)
+    other = table[table["rank"] == 1].drop(columns="rank")
+    want = mine.drop(columns="rank").sort_values(["step", "metric", "layer"], ignore_index=True)
+    pd.testing.assert_frame_equal(other.reset_index(drop=True), want)
+    divergence = table[table["metric"] == "rank_divergence"]
+    assert set(divergence["rank"]) == {0} and len(divergence) == 2 * k
+    assert (divergence["value"] > 0).all()
+
+
+def test_a_late_rank_divergence_block_writes_no_epoch_point() -> None:
+    """Under DDP rank_divergence comes in its own block, after its step's own rows (which wrote
+    the epoch): it adds no second epoch point; a step's own rows keep theirs."""
+    from bnprobe.store import Rows
+    from bnprobe.tensorboard.write import snapshot_metrics
+
+    late = Rows(5, 2, "train", 0, ("a", "b"), ("rank_divergence",) * 2, np.array([0.5, 0.0]))
+    got = snapshot_metrics(Snapshot([late]))
+    assert got == {
+        5: {"bnprobe/train/rank_divergence/a": 0.5, "bnprobe/train/rank_divergence/b": 0.0}
+    }
+    block = Rows.stack([late, late._replace(step=6, values=np.array([1.0, 2.0]))])
+    assert list(snapshot_metrics(Snapshot([block]))[6].values()) == [1.0, 2.0]
+    own = Rows(5, 2, "train", 0, ("a",), ("mean_shift",), np.array([3.0]))
+    assert snapshot_metrics(Snapshot([own, late]))[5] == {
+        "bnprobe/train/epoch": 2.0,
+        "bnprobe/train/mean_shift/a": 3.0,
+        "bnprobe/train/rank_divergence/a": 0.5,
+        "bnprobe/train/rank_divergence/b": 0.0,
+    }
+
+
+def test_a_block_whose_steps_disagree_with_its_rows_is_sent_as_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Never raises, always adds the steps it was given (so every rank still counts the same
+    steps): a block whose rows hold other steps than ``step`` says are sent as failed, once."""
+    from bnprobe.distributed import gather as g
+
+    monkeypatch.setattr(g, "is_distributed", lambda: True)
+    snaps = _tap_steps(4, start=9)[1:]  # steps 10, 11, 12, untraced
+    gather = RankGather({})
+    gather.add(_block(snaps, "columns"), step=[10, 11, 13], epoch=0)
+    assert [(s.step, s.status) for s in gather._steps] == [(10, g._FAILED), (11, g._FAILED),
+                                                           (13, g._FAILED)]  # fmt: skip
+    assert gather._next.causes == ["building its rows to send failed with ValueError: a block "
+                                   "of steps [10, 11, 12], not [10, 11, 13]"]  # fmt: skip
+    traced = RankGather({})  # the first step traced: read step by step
+    traced.add(_block(_tap_steps(3), "columns"), step=[10, 11, 13], epoch=0)
+    assert [s.status for s in traced._steps] == [g._FAILED] * 3
+    assert traced._next.causes == ["building its rows to send failed with ValueError: a block "
+                                   "holds rows of step 12, not one of [10, 11, 13]"]  # fmt: skip
+    gather.add(None, step=[14, 15], epoch=[1, 1], error="collecting failed")
+    assert [(s.step, s.epoch, s.status) for s in gather._steps[3:]] == [
+        (14, 1, g._FAILED), (15, 1, g._FAILED),
+    ]  # fmt: skip

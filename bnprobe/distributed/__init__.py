@@ -1,6 +1,7 @@
 """Several processes (DDP): what crosses between ranks, with ``torch.distributed`` only.
 
-- :mod:`~bnprobe.distributed.gather`: :class:`RankGather`, one collective per measured step that
+- :mod:`~bnprobe.distributed.gather`: :class:`RankGather`, one collective per ``batch`` gathered
+  steps (a step or a block of steps added at a time) that
   brings every rank's train rows to rank 0, and says why when a rank could not build them (no
   rank ever skips a collective, so a failure never hangs the others);
 - :mod:`~bnprobe.distributed.divergence`: :func:`rank_divergence`, how far the running statistics

@@ -93,11 +93,11 @@ class Layout:
     metrics: tuple[str, ...]
     running: tuple[tuple[str, int], ...]
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         return len(self.metrics) + 2 * sum(c for _, c in self.running)
 
-    @property
+    @functools.cached_property
     def key(self) -> int:
         """A digest of the names (the same in every process), as a signed int64."""
         text = repr((self.layers, self.metrics, self.running)).encode()
@@ -192,6 +192,8 @@ class RankGather:
         self._said: dict[int, list[str]] = {}  # rank 0: what each rank said (warned once)
         self._plan: tuple[Layout, np.ndarray, np.ndarray, tuple[str, ...], object] | None = None
         self._names: tuple[Any, Any] | None = None  # the name columns the layout was made from
+        self._into: torch.Tensor | None = None  # rank 0: where the exchanges arrive
+        self._buffer: np.ndarray | None = None  # this rank's vector of an exchange, reused
 
     @property
     def due(self) -> bool:
@@ -211,56 +213,102 @@ class RankGather:
             self._outbox.append(message)
 
     def encode(self, snapshot: Snapshot) -> tuple[Layout, np.ndarray]:
-        """This rank's layer rows of stage train and running moments as a layout and one float64
-        vector."""
+        """This rank's layer rows of stage train and running moments as a layout and float64
+        values: one vector for the rows of one step; for a block of K steps (multi-step
+        :class:`~bnprobe.store.Rows`, every step naming its rows alike:
+        :meth:`~bnprobe.store.Rows.tiling`), a (K, size) matrix, one row per step in order.
+        A block's running moments are its channels with the steps on the first axis (see
+        :func:`_running_columns`)."""
         parts = [p for p in snapshot.parts if p.channels is None and p.stage == "train"]
-        running = running_moments(snapshot)
-        values = [np.asarray(p.values, dtype=np.float64).reshape(-1) for p in parts]
-        values += [mean.reshape(-1) for mean, _ in running.values()]
-        values += [var.reshape(-1) for _, var in running.values()]
-        vector = np.concatenate(values) if values else np.zeros(0)
+        block = any(p.multi for p in parts)
+        k, names = 1, parts
+        if block:
+            k, names = _block_names(parts)
+        counts, mu, var = _running_columns(snapshot.channels, k if block else None)
+        values = [np.asarray(p.values, dtype=np.float64).reshape(k, -1) for p in parts]
+        matrix = (
+            np.concatenate([*values, mu, var], axis=1) if values or counts else np.zeros((k, 0))
+        )
         layout = self._layout
-        counts = tuple((k, m.size) for k, (m, _) in running.items())
         if (
             layout is None
             or layout.running != counts
-            or len(layout.metrics) != sum(len(p.metrics) for p in parts)
-            or not _same_names(self._names, parts)
+            or len(layout.metrics) != sum(len(p.metrics) for p in names)
+            or not _same_names(self._names, names)
         ):
-            layers = tuple(name for p in parts for name in p.layers)
-            metric_names = tuple(name for p in parts for name in p.metrics)
+            layers = tuple(name for p in names for name in p.layers)
+            metric_names = tuple(name for p in names for name in p.metrics)
             layout = Layout(layers, metric_names, counts)
-            self._names = (parts[0].layers, parts[0].metrics) if len(parts) == 1 else None
-        if len(vector) != layout.size:
-            raise ValueError(f"{len(vector)} values for a layout of {layout.size}")
-        return layout, vector
+            self._names = (names[0].layers, names[0].metrics) if len(names) == 1 else None
+        if matrix.shape[1] != layout.size:
+            raise ValueError(f"{matrix.shape[1]} values for a layout of {layout.size}")
+        return layout, matrix if block else matrix[0]
 
     def add(
-        self, snapshot: Snapshot | None, *, step: int, epoch: int, error: str | None = None
+        self,
+        snapshot: Snapshot | None,
+        *,
+        step: int | Sequence[int],
+        epoch: int | Sequence[int],
+        error: str | None = None,
     ) -> None:
-        """Keep this rank's rows of a gathered step for the next :meth:`exchange` (no
-        communication; call it on every rank at the same steps). ``snapshot=None`` with
-        ``error`` None: this rank measured nothing; with ``error``: its rows could not be built,
-        and why (one line). Never raises: an encoding failure is sent as a failed status. Does
-        nothing without a process group of more than one process."""
+        """Keep this rank's rows of a gathered step, or of a block of gathered steps, for the
+        next :meth:`exchange` (no communication; call it on every rank at the same steps).
+        ``snapshot=None`` with ``error`` None: this rank measured nothing; with ``error``: its
+        rows could not be built, and why (one line). Never raises: an encoding failure is sent
+        as a failed status. Does nothing without a process group of more than one process.
+
+        A block: ``step`` (and ``epoch``, or one epoch for all) the K steps in order, and the
+        snapshot's layer rows those K steps as multi-step :class:`~bnprobe.store.Rows`
+        (:meth:`encode`); it counts as K steps towards :attr:`due`, and rank 0 gets the same
+        rows as from K single steps."""
         if not is_distributed():
             return
-        status, values, cause = _NOTHING, _EMPTY, error
-        if error is None and snapshot is not None:
+        steps = [int(step)] if isinstance(step, int | np.integer) else [int(s) for s in step]
+        if isinstance(epoch, int | np.integer):
+            epochs = [int(epoch)] * len(steps)
+        else:
+            epochs = [int(e) for e in epoch]
+        status, rows, cause = _NOTHING, [_EMPTY] * len(steps), error
+        if error is None and snapshot is not None and len(steps) > 1 and len(epochs) == len(steps):
+            try:
+                singles = _split_block(snapshot, steps)
+            except Exception as err:
+                cause = f"building its rows to send failed with {type(err).__name__}: {err}"
+            else:
+                if singles is not None:  # steps that name their rows differently: one by one
+                    for one, s, e in zip(singles, steps, epochs, strict=True):
+                        self.add(one, step=s, epoch=e)
+                    return
+        if cause is None and snapshot is not None:
             try:
                 own, values = self.encode(snapshot)
-                status = _OK
+                if values.ndim == 1:
+                    values = values.reshape(1, -1)
+                if len(values) != len(steps) or len(epochs) != len(steps):
+                    raise ValueError(
+                        f"{len(values)} steps of rows for {len(steps)} steps and "
+                        f"{len(epochs)} epochs"
+                    )
+                if len(steps) > 1 and _block_steps(snapshot) != steps:
+                    raise ValueError(f"a block of steps {_block_steps(snapshot)}, not {steps}")
+                rows, status = list(values), _OK
                 if own != self._layout:
                     self._layout, self._key = own, own.key
                     self._known[self._key] = own  # rank 0 reads its own layout too
                     self._next.layouts.append(own)
             except Exception as err:  # never skip the collective: send "failed" instead
                 cause = f"building its rows to send failed with {type(err).__name__}: {err}"
-                values = _EMPTY
+                rows = [_EMPTY] * len(steps)
         if cause is not None:
             status = _FAILED
             self._cause(cause)
-        self._steps.append(_Step(step, epoch, status, self._key if status == _OK else 0, values))
+        key = self._key if status == _OK else 0
+        if len(epochs) != len(steps):
+            epochs = [epochs[0] if epochs else 0] * len(steps)
+        self._steps += [
+            _Step(s, e, status, key, v) for s, e, v in zip(steps, epochs, rows, strict=True)
+        ]
 
     def gather(
         self, snapshot: Snapshot | None, *, step: int, epoch: int, error: str | None = None
@@ -318,6 +366,31 @@ class RankGather:
         """One ``gather`` of these steps (at most :attr:`batch_steps`)."""
         dist = torch.distributed
         rank, world = dist.get_rank(), dist.get_world_size()
+        send = self._pack(steps)
+        tensor = torch.from_numpy(send).to(collective_device())
+        into = None  # rank 0: every rank's vector, as the rows of one table (no stack)
+        if rank == 0:
+            into = self._into
+            if into is None or into.shape != (world, len(send)) or into.device != tensor.device:
+                into = torch.empty((world, len(send)), dtype=tensor.dtype, device=tensor.device)
+                self._into = into  # kept: rows read from it are copies (_rows_of, _decode)
+        dist.gather(tensor, None if into is None else list(into.unbind(0)), dst=0)
+        if into is None:
+            return None
+        try:
+            table = into.cpu().numpy()
+            return self._decode(table, step=step, epoch=epoch)
+        except Exception as err:  # the collective is done: only rank 0's table misses rows
+            self.warn(
+                f"BNProbe: reading the rows of the other ranks failed with "
+                f"{type(err).__name__}: {err}. Rank 0's table misses them at this step; "
+                "training goes on."
+            )
+            return []
+
+    def _pack(self, steps: list[_Step]) -> np.ndarray:
+        """This rank's vector of one exchange: the header, the next piece of its note, these
+        steps (at most :attr:`batch_steps`) and zeros for the rest."""
         assert self._cap is not None
         self._next.messages += self._outbox
         self._outbox = []
@@ -327,7 +400,10 @@ class RankGather:
         piece = self._note[self._note_at : self._note_at + self.note_bytes]
         slots = self.note_bytes // 8
         width = STEP_HEADER + self._cap
-        send = np.zeros(HEADER + slots + self.batch_steps * width, dtype=np.float64)
+        size = HEADER + slots + self.batch_steps * width
+        send = self._buffer  # reused: what a step row holds past its length is never read
+        if send is None or len(send) != size:
+            send = self._buffer = np.zeros(size, dtype=np.float64)
         send[:HEADER].view(np.int64)[:] = [
             len(steps),
             len(self._note) if piece else 0,
@@ -346,21 +422,7 @@ class RankGather:
         self._note_at += len(piece)
         if self._note_at >= len(self._note):
             self._note, self._note_at = b"", 0
-        tensor = torch.from_numpy(send).to(collective_device())
-        received = [torch.empty_like(tensor) for _ in range(world)] if rank == 0 else None
-        dist.gather(tensor, received, dst=0)
-        if rank != 0 or received is None:
-            return None
-        try:
-            table = torch.stack(received).cpu().numpy()
-            return self._decode(table, step=step, epoch=epoch)
-        except Exception as err:  # the collective is done: only rank 0's table misses rows
-            self.warn(
-                f"BNProbe: reading the rows of the other ranks failed with "
-                f"{type(err).__name__}: {err}. Rank 0's table misses them at this step; "
-                "training goes on."
-            )
-            return []
+        return send
 
     def _decode(self, table: np.ndarray, *, step: int, epoch: int) -> list[Rows]:
         slots = self.note_bytes // 8
@@ -379,38 +441,70 @@ class RankGather:
                     self._known[new.key] = new
                 if r != 0:  # rank 0 warned itself
                     self._report(r, note, first)
+        runs = [self._runs(step_heads[r, :n], r) for r in range(world)]
         out: list[Rows] = []
-        layouts: list[list[Layout | None]] = [[] for _ in range(n)]
-        for r in range(world):
-            run: list[int] = []  # steps of rank r read with one layout, not yet in `out`
-            for j in range(n):
-                _, _, status, length, key = step_heads[r, j].tolist()
-                layout = self._known.get(key) if status == _OK else None
-                if status == _OK and (layout is None or layout.size != length):
-                    layout = None
-                    if r not in self._inbox:  # not on its way
-                        self.warn(
-                            f"BNProbe: rank {r} sent values without the layout that names them; "
-                            "its rows are left out of rank 0's table until it sends its layout."
-                        )
-                layouts[j].append(layout)
-                if r == 0 or layout is None:
+        for r in range(1, world):  # rank 0's own rows are recorded as it measures them
+            merged: list[tuple[Layout, list[int]]] = []  # steps read with one layout, in order
+            for a, b, layout in runs[r]:
+                if layout is None:
                     continue
-                if run and layouts[run[0]][r] is not layout:
-                    out.append(_rows_of(body, step_heads, r, run, layouts[run[0]][r]))
-                    run = []
-                run.append(j)
-            if run:
-                out.append(_rows_of(body, step_heads, r, run, layouts[run[0]][r]))
-        out += self._divergences(body, step_heads, layouts)
+                if merged and merged[-1][0] is layout:
+                    merged[-1][1].extend(range(a, b))
+                else:
+                    merged.append((layout, list(range(a, b))))
+            out += [_rows_of(body, step_heads, r, steps, layout) for layout, steps in merged]
+        out += self._divergences(body, step_heads, runs, n)
         return out
 
+    def _runs(self, heads: np.ndarray, rank: int) -> list[tuple[int, int, Layout | None]]:
+        """A rank's steps of an exchange (their headers) as runs ``[a, b)`` of consecutive steps
+        read with one layout (None: no rows), nearly always one run: no per-step work."""
+        n = len(heads)
+        if not n:
+            return []
+        status, length, key = heads[:, 2], heads[:, 3], heads[:, 4]
+        change = (status[1:] != status[:-1]) | (length[1:] != length[:-1]) | (key[1:] != key[:-1])
+        starts = [0, *(np.flatnonzero(change) + 1).tolist()]
+        runs: list[tuple[int, int, Layout | None]] = []
+        for a, b in zip(starts, [*starts[1:], n], strict=True):
+            layout = self._known.get(int(key[a])) if status[a] == _OK else None
+            if status[a] == _OK and (layout is None or layout.size != int(length[a])):
+                layout = None
+                if rank not in self._inbox:  # not on its way
+                    self.warn(
+                        f"BNProbe: rank {rank} sent values without the layout that names them; "
+                        "its rows are left out of rank 0's table until it sends its layout."
+                    )
+            runs.append((a, b, layout))
+        return runs
+
     def _divergences(
-        self, body: np.ndarray, step_heads: np.ndarray, layouts: list[list[Layout | None]]
+        self,
+        body: np.ndarray,
+        step_heads: np.ndarray,
+        runs: list[list[tuple[int, int, Layout | None]]],
+        n: int,
     ) -> list[Rows]:
         """``rank_divergence`` rows (rank 0) of every step where every rank sent its values:
-        the steps whose ranks all share rank 0's running layers (nearly always) in one numpy
-        pass, the others step by step."""
+        when every rank read all its steps with one layout, all of them having rank 0's
+        running layers (nearly always), one numpy pass over slices of the exchange; otherwise
+        the steps that share rank 0's running layers in one pass, the others step by step."""
+        if not n or len(runs) < 2:
+            return []
+        if all(len(r) == 1 and r[0][2] is not None for r in runs):
+            lays = [r[0][2] for r in runs]
+            first = lays[0]
+            assert first is not None
+            if not first.running:
+                return []
+            if all(lay.running == first.running for lay in lays[1:]):  # type: ignore[union-attr]
+                at = [STEP_HEADER + len(lay.metrics) for lay in lays]  # type: ignore[union-attr]
+                return self._divergence_block(body, step_heads, first, at, slice(0, n))
+        layouts: list[list[Layout | None]] = [[] for _ in range(n)]
+        for rank_runs in runs:
+            for a, b, layout in rank_runs:
+                for j in range(a, b):
+                    layouts[j].append(layout)
         out: list[Rows] = []
         same: list[int] = []
         for j, lays in enumerate(layouts):
@@ -434,7 +528,18 @@ class RankGather:
                 result = np.array(list(found.values()), dtype=np.float64)
                 out.append(Rows(s, e, "train", 0, names, _divergence_metrics(len(names)), result))
         if same:
-            block = self._divergence_block(body, step_heads, layouts, same)
+            lays0 = layouts[same[0]]
+            first = lays0[0]
+            assert first is not None
+            if all(layouts[j] == lays0 for j in same):  # one layout per rank: slices
+                at = [STEP_HEADER + len(lay.metrics) for lay in lays0]  # type: ignore[union-attr]
+                block = self._divergence_block(body, step_heads, first, at, np.array(same))
+            else:
+                block = []
+                for j in same:
+                    at = [STEP_HEADER + len(lay.metrics) for lay in layouts[j]]  # type: ignore[union-attr]
+                    block += self._divergence_block(body, step_heads, first, at, np.array([j]))
+                block = [Rows.stack(block)] if len(block) > 1 else block
             if not out:  # one block of every step, in step order
                 return block
             out += [one for rows in block for one in rows.split()]
@@ -445,13 +550,13 @@ class RankGather:
         self,
         body: np.ndarray,
         step_heads: np.ndarray,
-        layouts: list[list[Layout | None]],
-        steps: list[int],
+        first: Layout,
+        at: list[int],
+        steps: slice | np.ndarray,
     ) -> list[Rows]:
-        """``rank_divergence`` of these steps, whose ranks all have rank 0's running layers:
-        one :func:`layer_divergences` over every step and layer at once."""
-        first = layouts[steps[0]][0]
-        assert first is not None
+        """``rank_divergence`` of these steps (of the exchange), where every rank's running
+        moments sit at ``at[rank]`` of its values, for rank 0's running layers: one
+        :func:`layer_divergences` over every step and layer at once."""
         plan = self._plan
         if plan is None or plan[0].running != first.running or plan[4] is not self.eps:
             counts = np.array([c for _, c in first.running], dtype=np.int64)
@@ -459,19 +564,15 @@ class RankGather:
             names_array = tuple(k for k, _ in first.running)  # tuples: cached downstream
             plan = self._plan = (first, counts, eps, names_array, self.eps)
         _, counts, eps, names, _ = plan
-        total = int(counts.sum())
+        total = first.size - len(first.metrics)
+        half = total // 2
         world = body.shape[0]
-        mu = np.empty((world, len(steps), total))
-        var = np.empty((world, len(steps), total))
-        for r in range(world):
-            for i, j in enumerate(steps):
-                at = STEP_HEADER + len(layouts[j][r].metrics)  # type: ignore[union-attr]
-                mu[r, i] = body[r, j, at : at + total]
-                var[r, i] = body[r, j, at + total : at + 2 * total]
-        k = len(steps)
+        mu = np.stack([body[r, steps, a : a + half] for r, a in enumerate(at)])
+        var = np.stack([body[r, steps, a + half : a + total] for r, a in enumerate(at)])
+        k = mu.shape[1]
         result = layer_divergences(
-            mu.reshape(world, k * total),
-            var.reshape(world, k * total),
+            mu.reshape(world, k * half),
+            var.reshape(world, k * half),
             np.tile(counts, k),
             np.tile(eps, k),
         ).reshape(k, len(counts))
@@ -562,6 +663,110 @@ def _same_names(names: tuple[Any, Any] | None, parts: Sequence[Rows]) -> bool:
     return same_names(names[1], parts[0].metrics) and same_names(names[0], parts[0].layers)
 
 
+def _block_names(parts: Sequence[Rows]) -> tuple[int, list[Rows]]:
+    """The number of steps K of a block's layer rows, and its parts with one step's name
+    columns (what a single step of the block names its rows with). Raises unless every part
+    holds the same K steps, each naming its rows alike (:meth:`~bnprobe.store.Rows.tiling`)."""
+    names: list[Rows] = []
+    steps: np.ndarray | None = None
+    for part in parts:
+        tiled = part.tiling()
+        if tiled is None:
+            raise ValueError("a block's layer rows must name every step's rows alike")
+        n, layers, metrics = tiled
+        first = np.asarray(part.step)[::n]
+        if steps is not None and not np.array_equal(first, steps):
+            raise ValueError("a block's layer rows must hold the same steps in every part")
+        steps = first
+        names.append(part._replace(layers=layers, metrics=metrics))
+    return (0 if steps is None else len(steps)), names
+
+
+def _split_block(snapshot: Snapshot, steps: list[int]) -> list[Snapshot | None] | None:
+    """A block whose steps do not all name their layer rows alike (the first measured step has
+    its trace rows, a layer switched off, ...) as one snapshot per step (None: no rows at that
+    step), each with its own step's channels; None for a block :meth:`RankGather.encode` reads
+    at once."""
+    parts = [p for p in snapshot.parts if p.channels is None and p.stage == "train"]
+    if all(p.multi and p.tiling() is not None for p in parts):
+        return None
+    by_step: dict[int, list[Rows]] = {s: [] for s in steps}
+    for part in parts:
+        for one in part.split():
+            if int(one.step) not in by_step:
+                raise ValueError(f"a block holds rows of step {one.step}, not one of {steps}")
+            by_step[int(one.step)].append(one)
+    return [
+        Snapshot(by_step[s], _step_channels(snapshot.channels, i, len(steps)))
+        if by_step[s]
+        else None
+        for i, s in enumerate(steps)
+    ]
+
+
+def _step_channels(channels: Any, i: int, k: int) -> Any:
+    """Step ``i`` of a block's channels (:func:`_running_columns` says what they may be)."""
+    if isinstance(channels, Sequence) and not isinstance(channels, Mapping):
+        return channels[i]
+    columns = getattr(channels, "columns", None)
+    if isinstance(columns, dict):
+        one = {key: np.asarray(col).reshape(k, -1)[i] for key, col in columns.items()}
+        return type(channels)(channels.layers, channels.sizes, one, channels.present)
+    return {
+        layer: {key: np.asarray(v).reshape(k, -1)[i] for key, v in per.items()}
+        for layer, per in channels.items()
+    }
+
+
+def _block_steps(snapshot: Snapshot) -> list[int]:
+    """The steps of a block's train layer rows, in order."""
+    for part in snapshot.parts:
+        if part.channels is None and part.stage == "train" and part.multi:
+            step = np.asarray(part.step)
+            return [int(step[a]) for a, _ in part.runs()]
+    return []
+
+
+def _running_columns(
+    channels: Any, k: int | None
+) -> tuple[tuple[tuple[str, int], ...], np.ndarray, np.ndarray]:
+    """The running means and variances of the layers that have them, as (layer, channels) in
+    layer order and two (K, channels of those layers) float64 matrices (K = 1 for one step,
+    ``k=None``). ``channels``: a snapshot's per-channel vectors, either the tap's
+    :class:`~bnprobe.tap.rows.ChannelColumns` (every layer's channels in one column per name:
+    read as they are, no per-layer work) or a mapping layer -> {name: vector}; for a block of
+    ``k`` steps the steps are on the first axis ((k, channels) per layer, (k, all channels) per
+    column), or ``channels`` is a sequence of one such mapping per step."""
+    rows = 1 if k is None else k
+    if isinstance(channels, Sequence) and not isinstance(channels, Mapping):
+        per_step = [_running_columns(c, None) for c in channels]
+        if len(per_step) != rows or len({counts for counts, _, _ in per_step}) > 1:
+            raise ValueError("a block's channels must hold the same layers at every step")
+        if not per_step:
+            return (), np.zeros((rows, 0)), np.zeros((rows, 0))
+        mu = np.concatenate([m for _, m, _ in per_step])
+        return per_step[0][0], mu, np.concatenate([v for _, _, v in per_step])
+    columns = getattr(channels, "columns", None)
+    if isinstance(columns, dict) and "running_mean" in columns and "running_var" in columns:
+        present = channels.present
+        has = present["running_mean"] & present["running_var"]
+        sizes = np.asarray(channels.sizes, dtype=np.int64)
+        mu = np.asarray(columns["running_mean"], dtype=np.float64).reshape(rows, -1)
+        var = np.asarray(columns["running_var"], dtype=np.float64).reshape(rows, -1)
+        if not has.all():
+            keep = np.repeat(has, sizes)
+            mu, var = mu[:, keep], var[:, keep]
+        names = [n for n, h in zip(channels.layers, has.tolist(), strict=True) if h]
+        return tuple(zip(names, sizes[has].tolist(), strict=True)), mu, var
+    running = running_moments(Snapshot([], channels))
+    if not running:
+        return (), np.zeros((rows, 0)), np.zeros((rows, 0))
+    means = [m.reshape(rows, -1) for m, _ in running.values()]
+    variances = [v.reshape(rows, -1) for _, v in running.values()]
+    counts = tuple((name, m.shape[1]) for name, m in zip(running, means, strict=True))
+    return counts, np.concatenate(means, axis=1), np.concatenate(variances, axis=1)
+
+
 def _rows_of(
     body: np.ndarray, step_heads: np.ndarray, rank: int, steps: list[int], layout: Layout | None
 ) -> Rows:
@@ -571,7 +776,7 @@ def _rows_of(
     size = len(layout.metrics)
     if len(steps) == 1:
         s, e = step_heads[rank, steps[0], :2].tolist()
-        values = body[rank, steps[0], STEP_HEADER : STEP_HEADER + size]
+        values = body[rank, steps[0], STEP_HEADER : STEP_HEADER + size].copy()  # not the table's
         return Rows(s, e, "train", rank, layout.layers, layout.metrics, values)
     k = len(steps)
     heads = step_heads[rank, steps, :2]

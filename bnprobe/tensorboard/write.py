@@ -95,8 +95,10 @@ def _points(
     snapshot: Any, keep: frozenset[str] | None, root: str
 ) -> dict[int, tuple[tuple[str, ...], Iterable[float]]]:
     """Per step, the tags and values of one event: the epoch tag of each stage, then each layer
-    aggregate of rank 0. One block of rows (nearly always) is a cached tuple of tags; several
-    blocks at one step (the rows of other ranks, rank_divergence) merge, the later value of a
+    aggregate of rank 0; a block of ``rank_divergence`` alone (under DDP it comes up to
+    ``gather_batch`` steps after the step's own rows, which wrote the epoch) adds no epoch
+    point. One block of rows (nearly always) is a cached tuple of tags; several blocks at one
+    step (the rows of other ranks, rank_divergence) merge, the later value of a
     tag winning, as in :func:`~bnprobe.tensorboard.tags.scalar_metrics`."""
     by_step: dict[int, list[tuple[tuple[str, ...], Iterable[float]]]] = {}
     for part in snapshot.parts:
@@ -111,6 +113,8 @@ def _points(
                 values = itertools.chain((int(rows.epoch),), rows.values)
             if index is not None:
                 values = np.fromiter(values, dtype=np.float64, count=len(rows.metrics) + 1)[index]
+            if _late(rows.metrics):
+                tags, values = tags[1:], np.fromiter(values, dtype=np.float64)[1:]  # no epoch
             by_step.setdefault(int(rows.step), []).append((tags, values))
     out: dict[int, tuple[tuple[str, ...], Iterable[float]]] = {}
     for step, blocks in by_step.items():
@@ -121,6 +125,18 @@ def _points(
         flat = np.concatenate([np.fromiter(v, dtype=np.float64) for _, v in blocks])
         out[step] = (tags, flat[index])
     return out
+
+
+def _late(metrics: Sequence[str] | np.ndarray) -> bool:
+    """Whether a block of rows is ``rank_divergence`` alone (:func:`_points`)."""
+    if isinstance(metrics, tuple):
+        return _all_divergence(metrics)
+    return len(metrics) > 0 and all(m == "rank_divergence" for m in metrics)
+
+
+@functools.lru_cache(maxsize=16)
+def _all_divergence(metrics: tuple[str, ...]) -> bool:
+    return len(metrics) > 0 and all(m == "rank_divergence" for m in metrics)
 
 
 @functools.lru_cache(maxsize=16)
