@@ -279,9 +279,11 @@ class Plan:
     """``(n-1)/n`` of ``samples``, for :func:`bnprobe.stats.recovery_ill_conditioned`."""
     any_recoverable: bool
 
-    def segments(self, *host: np.ndarray) -> stats.Segments:
+    def segments(self, *host: np.ndarray, ill: bool = True) -> stats.Segments:
         """The step's :class:`bnprobe.stats.Segments` from the host array it reads, given in
-        parts (the transfer, then the references: :class:`HostReferences`)."""
+        parts (the transfer, then the references: :class:`HostReferences`). ``ill=False``
+        leaves :attr:`~bnprobe.stats.Segments.ill_conditioned` None (the tap checks it per
+        step, :class:`IllCheck`, before it processes a block of steps)."""
         values = np.concatenate([*host, _ZERO_NAN])[self.index]
         (
             mean_old,
@@ -317,8 +319,8 @@ class Plan:
         seg.running, seg.mean0, seg.var0 = self.running, initial_mean, initial_var
         seg.n0, seg.n = initial_tracked, tracked
         seg.momentum, seg.per_layer_counts = self.momentum, True
-        if self.any_recoverable:
-            ill = stats.recovery_ill_conditioned(
+        if ill and self.any_recoverable:
+            ill_channels = stats.recovery_ill_conditioned(
                 running_mean,
                 running_var,
                 mean,
@@ -327,8 +329,137 @@ class Plan:
                 self.samples,
                 bessel=self.bound_bessel,
             )
-            seg.ill_conditioned = np.add.reduceat(ill & self.recoverable, self.starts) > 0
+            ill_layers = np.add.reduceat(ill_channels & self.recoverable, self.starts) > 0
+            seg.ill_conditioned = ill_layers
         return seg
+
+    def tiled(self, k: int) -> Plan:
+        """This plan for ``k`` steps of these layouts at once (:func:`tiled_plan`)."""
+        return self if k == 1 else tiled_plan(self, k)
+
+
+@lru_cache(maxsize=16)
+def tiled_plan(base: Plan, k: int) -> Plan:
+    """The :class:`Plan` of ``k`` steps of ``base``'s layouts read from one host array: the
+    steps' host arrays (each :attr:`Plan.size` long: transfer, then references) one after the
+    other. Its segments are the ``k`` steps' segments one after the other, each channel's
+    values computed by the same elementwise formulas from the same inputs as ``base`` gives
+    them (bit for bit); per-layer quantities are per (step, layer) segment. Cached: a run
+    nearly always has one plan and one block size."""
+    size = base.size
+    index = base.index
+    ext = index >= size  # the 0.0 and NaN that follow the host array
+    steps = np.arange(k, dtype=np.int64)[:, None, None] * size
+    tiled = np.where(ext, index - size + k * size, index)[None] + np.where(ext, 0, steps)
+    channels = np.tile(base.channels, k)
+    result = Plan(
+        channels=channels,
+        index=np.ascontiguousarray(tiled.transpose(1, 0, 2).reshape(len(index), -1)),
+        factor=np.tile(base.factor, k),
+        count=np.tile(base.count, k),
+        eps=np.tile(base.eps, k),
+        running=np.tile(base.running, k),
+        momentum=np.tile(base.momentum, k),
+        recoverable=np.tile(base.recoverable, k),
+        samples=np.tile(base.samples, k),
+        starts=np.concatenate([[0], np.cumsum(channels)[:-1]]),
+        size=k * size,
+        bessel=np.tile(base.bessel, k),
+        bound_factor=np.tile(base.bound_factor, k),
+        bound_bessel=np.tile(base.bound_bessel, k),
+        any_recoverable=base.any_recoverable,
+    )
+    for value in vars(result).values():
+        if isinstance(value, np.ndarray):
+            value.setflags(write=False)
+    return result
+
+
+class IllCheck(NamedTuple):
+    """What :func:`ill_check` needs of a :class:`Plan` to say, from one step's transfer alone,
+    which recoverable layers' recovery is ill-conditioned: the part of
+    :meth:`Plan.segments` that decides :attr:`bnprobe.tap.layers.LayerState.suspect` (whether
+    the next measured step computes a layer's moments directly), restricted to the channels of
+    the recoverable layers. The tap runs it at every measured step, so that processing steps
+    in blocks never delays that decision."""
+
+    index: np.ndarray
+    """(6, n): mean_old, var_old, mean_new, var_new, running_mean, running_var of the
+    recoverable channels, into the transfer (the zeros of directly measured layers: 0)."""
+    zero: np.ndarray | None
+    """Where those rows read the 0.0 after the host array (None: nowhere)."""
+    factor: np.ndarray
+    count: np.ndarray
+    bessel: np.ndarray
+    bound_factor: np.ndarray
+    samples: np.ndarray
+    bound_bessel: np.ndarray
+    starts: np.ndarray
+    layers: tuple[int, ...]
+    """The recoverable layers (their place in the plan's layouts)."""
+    reads: int
+    """The transfer must hold more than this many values (the largest index read)."""
+
+
+_ILL_ROWS = tuple(QUANTITIES.index(q) for q in QUANTITIES[:6])
+
+
+@lru_cache(maxsize=16)
+def ill_check(base: Plan) -> IllCheck | None:
+    """The :class:`IllCheck` of a plan (None: no layer is recoverable, or a row it needs
+    lies beyond the transfer, which then goes the whole way, :meth:`Plan.segments`)."""
+    if not base.any_recoverable:
+        return None
+    sel = np.flatnonzero(base.recoverable)
+    index = base.index[list(_ILL_ROWS)][:, sel]
+    zero_at = index == base.size
+    if (index > base.size).any():
+        return None
+    clean = np.where(zero_at, 0, index)
+    layers = tuple(
+        i for i, (a, c) in enumerate(zip(base.starts.tolist(), base.channels.tolist(), strict=True))
+        if c and base.recoverable[a]
+    )
+    sub = np.array([base.channels[i] for i in layers], dtype=np.int64)
+    check = IllCheck(
+        index=clean,
+        zero=zero_at if zero_at.any() else None,
+        factor=base.factor[sel],
+        count=base.count[sel],
+        bessel=base.bessel[sel],
+        bound_factor=base.bound_factor[sel],
+        samples=base.samples[sel],
+        bound_bessel=base.bound_bessel[sel],
+        starts=np.concatenate([[0], np.cumsum(sub)[:-1]]),
+        layers=layers,
+        reads=int(clean.max(initial=0)),
+    )
+    return check
+
+
+def ill_conditioned(check: IllCheck, raw: np.ndarray) -> np.ndarray:
+    """Per recoverable layer (:attr:`IllCheck.layers`): is recovering its moments
+    ill-conditioned at this step? The values :meth:`Plan.segments` gives ``ill_conditioned``
+    for those layers, bit for bit (the same elementwise formulas on the same values), from the
+    step's transfer ``raw`` alone."""
+    values = raw[check.index]
+    if check.zero is not None:
+        values[check.zero] = 0.0
+    mean_old, var_old, mean_new, var_new, running_mean, running_var = values
+    mean, var = stats.recover_moments(
+        mean_old, var_old, mean_new, var_new, check.factor, check.count, bessel=check.bessel
+    )
+    ill = stats.recovery_ill_conditioned(
+        running_mean,
+        running_var,
+        mean,
+        var,
+        check.bound_factor,
+        check.samples,
+        bessel=check.bound_bessel,
+    )
+    out: np.ndarray = np.add.reduceat(ill, check.starts) > 0
+    return out
 
 
 _ZERO_NAN = np.array([0.0, np.nan])
