@@ -313,3 +313,41 @@ def test_the_plain_loop_keeps_blocks_and_drains_them_on_every_read(tmp_path: Pat
 def test_block_must_be_a_positive_int() -> None:
     with pytest.raises(ValueError, match="block"):
         BNTap(_net(), block=0)
+
+
+def test_the_fused_recovery_check_answers_as_the_two_functions_bit_for_bit() -> None:
+    """stats.recovered_ill_conditioned (what the tap runs per step) against recover_moments
+    then recovery_ill_conditioned, on channels near and far from the bounds, dead, tiny, huge,
+    NaN and inf."""
+    from bnprobe import stats
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    f = rng.choice([0.05, 0.1, 0.3, 0.9, 1.0], n)
+    count = rng.choice([1.0, 2.0, 32.0, 1024.0], n)
+    bf = np.where(rng.random(n) < 0.5, f, rng.choice([0.1, 1.0], n))
+    samples = rng.choice([1.0, 2.0, 32.0, 4096.0], n)
+    scale = 10.0 ** rng.integers(-30, 30, n)
+    mean_old = rng.normal(size=n) * scale
+    var_old = rng.random(n) * scale
+    mu_b = mean_old + rng.normal(size=n) * scale * 10.0 ** rng.integers(-8, 2, n)
+    var_b = var_old * 10.0 ** rng.uniform(-9, 3, n)
+    var_b[rng.random(n) < 0.05] = 0.0  # dead channels
+    mean_new = ((1 - f) * mean_old + f * mu_b).astype(np.float32).astype(np.float64)
+    var_new = ((1 - f) * var_old + f * var_b).astype(np.float32).astype(np.float64)
+    values = np.stack([mean_old, var_old, mean_new, var_new, mean_old, var_old])
+    odd = rng.random((6, n)) < 0.01
+    values[odd] = rng.choice([np.nan, np.inf, -np.inf, 0.0, 1e-320, 3e38], odd.sum())
+    direct = rng.random(n) < 0.2  # measured directly: zero old moments, f = n = 1
+    values[0:2, direct] = 0.0
+    f[direct], count[direct] = 1.0, 1.0
+    bessel, bound_bessel = stats.bessel(count), stats.bessel(samples)
+    mean, var = stats.recover_moments(*values[:4], f, count, bessel=bessel)
+    want = stats.recovery_ill_conditioned(
+        values[4], values[5], mean, var, bf, samples, bessel=bound_bessel
+    )
+    got = stats.recovered_ill_conditioned(
+        values.copy(), f, 1.0 - f, bessel, bf, 1.0 - bf, bound_bessel
+    )
+    assert 0.05 < want.mean() < 0.95  # both answers occur
+    assert np.array_equal(got, want)

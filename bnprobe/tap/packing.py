@@ -389,10 +389,10 @@ class IllCheck(NamedTuple):
     zero: np.ndarray | None
     """Where those rows read the 0.0 after the host array (None: nowhere)."""
     factor: np.ndarray
-    count: np.ndarray
+    keep: np.ndarray
     bessel: np.ndarray
     bound_factor: np.ndarray
-    samples: np.ndarray
+    bound_keep: np.ndarray
     bound_bessel: np.ndarray
     starts: np.ndarray
     layers: tuple[int, ...]
@@ -425,10 +425,10 @@ def ill_check(base: Plan) -> IllCheck | None:
         index=clean,
         zero=zero_at if zero_at.any() else None,
         factor=base.factor[sel],
-        count=base.count[sel],
+        keep=1.0 - base.factor[sel],
         bessel=base.bessel[sel],
         bound_factor=base.bound_factor[sel],
-        samples=base.samples[sel],
+        bound_keep=1.0 - base.bound_factor[sel],
         bound_bessel=base.bound_bessel[sel],
         starts=np.concatenate([[0], np.cumsum(sub)[:-1]]),
         layers=layers,
@@ -445,18 +445,14 @@ def ill_conditioned(check: IllCheck, raw: np.ndarray) -> np.ndarray:
     values = raw[check.index]
     if check.zero is not None:
         values[check.zero] = 0.0
-    mean_old, var_old, mean_new, var_new, running_mean, running_var = values
-    mean, var = stats.recover_moments(
-        mean_old, var_old, mean_new, var_new, check.factor, check.count, bessel=check.bessel
-    )
-    ill = stats.recovery_ill_conditioned(
-        running_mean,
-        running_var,
-        mean,
-        var,
+    ill = stats.recovered_ill_conditioned(
+        values,
+        check.factor,
+        check.keep,
+        check.bessel,
         check.bound_factor,
-        check.samples,
-        bessel=check.bound_bessel,
+        check.bound_keep,
+        check.bound_bessel,
     )
     out: np.ndarray = np.add.reduceat(ill, check.starts) > 0
     return out
