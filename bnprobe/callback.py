@@ -364,7 +364,7 @@ class BNProbeBase:
         step, self._measuring = self._measuring, None
         self._last_step = step
         epoch = int(trainer.current_epoch)
-        taken: list[Snapshot] = []
+        taken: list[Snapshot | None] = []
         why = self._why
         if why is None and self.tap is not None:
             tap = self.tap
@@ -383,9 +383,7 @@ class BNProbeBase:
         if self._ranks is not None and self._gathers(step):
             self._exchange(snap, why, step, epoch)  # every rank: never skip it
 
-    def _collect(
-        self, tap: BNTap, trainer: pl.Trainer, step: int, epoch: int
-    ) -> Snapshot | None:
+    def _collect(self, tap: BNTap, trainer: pl.Trainer, step: int, epoch: int) -> Snapshot | None:
         """This step's measurements: in a single process kept for a block of steps
         (:meth:`~bnprobe.tap.BNTap.keep`; the rows of a block when one ends, else None);
         under DDP at once (:meth:`~bnprobe.tap.BNTap.collect`), for the gather."""

@@ -175,7 +175,6 @@ class Watcher:
             report_call="report()",
         )
 
-
     def _drain(self) -> None:
         """Record the measured steps the tap keeps for a block (:meth:`BNTap.drain`)."""
         if self.tap.pending:

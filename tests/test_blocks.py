@@ -52,7 +52,9 @@ def _same(a: pd.DataFrame, b: pd.DataFrame) -> None:
     a = a.sort_values("step", kind="stable", ignore_index=True)
     b = b.sort_values("step", kind="stable", ignore_index=True)
     pd.testing.assert_frame_equal(a, b, check_exact=True)
-    assert np.array_equal(a["value"].to_numpy().view(np.int64), b["value"].to_numpy().view(np.int64))
+    assert np.array_equal(
+        a["value"].to_numpy().view(np.int64), b["value"].to_numpy().view(np.int64)
+    )
 
 
 def _bits(points: list[tuple[Any, float]]) -> list[tuple[Any, str]]:
@@ -143,7 +145,11 @@ def test_blocks_end_at_full_at_a_long_gap_and_at_a_new_plan() -> None:
         tap.start()
         net(_batch(step))
         out = tap.keep(step=step)
-        done.append(None if out is None else sorted({int(s) for p in out.parts for s in np.atleast_1d(p.step)}))
+        done.append(
+            None
+            if out is None
+            else sorted({int(s) for p in out.parts for s in np.atleast_1d(p.step)})
+        )
 
     measure(0)
     assert done == [[0]]  # the first step is processed at once (no gap known yet)
@@ -207,7 +213,8 @@ class _Lit(Lit):
 
 def _loader(n: int, seed: int) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(torch.randn(n, 8, generator=gen), torch.randint(4, (n,), generator=gen)), batch_size=16)  # fmt: skip
+    data = TensorDataset(torch.randn(n, 8, generator=gen), torch.randint(4, (n,), generator=gen))
+    return DataLoader(data, batch_size=16)
 
 
 def _fit(tmp_path: Path, block: int) -> dict[str, Any]:
@@ -239,7 +246,11 @@ def _fit(tmp_path: Path, block: int) -> dict[str, Any]:
     acc = EventAccumulator(board.log_dir, size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     tags = acc.Tags()
-    scalars = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags["scalars"] if t.startswith("bnprobe/")}  # fmt: skip
+    scalars = {
+        t: [(e.step, e.value) for e in acc.Scalars(t)]
+        for t in tags["scalars"]
+        if t.startswith("bnprobe/")
+    }
     hists = {
         t: [(e.step, e.histogram_value) for e in acc.Histograms(t)]
         for t in tags["histograms"]

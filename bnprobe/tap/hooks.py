@@ -238,9 +238,7 @@ class BNTap:
         """Measured steps kept by :meth:`keep` and not processed yet."""
         return 0 if self._block is None else len(self._block.steps)
 
-    def _take(
-        self, step: int, epoch: int, rank: int, stage: str, *, hold: bool
-    ) -> Snapshot | None:
+    def _take(self, step: int, epoch: int, rank: int, stage: str, *, hold: bool) -> Snapshot | None:
         self.active = self._snapshot_due = False
         self._trace.stop()
         done: list[Snapshot] = []
@@ -360,12 +358,12 @@ class BNTap:
         sizes = block.plan.channels
         if self.per_channel:
             parts.append(
-                build.channel_rows(pairs, sizes, chan, steps, epochs, block.stage, block.rank)  # type: ignore[arg-type]
+                build.channel_rows(pairs, sizes, chan, steps, epochs, block.stage, block.rank)
             )
         if k == 1:
             return Snapshot(parts, build.channel_vectors(pairs, sizes, chan))
         width = int(sizes.sum())
-        history = []
+        history: list[tuple[str, int, build.ChannelVectors]] = []
         for i, step in enumerate(block.steps):
             part = {name: vec[i * width : (i + 1) * width] for name, vec in chan.items()}
             history.append((block.stage, step, build.channel_vectors(pairs, sizes, part)))

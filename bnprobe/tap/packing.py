@@ -383,7 +383,7 @@ class IllCheck(NamedTuple):
     the recoverable layers. The tap runs it at every measured step, so that processing steps
     in blocks never delays that decision."""
 
-    index: np.ndarray
+    rows: np.ndarray
     """(6, n): mean_old, var_old, mean_new, var_new, running_mean, running_var of the
     recoverable channels, into the transfer (the zeros of directly measured layers: 0)."""
     zero: np.ndarray | None
@@ -417,12 +417,13 @@ def ill_check(base: Plan) -> IllCheck | None:
         return None
     clean = np.where(zero_at, 0, index)
     layers = tuple(
-        i for i, (a, c) in enumerate(zip(base.starts.tolist(), base.channels.tolist(), strict=True))
+        i
+        for i, (a, c) in enumerate(zip(base.starts.tolist(), base.channels.tolist(), strict=True))
         if c and base.recoverable[a]
     )
     sub = np.array([base.channels[i] for i in layers], dtype=np.int64)
     check = IllCheck(
-        index=clean,
+        rows=clean,
         zero=zero_at if zero_at.any() else None,
         factor=base.factor[sel],
         keep=1.0 - base.factor[sel],
@@ -442,7 +443,7 @@ def ill_conditioned(check: IllCheck, raw: np.ndarray) -> np.ndarray:
     ill-conditioned at this step? The values :meth:`Plan.segments` gives ``ill_conditioned``
     for those layers, bit for bit (the same elementwise formulas on the same values), from the
     step's transfer ``raw`` alone."""
-    values = raw[check.index]
+    values = raw[check.rows]
     if check.zero is not None:
         values[check.zero] = 0.0
     ill = stats.recovered_ill_conditioned(

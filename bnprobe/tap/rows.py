@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from bnprobe import metrics, stats
+from bnprobe import metrics
 from bnprobe.store import (
     Rows,
     concat,
@@ -278,9 +278,7 @@ def layer_rows(
     return _rows(step, epoch, stage, rank, measured, plan, matrix)
 
 
-def row_key(
-    layers: Iterable[LayerState], measured: LayerMetrics | None, pooled: bool
-) -> object:
+def row_key(layers: Iterable[LayerState], measured: LayerMetrics | None, pooled: bool) -> object:
     """What :func:`row_plan` depends on: two steps with equal keys have the same row plan and
     structure rows (compared value by value, identity first: exact and cheap)."""
     live = [layer for layer in layers if not layer.failed]
