@@ -283,7 +283,13 @@ class BNTap:
         block.raws.append(raw)
         previous, self._kept = self._kept, (step, now)
         if not hold or self._ends(block, previous, step, now):
-            done.append(self._finish())
+            done.append(self._finish(check=True))  # the block's segments say it for this step
+            return _joined(done)
+        try:  # kept: whether the next step recovers each layer must be known now
+            self._check_recovery(step_plan, ok, layouts, raw, refs)
+        except Exception as err:  # the probe must never stop training: one warning, every layer
+            for layer in ok:
+                self._fail(layer, err)
         return _joined(done) if done else None
 
     def _ends(
@@ -320,10 +326,13 @@ class BNTap:
                 parts.append(build.channel_rows(ok, seg.channels, chan, step, epoch, stage, rank))
         return Snapshot(parts, channels)
 
-    def _finish(self) -> Snapshot:
+    def _finish(self, *, check: bool = False) -> Snapshot:
         """Process the kept block in one go: the steps' transfers read by the plan tiled k
         times, one :func:`bnprobe.stats.segment_metrics` over every (step, layer), one block
-        of rows; per-channel vectors (histograms) and rows per step."""
+        of rows; per-channel vectors (histograms) and rows per step. ``check``: the block
+        ends with the step being collected, whose recovery check (every earlier step's was
+        made when it was kept, :meth:`_check_recovery`) comes from the block's segments, as
+        a step processed alone has always had it."""
         block = self._block
         assert block is not None
         self._block = None
@@ -334,13 +343,18 @@ class BNTap:
             host += [raw, block.refs]
         ok = block.ok
         try:
-            seg = tiled.segments(*host, ill=False)
+            seg = tiled.segments(*host, ill=check)
             table, per = stats.segment_metrics(seg)
             matrix = build.layer_metrics(ok, block.layouts, table).table
         except Exception as err:  # the probe must never stop training: one warning, every layer
             for layer in ok:
                 self._fail(layer, err)
             return Snapshot([])
+        if seg.ill_conditioned is not None:  # the last step's layers: the next step's choice
+            last = seg.ill_conditioned[len(ok) * (k - 1) :].tolist()
+            for layer, lay, ill in zip(ok, block.layouts, last, strict=True):
+                if lay.recoverable:
+                    layer.suspect = bool(ill)
         first_step, first_epoch = block.steps[0], block.epochs[0]
         steps: list[int] | int = block.steps if k > 1 else first_step
         epochs: list[int] | int = block.epochs if k > 1 else first_epoch
@@ -371,10 +385,7 @@ class BNTap:
 
     def _prepare(self, measured: list[LayerState]) -> _Prepared | None:
         """A measured step's values on the host, and its plan: the measured layers' pieces
-        moved in one transfer per device; the check that decides each recoverable layer's
-        :attr:`~bnprobe.tap.layers.LayerState.suspect` for the next measured step is made
-        here, per step (:func:`bnprobe.tap.packing.ill_conditioned`). None: nothing measured
-        (or all of it failed)."""
+        moved in one transfer per device. None: nothing measured (or all of it failed)."""
         ok: list[LayerState] = []
         layouts: list[Layout] = []
         snapped: list[Snapped | None] = []
@@ -431,12 +442,6 @@ class BNTap:
             for layer in ok:
                 self._fail(layer, odd)
             return None
-        try:
-            self._check_recovery(step_plan, ok, layouts, raw, refs)
-        except Exception as err:  # the probe must never stop training: one warning, every layer
-            for layer in ok:
-                self._fail(layer, err)
-            return None
         return _Prepared(step_plan, ok, layouts, raw, refs)
 
     def _check_recovery(
@@ -450,7 +455,9 @@ class BNTap:
         """Set each recoverable layer's ``suspect``: whether recovering its moments from the
         update is ill-conditioned at this step (then the next measured step computes them
         directly). The values :meth:`Plan.segments` gives, from the recoverable channels
-        alone."""
+        alone (:func:`bnprobe.tap.packing.ill_conditioned`): made for each step
+        :meth:`keep` holds for a block, so that the next measured step measures exactly as it
+        would if this one had been processed at once."""
         if not step_plan.any_recoverable:
             return
         check = ill_check(step_plan)
