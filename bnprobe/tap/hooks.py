@@ -327,8 +327,9 @@ class BNTap:
         return Snapshot(parts, channels)
 
     def _finish(self, *, check: bool = False) -> Snapshot:
-        """Process the kept block in one go: the steps' transfers read by the plan tiled k
-        times, one :func:`bnprobe.stats.segment_metrics` over every (step, layer), one block
+        """Process the kept block in one go: the steps' transfers read as one matrix by the
+        plan (:meth:`Plan.block_segments`), one :func:`bnprobe.stats.segment_metrics` over
+        every (step, layer), one block
         of rows; per-channel vectors (histograms) and rows per step. ``check``: the block
         ends with the step being collected, whose recovery check (every earlier step's was
         made when it was kept, :meth:`_check_recovery`) comes from the block's segments, as
@@ -337,13 +338,9 @@ class BNTap:
         assert block is not None
         self._block = None
         k = len(block.steps)
-        tiled = block.plan.tiled(k)
-        host: list[np.ndarray] = []
-        for raw in block.raws:
-            host += [raw, block.refs]
         ok = block.ok
         try:
-            seg = tiled.segments(*host, ill=check)
+            seg = block.plan.block_segments(block.raws, block.refs, ill=check)
             table, per = stats.segment_metrics(seg)
             matrix = build.layer_metrics(ok, block.layouts, table).table
         except Exception as err:  # the probe must never stop training: one warning, every layer

@@ -333,46 +333,79 @@ class Plan:
             seg.ill_conditioned = ill_layers
         return seg
 
-    def tiled(self, k: int) -> Plan:
-        """This plan for ``k`` steps of these layouts at once (:func:`tiled_plan`)."""
-        return self if k == 1 else tiled_plan(self, k)
+    def block_segments(
+        self, raws: list[np.ndarray], refs: np.ndarray, *, ill: bool = True
+    ) -> stats.Segments:
+        """The :class:`bnprobe.stats.Segments` of k steps of these layouts at once, one after
+        the other (per-layer quantities are per (step, layer) segment), from each step's
+        transfer and the references they share. The k host arrays are read as a (k, size)
+        matrix through this plan's own index, and every per-channel constant broadcasts over
+        the steps: each channel's values are computed by the same elementwise formulas from the
+        same inputs as :meth:`segments` of each step alone, bit for bit, and nothing of size
+        k x channels is kept between blocks."""
+        k = len(raws)
+        if k == 1:
+            return self.segments(raws[0], refs, ill=ill)
+        host = np.empty((k, self.size + 2))
+        live = self.size - refs.size
+        for row, raw in zip(host, raws, strict=True):
+            row[:live] = raw
+        host[:, live : self.size] = refs
+        host[:, self.size :] = _ZERO_NAN
+        values = host[:, self.index].transpose(1, 0, 2)  # (quantities, k, channels)
+        (
+            mean_old,
+            var_old,
+            mean_new,
+            var_new,
+            running_mean,
+            running_var,
+            gamma,
+            beta,
+            gamma0,
+            beta0,
+            initial_mean,
+            initial_var,
+            tracked,
+            initial_tracked,
+        ) = values
+        mean, var = stats.recover_moments(
+            mean_old, var_old, mean_new, var_new, self.factor, self.count, bessel=self.bessel
+        )
+        channels = np.tile(self.channels, k)
 
+        def flat(x: np.ndarray) -> np.ndarray:
+            return x.reshape(-1)
 
-@lru_cache(maxsize=16)
-def tiled_plan(base: Plan, k: int) -> Plan:
-    """The :class:`Plan` of ``k`` steps of ``base``'s layouts read from one host array: the
-    steps' host arrays (each :attr:`Plan.size` long: transfer, then references) one after the
-    other. Its segments are the ``k`` steps' segments one after the other, each channel's
-    values computed by the same elementwise formulas from the same inputs as ``base`` gives
-    them (bit for bit); per-layer quantities are per (step, layer) segment. Cached: a run
-    nearly always has one plan and one block size."""
-    size = base.size
-    index = base.index
-    ext = index >= size  # the 0.0 and NaN that follow the host array
-    steps = np.arange(k, dtype=np.int64)[:, None, None] * size
-    tiled = np.where(ext, index - size + k * size, index)[None] + np.where(ext, 0, steps)
-    channels = np.tile(base.channels, k)
-    result = Plan(
-        channels=channels,
-        index=np.ascontiguousarray(tiled.transpose(1, 0, 2).reshape(len(index), -1)),
-        factor=np.tile(base.factor, k),
-        count=np.tile(base.count, k),
-        eps=np.tile(base.eps, k),
-        running=np.tile(base.running, k),
-        momentum=np.tile(base.momentum, k),
-        recoverable=np.tile(base.recoverable, k),
-        samples=np.tile(base.samples, k),
-        starts=np.concatenate([[0], np.cumsum(channels)[:-1]]),
-        size=k * size,
-        bessel=np.tile(base.bessel, k),
-        bound_factor=np.tile(base.bound_factor, k),
-        bound_bessel=np.tile(base.bound_bessel, k),
-        any_recoverable=base.any_recoverable,
-    )
-    for value in vars(result).values():
-        if isinstance(value, np.ndarray):
-            value.setflags(write=False)
-    return result
+        seg = stats.Segments(
+            channels,
+            flat(mean),
+            flat(var),
+            flat(running_mean),
+            flat(running_var),
+            np.tile(self.eps, k),
+            flat(gamma),
+            flat(beta),
+            flat(gamma0),
+            flat(beta0),
+        )
+        seg.running = np.tile(self.running, k)
+        seg.mean0, seg.var0 = flat(initial_mean), flat(initial_var)
+        seg.n0, seg.n = flat(initial_tracked), flat(tracked)
+        seg.momentum, seg.per_layer_counts = np.tile(self.momentum, k), True
+        if ill and self.any_recoverable:
+            ill_channels = stats.recovery_ill_conditioned(
+                running_mean,
+                running_var,
+                mean,
+                var,
+                self.bound_factor,
+                self.samples,
+                bessel=self.bound_bessel,
+            )
+            starts = np.concatenate([[0], np.cumsum(channels)[:-1]])
+            seg.ill_conditioned = np.add.reduceat(flat(ill_channels & self.recoverable), starts) > 0
+        return seg
 
 
 class IllCheck(NamedTuple):
