@@ -223,22 +223,27 @@ class BNProbeBase:
 
     @property
     def store(self) -> Store:
-        """The rows collected so far (the recorder's store)."""
+        """The rows collected so far (the recorder's store; the steps the tap keeps for a
+        block are recorded first)."""
+        self._drain()
         return self.recorder.store
 
     def to_dataframe(self, **filters: Any) -> pd.DataFrame:
         """Every row collected so far (SPEC schema), read back from the store's part files.
         Filters as :func:`bnprobe.load`: ``stages=``, ``layers=``, ``metrics=``,
         ``steps=(first, last)``, ``constants=``."""
+        self._drain()
         return self.store.to_dataframe(**filters)
 
     def findings(self) -> list[Finding]:
         """What is wrong with the BN layers so far, in plain words (:func:`bnprobe.diagnose`,
         from the recorder's running state: the cost does not grow with the run)."""
+        self._drain()
         return self.recorder.findings()
 
     def report(self) -> str:
         """A readable summary: latest key metrics per layer, then findings with advice."""
+        self._drain()
         return self.recorder.report()
 
     @property
@@ -359,7 +364,7 @@ class BNProbeBase:
         step, self._measuring = self._measuring, None
         self._last_step = step
         epoch = int(trainer.current_epoch)
-        taken: list[Snapshot] = []
+        taken: list[Snapshot | None] = []
         why = self._why
         if why is None and self.tap is not None:
             tap = self.tap
@@ -369,7 +374,7 @@ class BNProbeBase:
 
             why = self._guarded("collecting measurements", measure)
         snap = taken[0] if taken else None
-        if snap is not None and not self._checked_hooks and self.tap is not None:
+        if why is None and taken and not self._checked_hooks and self.tap is not None:
             self._checked_hooks = True
             check = partial(check_hooks_fired, self.tap, pl_module, self._warn)
             self.recorder.guard("checking that the hooks run", check)
@@ -378,14 +383,32 @@ class BNProbeBase:
         if self._ranks is not None and self._gathers(step):
             self._exchange(snap, why, step, epoch)  # every rank: never skip it
 
-    def _collect(self, tap: BNTap, trainer: pl.Trainer, step: int, epoch: int) -> Snapshot:
-        """This step's measurements (the tap's :meth:`~bnprobe.tap.BNTap.collect`)."""
-        return tap.collect(step=step, epoch=epoch, rank=int(trainer.global_rank))
+    def _collect(self, tap: BNTap, trainer: pl.Trainer, step: int, epoch: int) -> Snapshot | None:
+        """This step's measurements: in a single process kept for a block of steps
+        (:meth:`~bnprobe.tap.BNTap.keep`; the rows of a block when one ends, else None);
+        under DDP at once (:meth:`~bnprobe.tap.BNTap.collect`), for the gather."""
+        if self._ranks is not None:
+            return tap.collect(step=step, epoch=epoch, rank=int(trainer.global_rank))
+        return tap.keep(step=step, epoch=epoch, rank=int(trainer.global_rank))
+
+    def _drain(self) -> None:
+        """Record the measured steps the tap keeps for a block (:meth:`BNTap.drain`): wherever
+        anyone needs the rows (validation, the end of an epoch, a checkpoint, the end of fit,
+        a failure, every read of the table)."""
+        tap = self.tap
+        if tap is not None and tap.pending:
+            self.recorder.guard("recording measurements", partial(self._record_drained, tap))
+
+    def _record_drained(self, tap: BNTap) -> None:
+        snap = tap.drain()
+        if snap is not None:
+            self._record(snap)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (self.tap is None and self._ranks is None) or trainer.sanity_checking:
             return
         self._validating = True  # by the schedule alone: every rank gathers at its end
+        self._drain()
         tap = self.tap
         if tap is not None:
             self.recorder.guard("measuring validation", partial(tap.start, pool=True))
@@ -455,6 +478,7 @@ class BNProbeBase:
         return any(isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules())
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._drain()
         if self._ranks is not None:  # the other ranks' rows of this epoch, before the figures
             self._flush_ranks(int(trainer.global_step), int(trainer.current_epoch))
         if self._writes:
@@ -462,6 +486,7 @@ class BNProbeBase:
         self.recorder.flush()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._drain()
         if self._ranks is not None:  # the other ranks' last rows and warnings
             self._flush_ranks(int(trainer.global_step), int(trainer.current_epoch))
         self.recorder.flush()
@@ -474,6 +499,7 @@ class BNProbeBase:
     def summary_text(self) -> str:
         """What the end-of-fit summary prints: what was watched and for how long, what was
         switched off and why, the findings of severity warning or error, and where to look."""
+        self._drain()
         return summary_text(
             self.recorder.steps(),
             self.findings(),
@@ -510,6 +536,7 @@ class BNProbeBase:
         (rows measured after the last save would otherwise be lost with the process); under
         DDP the other ranks' rows waiting for their exchange come first (every rank saves the
         same checkpoints: Lightning calls this on every rank)."""
+        self._drain()
         if self._ranks is not None:
             self._flush_ranks(int(trainer.global_step), int(trainer.current_epoch))
         self.recorder.flush()
@@ -625,6 +652,7 @@ class BNProbeBase:
     def _close(self) -> None:
         self._measuring, self._validating, self._first_val_batch = None, False, None
         self._recal_batches = []
+        self._drain()
         self.recorder.close()
         for writer, _ in self.recorder.writers:
             self.recorder.guard("writing TensorBoard events", writer.close)

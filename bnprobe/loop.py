@@ -90,6 +90,7 @@ class Watcher:
 
     def close(self) -> None:
         """Save the store, remove the hooks, close bnprobe's event file."""
+        self._drain()
         self.recorder.close()
         self.tap.detach()
         if self.writer is not None:
@@ -98,7 +99,9 @@ class Watcher:
     @contextmanager
     def step(self, step: int, epoch: int = 0) -> Iterator[None]:
         """Wrap one optimizer step (forward, backward, update): measured when ``step`` is a
-        multiple of ``every_n_steps``, recorded after the block."""
+        multiple of ``every_n_steps``. Measured steps are processed in blocks of a few steps
+        (:meth:`bnprobe.tap.BNTap.keep`; at ``every_n_steps`` above 32, each one at once), and
+        recorded when their block ends or when anything reads the rows."""
         measure = step % self.every_n_steps == 0 and step != self._last_step
         if measure:
             self.tap.start(trace=not self._traced)
@@ -106,7 +109,9 @@ class Watcher:
         yield
         if measure:
             self._last_step = step
-            self.recorder.record(self.tap.collect(step=step, epoch=epoch))
+            snap = self.tap.keep(step=step, epoch=epoch)
+            if snap is not None:
+                self.recorder.record(snap)
 
     def validate(self, batches: Iterable[Any], *, step: int, epoch: int = 0) -> None:
         """Run the model in eval mode on ``batches`` (a tuple or list batch: its first element),
@@ -114,6 +119,7 @@ class Watcher:
         (:func:`bnprobe.check_mismatch`, stage ``probe``) on the first validation batch ever
         seen, with this validation's first batches as held batches, as BNProbe does. Module
         modes are restored after."""
+        self._drain()
         modes = [(m, m.training) for m in self.model.modules()]
         held: list[Any] = []
         try:
@@ -140,6 +146,7 @@ class Watcher:
     def end_epoch(self, step: int, epoch: int = 0, validation: Iterable[Any] | None = None) -> None:
         """End an epoch at ``step`` (the optimizer steps done): :meth:`validate` on
         ``validation`` if given, draw the figures, save the store."""
+        self._drain()
         if validation is not None:
             self.validate(validation, step=step, epoch=epoch)
         self.recorder.draw_figures(step)
@@ -147,14 +154,17 @@ class Watcher:
 
     def to_dataframe(self, **filters: Any) -> pd.DataFrame:
         """Every row recorded so far (SPEC schema); filters as :func:`bnprobe.load`."""
+        self._drain()
         return self.recorder.to_dataframe(**filters)
 
     def report(self) -> str:
         """Latest key metrics per layer, then findings with advice (:func:`bnprobe.diagnose`)."""
+        self._drain()
         return self.recorder.report()
 
     def summary(self) -> str:
         """What was watched, what was switched off, the serious findings (as the callback)."""
+        self._drain()
         return summary_text(
             self.recorder.steps(),
             self.recorder.findings(),
@@ -164,6 +174,16 @@ class Watcher:
             run_dir=self.recorder.run_dir,
             report_call="report()",
         )
+
+    def _drain(self) -> None:
+        """Record the measured steps the tap keeps for a block (:meth:`BNTap.drain`)."""
+        if self.tap.pending:
+            self.recorder.guard("recording measurements", self._record_drained)
+
+    def _record_drained(self) -> None:
+        snap = self.tap.drain()
+        if snap is not None:
+            self.recorder.record(snap)
 
 
 def _log_dir(writer: Any) -> str | None:

@@ -126,7 +126,8 @@ class Recorder:
     # -- recording -------------------------------------------------------------------------------
     def record(self, snapshot: Snapshot) -> None:
         """Keep the snapshot's rows, write its layer aggregates (rank 0) as one TensorBoard event
-        and one ``log_metrics`` call per step, its channels as one histogram event, and save the
+        and one ``log_metrics`` call per step, its channels as one histogram event per step
+        (a block of steps from :meth:`bnprobe.tap.BNTap.keep` is one snapshot), and save the
         store if the last save is older than ``flush_every_s`` or the store holds its
         ``spill_rows`` unsaved rows (so memory stays bounded however long the run)."""
         for part in snapshot.parts:
@@ -140,11 +141,8 @@ class Recorder:
             send = partial(_log_metrics, logger, snapshot, keep)
             self.guard(f"logging to {type(logger).__name__}", send)
         if self.histograms and snapshot.channels and snapshot.parts:
-            stage, step = _stage_and_step(snapshot.parts[0])
             for writer, root in self.writers:
-                hist = partial(
-                    tb.write_histograms, writer, stage, step, snapshot.channels, root=root
-                )
+                hist = partial(_histograms, writer, snapshot, root)
                 self.guard("writing TensorBoard histograms", hist)
         if self.store.must_spill or time.monotonic() - self._last_flush > self.flush_every_s:
             self.flush()
@@ -325,11 +323,10 @@ def _log_metrics(logger: MetricsLogger, snapshot: Snapshot, keep: frozenset[str]
         logger.log_metrics(metrics, step)
 
 
-def _stage_and_step(part: Any) -> tuple[str, int]:
-    """The stage and step of a snapshot's first block of rows (the tap's own)."""
-    if isinstance(part, pd.DataFrame):
-        return str(part["stage"].iloc[0]), int(part["step"].iloc[0])
-    return str(part.stage), int(part.split()[0].step)
+def _histograms(writer: tb.Writer, snapshot: Snapshot, root: str) -> None:
+    """One histogram event per step whose channels the snapshot holds, in step order."""
+    for stage, step, channels in snapshot.step_channels():
+        tb.write_histograms(writer, stage, step, channels, root=root)
 
 
 def _plural(n: int, what: str) -> str:

@@ -218,6 +218,45 @@ def recovery_ill_conditioned(
     return ill
 
 
+def recovered_ill_conditioned(
+    values: np.ndarray,
+    factor: np.ndarray,
+    keep: np.ndarray,
+    bessel: np.ndarray,
+    bound_factor: np.ndarray,
+    bound_keep: np.ndarray,
+    bound_bessel: np.ndarray,
+) -> np.ndarray:
+    """Per channel: :func:`recovery_ill_conditioned` of the moments :func:`recover_moments`
+    gives, in one pass with fewer numpy calls (rows stacked where a formula repeats), the same
+    arithmetic in the same order, so the same answer bit for bit. ``values``: rows mean_old,
+    var_old, mean_new, var_new (the update) and mu_R, var_R (what the forward started from);
+    ``keep``/``bound_keep``: ``1 - factor``/``1 - bound_factor``, kept by the caller. What the
+    tap runs at every measured step (it decides whether the next one recovers a layer's
+    moments); the caller silences nothing: numpy's warnings are off here."""
+    mean_old, var_old, mean_new, var_new = values[0], values[1], values[2], values[3]
+    with np.errstate(all="ignore"):
+        # recover_moments
+        mean = mean_old + (mean_new - mean_old) / factor
+        var = (var_new - keep * var_old) / factor * bessel
+        both = np.abs(values[1:4:2])
+        bound = ULPS * _ulp32(np.maximum(both[0], both[1])) / factor * bessel
+        np.copyto(var, 0.0, where=var <= bound)  # var is this function's own array
+        # _recovery_bounds against mu_R, var_R: rows (mean, var) together
+        scaled = np.stack((mean, var))
+        scaled *= bound_factor
+        scaled[1] /= bound_bessel
+        new = bound_keep * values[4:6] + scaled  # mean_new, var_new
+        peak = np.abs(values[4:6])
+        np.maximum(peak, np.abs(new), out=peak)
+        err = ULPS * _ulp32(peak)
+        err /= bound_factor
+        err[1] *= bound_bessel  # err_mean, err_var
+        ok = (err[1] <= RECOVERY_VAR_RTOL * var) & (err[0] <= RECOVERY_MEAN_TOL * np.sqrt(var))
+    ill: np.ndarray = ~ok
+    return ill
+
+
 def _xp(x: object) -> Any:
     """The namespace whose ``sqrt``, ``log`` and ``exp`` fit ``x``: torch or numpy. Each
     caller keeps its own library's functions, so a value is bit for bit what it was when the

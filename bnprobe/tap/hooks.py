@@ -25,6 +25,7 @@ modules of :mod:`bnprobe.tap`; no Lightning, no TensorBoard, no pandas.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -57,6 +58,8 @@ from bnprobe.tap.packing import (
     Layout,
     Plan,
     host_plan,
+    ill_check,
+    ill_conditioned,
     live_pieces,
     pieces_size,
     raw_pieces,
@@ -68,6 +71,17 @@ from bnprobe.tap.trace import ProducerTrace
 
 _Hook = Callable[[LayerState, _BatchNorm, Any], None]
 _PlanKey = tuple[list[Layout], list[Snapped | None], list[tuple[int, int]]]
+
+BLOCK_STEPS = 16
+"""The most measured training steps :meth:`BNTap.keep` processes in one block: the fixed cost
+of a measured step (numpy calls on small arrays, row building, each sink's call) is paid once
+per block."""
+MAX_BLOCK_SPAN = 32
+"""A block ends before the next measured step would be more than this many training steps
+after its first: at ``every_n_steps`` above it (the default 50 included), every measured step
+is processed at once, and TensorBoard never lags more than this many steps."""
+MAX_BLOCK_AGE_S = 2.0
+"""... or more than this many seconds after its first (slow steps are processed at once)."""
 
 
 class BNTap:
@@ -90,6 +104,7 @@ class BNTap:
         keep_channels: bool = False,
         per_channel: bool = False,
         world_size: Callable[[nn.Module], int] | None = None,
+        block: int = BLOCK_STEPS,
     ) -> None:
         self.model = model
         self.keep_channels = keep_channels or per_channel
@@ -114,7 +129,14 @@ class BNTap:
         self._references = HostReferences()
         self._row_memo = build.RowMemo()
         self._last_plan: tuple[_PlanKey, Plan] | None = None
-        """The last measured step's plan and what it was made of (:meth:`_host_metrics`)."""
+        """The last measured step's plan and what it was made of (:meth:`_prepare`)."""
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"BNTap(block=...) must be a positive int; got {block!r}")
+        self.block = block
+        """The most measured training steps :meth:`keep` processes in one block."""
+        self._block: _Block | None = None
+        self._kept: tuple[int, float] | None = None
+        """The step and time of the last step :meth:`keep` or :meth:`collect` took."""
 
     # -- lifecycle ----------------------------------------------------------------------------
     def attach(self) -> BNTap:
@@ -183,17 +205,113 @@ class BNTap:
     def collect(
         self, *, step: int, epoch: int = 0, rank: int = 0, stage: str = "train"
     ) -> Snapshot:
-        """Stop measuring and return what this step measured (one host transfer per device);
-        no rows without a :meth:`start` first."""
+        """Stop measuring and return what this step measured (one host transfer per device),
+        after the rows of any steps kept by :meth:`keep` and not processed yet; no rows of
+        this step without a :meth:`start` first."""
+        snap = self._take(step, epoch, rank, stage, hold=False)
+        assert snap is not None
+        return snap
+
+    def keep(self, *, step: int, epoch: int = 0, rank: int = 0) -> Snapshot | None:
+        """:meth:`collect` of a measured training step, processed in a block of steps: the
+        step's values are kept (one transfer to the host, and the check that decides whether
+        the next measured step recovers each layer's moments, so that nothing the next step
+        measures depends on the block) and the block is processed in one go when it ends. It
+        ends when it holds ``block`` steps (the constructor's), when a step has another plan
+        (layers, layouts, snapshot groups, references, structure), when the next measured
+        step would come more than :data:`MAX_BLOCK_SPAN` steps or :data:`MAX_BLOCK_AGE_S`
+        seconds after the block's first, or when :meth:`drain` (or :meth:`collect`) is
+        called. Returns the rows of the steps processed now (None: the step was kept). The
+        rows are those :meth:`collect` would have given each step, bit for bit."""
+        return self._take(step, epoch, rank, "train", hold=True)
+
+    def drain(self) -> Snapshot | None:
+        """The rows of the steps kept by :meth:`keep` and not processed yet (None: none). The
+        drivers call it wherever anyone needs the rows: validation, the end of a training
+        epoch, a checkpoint, the end of fit, a failure, and every read of the table."""
+        if self._block is None:
+            return None
+        return self._finish()
+
+    @property
+    def pending(self) -> int:
+        """Measured steps kept by :meth:`keep` and not processed yet."""
+        return 0 if self._block is None else len(self._block.steps)
+
+    def _take(self, step: int, epoch: int, rank: int, stage: str, *, hold: bool) -> Snapshot | None:
         self.active = self._snapshot_due = False
         self._trace.stop()
+        done: list[Snapshot] = []
         if not self._started:
-            return Snapshot([Rows(step, epoch, stage, rank, [], [], [])])
+            if self._block is not None:
+                done.append(self._finish())
+            done.append(Snapshot([Rows(step, epoch, stage, rank, [], [], [])]))
+            return _joined(done)
         self._started = False
         if self._pooling:
-            for layer in self.layers:
-                if layer.pooled is not None and not layer.failed:
-                    self._guarded(layer, _finish_pool, layer)
+            if self._block is not None:
+                done.append(self._finish())
+            done.append(self._pooled(step, epoch, rank, stage))
+            return _joined(done)
+        prep = self._prepare([lay for lay in self.layers if not lay.failed])
+        self._snapshots, self._snapshot_due = [], False
+        if prep is None:  # nothing measured: the step's structure rows alone, in order
+            if self._block is not None:
+                done.append(self._finish())
+            rows = build.layer_rows(
+                step, epoch, stage, rank, self.layers, None, False, self._row_memo
+            )
+            done.append(Snapshot([rows]))
+            return _joined(done)
+        step_plan, ok, layouts, raw, refs = prep
+        placeholder = build.LayerMetrics(ok, layouts, _NO_TABLE)
+        rkey = build.row_key(self.layers, placeholder, False)
+        block = self._block
+        if block is not None and not block.takes(step_plan, refs, rkey, stage, rank):
+            done.append(self._finish())
+            block = None
+        now = time.monotonic()
+        if block is None:
+            row_plan, structure = build.row_plan(
+                self.layers, placeholder, False, self._row_memo, rkey
+            )
+            block = self._block = _Block(
+                step_plan, ok, layouts, refs, rkey, row_plan, structure, stage, rank, step, now
+            )
+        block.steps.append(step)
+        block.epochs.append(epoch)
+        block.raws.append(raw)
+        previous, self._kept = self._kept, (step, now)
+        if not hold or self._ends(block, previous, step, now):
+            done.append(self._finish(check=True))  # the block's segments say it for this step
+            return _joined(done)
+        try:  # kept: whether the next step recovers each layer must be known now
+            self._check_recovery(step_plan, ok, layouts, raw, refs)
+        except Exception as err:  # the probe must never stop training: one warning, every layer
+            for layer in ok:
+                self._fail(layer, err)
+        return _joined(done) if done else None
+
+    def _ends(
+        self, block: _Block, previous: tuple[int, float] | None, step: int, now: float
+    ) -> bool:
+        """Whether the block ends with the step just kept: full, or the next measured step
+        (expected as far after this one as this one came after the one before) would make it
+        span more than :data:`MAX_BLOCK_SPAN` steps or :data:`MAX_BLOCK_AGE_S` seconds."""
+        if len(block.steps) >= self.block or previous is None:
+            return True
+        gap, interval = step - previous[0], now - previous[1]
+        if gap <= 0:
+            return True
+        return step + gap - block.first > MAX_BLOCK_SPAN or (
+            now + interval - block.born > MAX_BLOCK_AGE_S
+        )
+
+    def _pooled(self, step: int, epoch: int, rank: int, stage: str) -> Snapshot:
+        """A pooled (validation) step's rows, processed at once."""
+        for layer in self.layers:
+            if layer.pooled is not None and not layer.failed:
+                self._guarded(layer, _finish_pool, layer)
         measured, ok, seg, chan = self._host_metrics([lay for lay in self.layers if not lay.failed])
         self._snapshots, self._snapshot_due = [], False
         parts = [
@@ -203,22 +321,68 @@ class BNTap:
         ]
         channels: build.ChannelVectors = {}
         if seg is not None and self.keep_channels:
-            channels = build.channel_vectors(ok, seg, chan)
+            channels = build.channel_vectors(ok, seg.channels, chan)
             if self.per_channel:
-                parts.append(build.channel_rows(ok, seg, chan, step, epoch, stage, rank))
+                parts.append(build.channel_rows(ok, seg.channels, chan, step, epoch, stage, rank))
         return Snapshot(parts, channels)
 
-    def _host_metrics(
-        self, measured: list[LayerState]
-    ) -> tuple[
-        build.LayerMetrics | None,
-        list[tuple[LayerState, Layout]],
-        stats.Segments | None,
-        dict[str, np.ndarray],
-    ]:
-        """The metrics of the measured layers, computed for all layers at once
-        (:func:`bnprobe.stats.segment_metrics`), and, for the per-channel vectors and rows, the
-        layers measured, their segments and per-channel vectors (None, [], None, {} when none)."""
+    def _finish(self, *, check: bool = False) -> Snapshot:
+        """Process the kept block in one go: the steps' transfers read as one matrix by the
+        plan (:meth:`Plan.block_segments`), one :func:`bnprobe.stats.segment_metrics` over
+        every (step, layer), one block
+        of rows; per-channel vectors (histograms) and rows per step. ``check``: the block
+        ends with the step being collected, whose recovery check (every earlier step's was
+        made when it was kept, :meth:`_check_recovery`) comes from the block's segments, as
+        a step processed alone has always had it."""
+        block = self._block
+        assert block is not None
+        self._block = None
+        k = len(block.steps)
+        ok = block.ok
+        try:
+            seg = block.plan.block_segments(block.raws, block.refs, ill=check)
+            table, per = stats.segment_metrics(seg)
+            matrix = build.layer_metrics(ok, block.layouts, table).table
+        except Exception as err:  # the probe must never stop training: one warning, every layer
+            for layer in ok:
+                self._fail(layer, err)
+            return Snapshot([])
+        if seg.ill_conditioned is not None:  # the last step's layers: the next step's choice
+            last = seg.ill_conditioned[len(ok) * (k - 1) :].tolist()
+            for layer, lay, ill in zip(ok, block.layouts, last, strict=True):
+                if lay.recoverable:
+                    layer.suspect = bool(ill)
+        first_step, first_epoch = block.steps[0], block.epochs[0]
+        steps: list[int] | int = block.steps if k > 1 else first_step
+        epochs: list[int] | int = block.epochs if k > 1 else first_epoch
+        assert block.row_plan is not None
+        rows = build.block_rows(
+            block.steps, block.epochs, block.stage, block.rank, matrix, block.row_plan,
+            block.structure,
+        )  # fmt: skip
+        parts = [rows]
+        if not self.keep_channels:
+            return Snapshot(parts)
+        chan = {"batch_mean": seg.mean, "batch_var": seg.var, "running_mean": seg.mu_r}
+        chan |= {"running_var": seg.var_r, "gamma": seg.gamma, "beta": seg.beta, **per}
+        pairs = list(zip(ok, block.layouts, strict=True))
+        sizes = block.plan.channels
+        if self.per_channel:
+            parts.append(
+                build.channel_rows(pairs, sizes, chan, steps, epochs, block.stage, block.rank)
+            )
+        if k == 1:
+            return Snapshot(parts, build.channel_vectors(pairs, sizes, chan))
+        width = int(sizes.sum())
+        history: list[tuple[str, int, build.ChannelVectors]] = []
+        for i, step in enumerate(block.steps):
+            part = {name: vec[i * width : (i + 1) * width] for name, vec in chan.items()}
+            history.append((block.stage, step, build.channel_vectors(pairs, sizes, part)))
+        return Snapshot(parts, history[-1][2], history)
+
+    def _prepare(self, measured: list[LayerState]) -> _Prepared | None:
+        """A measured step's values on the host, and its plan: the measured layers' pieces
+        moved in one transfer per device. None: nothing measured (or all of it failed)."""
         ok: list[LayerState] = []
         layouts: list[Layout] = []
         snapped: list[Snapped | None] = []
@@ -252,7 +416,7 @@ class BNTap:
             if lay.affine or lay.reference:
                 references += reference_pieces(layer, lay)
         if not ok:
-            return None, [], None, {}
+            return None
         try:
             key = (layouts, snapped, groups)
             last = self._last_plan
@@ -266,27 +430,69 @@ class BNTap:
         except Exception as err:  # the probe must never stop training: one warning, every layer
             for layer in ok:
                 self._fail(layer, err)
-            return None, [], None, {}
+            return None
         if raw.size + refs.size != step_plan.size:  # a layer measured what its layout does not say
             kept = self._sized(ok)
             if len(kept) < len(ok):
-                return self._host_metrics(kept)
+                return self._prepare(kept)
             odd = RuntimeError(f"measured {raw.size} values, the plan reads {step_plan.size}")
             for layer in ok:
                 self._fail(layer, odd)
+            return None
+        return _Prepared(step_plan, ok, layouts, raw, refs)
+
+    def _check_recovery(
+        self,
+        step_plan: Plan,
+        ok: list[LayerState],
+        layouts: list[Layout],
+        raw: np.ndarray,
+        refs: np.ndarray,
+    ) -> None:
+        """Set each recoverable layer's ``suspect``: whether recovering its moments from the
+        update is ill-conditioned at this step (then the next measured step computes them
+        directly). The values :meth:`Plan.segments` gives, from the recoverable channels
+        alone (:func:`bnprobe.tap.packing.ill_conditioned`): made for each step
+        :meth:`keep` holds for a block, so that the next measured step measures exactly as it
+        would if this one had been processed at once."""
+        if not step_plan.any_recoverable:
+            return
+        check = ill_check(step_plan)
+        if check is not None and check.reads < raw.size:
+            flags = ill_conditioned(check, raw).tolist()
+            for at, ill in zip(check.layers, flags, strict=True):
+                ok[at].suspect = bool(ill)
+            return
+        seg = step_plan.segments(raw, refs)  # a row beyond the transfer: the whole way
+        if seg.ill_conditioned is not None:
+            for layer, lay, ill in zip(ok, layouts, seg.ill_conditioned.tolist(), strict=True):
+                if lay.recoverable:
+                    layer.suspect = bool(ill)
+
+    def _host_metrics(
+        self, measured: list[LayerState]
+    ) -> tuple[
+        build.LayerMetrics | None,
+        list[tuple[LayerState, Layout]],
+        stats.Segments | None,
+        dict[str, np.ndarray],
+    ]:
+        """The metrics of the measured layers of a pooled step (:meth:`_prepare`, then
+        :func:`bnprobe.stats.segment_metrics` at once) and, for the per-channel vectors and
+        rows, the layers measured, their segments and per-channel vectors (None, [], None, {}
+        when none)."""
+        prep = self._prepare(measured)
+        if prep is None:
             return None, [], None, {}
+        step_plan, ok, layouts, raw, refs = prep
         try:
-            seg = step_plan.segments(raw, refs)
+            seg = step_plan.segments(raw, refs, ill=False)
             table, per = stats.segment_metrics(seg)
         except Exception as err:  # the probe must never stop training: one warning, every layer
             for layer in ok:
                 self._fail(layer, err)
             return None, [], None, {}
         out = build.layer_metrics(ok, layouts, table)
-        if seg.ill_conditioned is not None:
-            for layer, lay, ill in zip(ok, layouts, seg.ill_conditioned.tolist(), strict=True):
-                if lay.recoverable:
-                    layer.suspect = bool(ill)
         chan: dict[str, np.ndarray] = {}
         if self.keep_channels:
             chan = {"batch_mean": seg.mean, "batch_var": seg.var, "running_mean": seg.mu_r}
@@ -644,6 +850,70 @@ class _Group(NamedTuple):
     counts: list[Tensor]
     """num_batches_tracked of the layers that have it."""
     members: list[LayerState]
+
+
+class _Prepared(NamedTuple):
+    """A measured step on the host (:meth:`BNTap._prepare`)."""
+
+    plan: Plan
+    ok: list[LayerState]
+    layouts: list[Layout]
+    raw: np.ndarray
+    refs: np.ndarray
+
+
+_NO_TABLE = np.empty((0, 0))
+_NO_TABLE.setflags(write=False)
+
+
+class _Block:
+    """Measured training steps kept by :meth:`BNTap.keep`, all of one plan: their transfers,
+    steps and epochs, and what their rows are made of (the same for every step)."""
+
+    __slots__ = (
+        "born", "epochs", "first", "layouts", "ok", "plan", "rank", "raws", "refs", "rkey",
+        "row_plan", "stage", "steps", "structure",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        plan: Plan,
+        ok: list[LayerState],
+        layouts: list[Layout],
+        refs: np.ndarray,
+        rkey: object,
+        row_plan: Any,
+        structure: np.ndarray,
+        stage: str,
+        rank: int,
+        first: int,
+        born: float,
+    ) -> None:
+        self.plan, self.ok, self.layouts, self.refs = plan, ok, layouts, refs
+        self.rkey, self.row_plan, self.structure = rkey, row_plan, structure
+        self.stage, self.rank, self.first, self.born = stage, rank, first, born
+        self.steps: list[int] = []
+        self.epochs: list[int] = []
+        self.raws: list[np.ndarray] = []
+
+    def takes(self, plan: Plan, refs: np.ndarray, rkey: object, stage: str, rank: int) -> bool:
+        """Whether a step of this plan, references, rows, stage and rank joins the block."""
+        return (
+            plan is self.plan
+            and refs is self.refs
+            and stage == self.stage
+            and rank == self.rank
+            and rkey == self.rkey
+        )
+
+
+def _joined(snaps: list[Snapshot]) -> Snapshot:
+    """Snapshots one after the other as one (their rows in order, each step's channels)."""
+    if len(snaps) == 1:
+        return snaps[0]
+    parts = [part for snap in snaps for part in snap.parts]
+    history = [entry for snap in snaps for entry in snap.step_channels()]
+    return Snapshot(parts, history[-1][2] if history else None, history)
 
 
 def _numel(tensors: list[Tensor]) -> int:

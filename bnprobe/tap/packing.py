@@ -279,9 +279,11 @@ class Plan:
     """``(n-1)/n`` of ``samples``, for :func:`bnprobe.stats.recovery_ill_conditioned`."""
     any_recoverable: bool
 
-    def segments(self, *host: np.ndarray) -> stats.Segments:
+    def segments(self, *host: np.ndarray, ill: bool = True) -> stats.Segments:
         """The step's :class:`bnprobe.stats.Segments` from the host array it reads, given in
-        parts (the transfer, then the references: :class:`HostReferences`)."""
+        parts (the transfer, then the references: :class:`HostReferences`). ``ill=False``
+        leaves :attr:`~bnprobe.stats.Segments.ill_conditioned` None (the tap checks it per
+        step, :class:`IllCheck`, before it processes a block of steps)."""
         values = np.concatenate([*host, _ZERO_NAN])[self.index]
         (
             mean_old,
@@ -317,8 +319,8 @@ class Plan:
         seg.running, seg.mean0, seg.var0 = self.running, initial_mean, initial_var
         seg.n0, seg.n = initial_tracked, tracked
         seg.momentum, seg.per_layer_counts = self.momentum, True
-        if self.any_recoverable:
-            ill = stats.recovery_ill_conditioned(
+        if ill and self.any_recoverable:
+            ill_channels = stats.recovery_ill_conditioned(
                 running_mean,
                 running_var,
                 mean,
@@ -327,8 +329,167 @@ class Plan:
                 self.samples,
                 bessel=self.bound_bessel,
             )
-            seg.ill_conditioned = np.add.reduceat(ill & self.recoverable, self.starts) > 0
+            ill_layers = np.add.reduceat(ill_channels & self.recoverable, self.starts) > 0
+            seg.ill_conditioned = ill_layers
         return seg
+
+    def block_segments(
+        self, raws: list[np.ndarray], refs: np.ndarray, *, ill: bool = True
+    ) -> stats.Segments:
+        """The :class:`bnprobe.stats.Segments` of k steps of these layouts at once, one after
+        the other (per-layer quantities are per (step, layer) segment), from each step's
+        transfer and the references they share. The k host arrays are read as a (k, size)
+        matrix through this plan's own index, and every per-channel constant broadcasts over
+        the steps: each channel's values are computed by the same elementwise formulas from the
+        same inputs as :meth:`segments` of each step alone, bit for bit, and nothing of size
+        k x channels is kept between blocks."""
+        k = len(raws)
+        if k == 1:
+            return self.segments(raws[0], refs, ill=ill)
+        host = np.empty((k, self.size + 2))
+        live = self.size - refs.size
+        for row, raw in zip(host, raws, strict=True):
+            row[:live] = raw
+        host[:, live : self.size] = refs
+        host[:, self.size :] = _ZERO_NAN
+        values = host[:, self.index].transpose(1, 0, 2)  # (quantities, k, channels)
+        (
+            mean_old,
+            var_old,
+            mean_new,
+            var_new,
+            running_mean,
+            running_var,
+            gamma,
+            beta,
+            gamma0,
+            beta0,
+            initial_mean,
+            initial_var,
+            tracked,
+            initial_tracked,
+        ) = values
+        mean, var = stats.recover_moments(
+            mean_old, var_old, mean_new, var_new, self.factor, self.count, bessel=self.bessel
+        )
+        channels = np.tile(self.channels, k)
+
+        def flat(x: np.ndarray) -> np.ndarray:
+            return x.reshape(-1)
+
+        seg = stats.Segments(
+            channels,
+            flat(mean),
+            flat(var),
+            flat(running_mean),
+            flat(running_var),
+            np.tile(self.eps, k),
+            flat(gamma),
+            flat(beta),
+            flat(gamma0),
+            flat(beta0),
+        )
+        seg.running = np.tile(self.running, k)
+        seg.mean0, seg.var0 = flat(initial_mean), flat(initial_var)
+        seg.n0, seg.n = flat(initial_tracked), flat(tracked)
+        seg.momentum, seg.per_layer_counts = np.tile(self.momentum, k), True
+        if ill and self.any_recoverable:
+            ill_channels = stats.recovery_ill_conditioned(
+                running_mean,
+                running_var,
+                mean,
+                var,
+                self.bound_factor,
+                self.samples,
+                bessel=self.bound_bessel,
+            )
+            starts = np.concatenate([[0], np.cumsum(channels)[:-1]])
+            seg.ill_conditioned = np.add.reduceat(flat(ill_channels & self.recoverable), starts) > 0
+        return seg
+
+
+class IllCheck(NamedTuple):
+    """What :func:`ill_check` needs of a :class:`Plan` to say, from one step's transfer alone,
+    which recoverable layers' recovery is ill-conditioned: the part of
+    :meth:`Plan.segments` that decides :attr:`bnprobe.tap.layers.LayerState.suspect` (whether
+    the next measured step computes a layer's moments directly), restricted to the channels of
+    the recoverable layers. The tap runs it at every measured step, so that processing steps
+    in blocks never delays that decision."""
+
+    rows: np.ndarray
+    """(6, n): mean_old, var_old, mean_new, var_new, running_mean, running_var of the
+    recoverable channels, into the transfer (the zeros of directly measured layers: 0)."""
+    zero: np.ndarray | None
+    """Where those rows read the 0.0 after the host array (None: nowhere)."""
+    factor: np.ndarray
+    keep: np.ndarray
+    bessel: np.ndarray
+    bound_factor: np.ndarray
+    bound_keep: np.ndarray
+    bound_bessel: np.ndarray
+    starts: np.ndarray
+    layers: tuple[int, ...]
+    """The recoverable layers (their place in the plan's layouts)."""
+    reads: int
+    """The transfer must hold more than this many values (the largest index read)."""
+
+
+_ILL_ROWS = tuple(QUANTITIES.index(q) for q in QUANTITIES[:6])
+
+
+@lru_cache(maxsize=16)
+def ill_check(base: Plan) -> IllCheck | None:
+    """The :class:`IllCheck` of a plan (None: no layer is recoverable, or a row it needs
+    lies beyond the transfer, which then goes the whole way, :meth:`Plan.segments`)."""
+    if not base.any_recoverable:
+        return None
+    sel = np.flatnonzero(base.recoverable)
+    index = base.index[list(_ILL_ROWS)][:, sel]
+    zero_at = index == base.size
+    if (index > base.size).any():
+        return None
+    clean = np.where(zero_at, 0, index)
+    layers = tuple(
+        i
+        for i, (a, c) in enumerate(zip(base.starts.tolist(), base.channels.tolist(), strict=True))
+        if c and base.recoverable[a]
+    )
+    sub = np.array([base.channels[i] for i in layers], dtype=np.int64)
+    check = IllCheck(
+        rows=clean,
+        zero=zero_at if zero_at.any() else None,
+        factor=base.factor[sel],
+        keep=1.0 - base.factor[sel],
+        bessel=base.bessel[sel],
+        bound_factor=base.bound_factor[sel],
+        bound_keep=1.0 - base.bound_factor[sel],
+        bound_bessel=base.bound_bessel[sel],
+        starts=np.concatenate([[0], np.cumsum(sub)[:-1]]),
+        layers=layers,
+        reads=int(clean.max(initial=0)),
+    )
+    return check
+
+
+def ill_conditioned(check: IllCheck, raw: np.ndarray) -> np.ndarray:
+    """Per recoverable layer (:attr:`IllCheck.layers`): is recovering its moments
+    ill-conditioned at this step? The values :meth:`Plan.segments` gives ``ill_conditioned``
+    for those layers, bit for bit (the same elementwise formulas on the same values), from the
+    step's transfer ``raw`` alone."""
+    values = raw[check.rows]
+    if check.zero is not None:
+        values[check.zero] = 0.0
+    ill = stats.recovered_ill_conditioned(
+        values,
+        check.factor,
+        check.keep,
+        check.bessel,
+        check.bound_factor,
+        check.bound_keep,
+        check.bound_bessel,
+    )
+    out: np.ndarray = np.add.reduceat(ill, check.starts) > 0
+    return out
 
 
 _ZERO_NAN = np.array([0.0, np.nan])

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from bnprobe import metrics, stats
+from bnprobe import metrics
 from bnprobe.store import (
     Rows,
     concat,
 )
+from bnprobe.store.table import read_only, tile
 from bnprobe.tap.layers import LayerState
 from bnprobe.tap.packing import Layout
 
@@ -43,7 +44,10 @@ class Snapshot:
     """
 
     def __init__(
-        self, parts: Iterable[Rows | pd.DataFrame], channels: ChannelVectors | None = None
+        self,
+        parts: Iterable[Rows | pd.DataFrame],
+        channels: ChannelVectors | None = None,
+        history: list[tuple[str, int, ChannelVectors]] | None = None,
     ) -> None:
         self.parts: list[Rows] = []
         for part in parts:
@@ -52,8 +56,22 @@ class Snapshot:
             else:
                 self.parts += Rows.from_frame(part)
         self.channels: ChannelVectors = {} if channels is None else channels
-        """layer -> {"gamma", "beta", "d", "v", ...} per-channel values (signed d and v)."""
+        """layer -> {"gamma", "beta", "d", "v", ...} per-channel values (signed d and v); of
+        the last step when the snapshot holds several (:meth:`step_channels` has each)."""
+        self._history = history
         self._table: pd.DataFrame | None = None
+
+    def step_channels(self) -> list[tuple[str, int, ChannelVectors]]:
+        """``(stage, step, channels)`` of each step whose per-channel vectors the snapshot
+        holds, in step order: one entry (its first rows' stage and step) unless the tap
+        processed several steps in one block (:meth:`bnprobe.tap.BNTap.keep`)."""
+        if self._history is not None:
+            return list(self._history)
+        if not self.channels or not self.parts:
+            return []
+        first = self.parts[0]
+        step = first.step if not first.multi else first.split()[0].step
+        return [(first.stage, int(step), self.channels)]
 
     def __repr__(self) -> str:
         return f"Snapshot(parts={self.parts!r}, channels={self.channels!r})"
@@ -254,13 +272,35 @@ def layer_rows(
     (read them, never change them); ``values`` is a new float64 array. With a ``memo``, a step
     whose layers, layouts and structure inputs are those of the step before reuses its plan
     and structure rows (compared value by value, identity first: exact and cheap)."""
+    plan, matrix = row_plan(layers, measured, pooled, memo)
+    if plan is None:
+        return Rows(step, epoch, stage, rank, [], [], [])
+    return _rows(step, epoch, stage, rank, measured, plan, matrix)
+
+
+def row_key(layers: Iterable[LayerState], measured: LayerMetrics | None, pooled: bool) -> object:
+    """What :func:`row_plan` depends on: two steps with equal keys have the same row plan and
+    structure rows (compared value by value, identity first: exact and cheap)."""
     live = [layer for layer in layers if not layer.failed]
-    key: object = None
+    which = None if measured is None else (measured.layers, measured.layouts)
+    return (pooled, which, [_structure_inputs(layer) for layer in live])
+
+
+def row_plan(
+    layers: Iterable[LayerState],
+    measured: LayerMetrics | None,
+    pooled: bool,
+    memo: RowMemo | None = None,
+    key: object = None,
+) -> tuple[_RowPlan | None, np.ndarray]:
+    """The row plan and structure rows of a step (:func:`layer_rows`; None: no rows), from
+    the ``memo`` when the step's :func:`row_key` (given, or computed here) is the memo's."""
+    live = [layer for layer in layers if not layer.failed]
     if memo is not None:
-        which = None if measured is None else (measured.layers, measured.layouts)
-        key = (pooled, which, [_structure_inputs(layer) for layer in live])
+        if key is None:
+            key = row_key(live, measured, pooled)
         if memo.key == key and memo.plan is not None:
-            return _rows(step, epoch, stage, rank, measured, memo.plan, memo.structure)
+            return memo.plan, memo.structure
     row_of: dict[LayerState, int] = {}
     kinds: dict[LayerState, tuple[bool, bool, bool]] = {}
     if measured is not None:
@@ -274,14 +314,14 @@ def layer_rows(
         shape.append((layer.name, kinds.get(layer), row_of.get(layer, -1), kind))
         structure.append(row)
     if not shape:
-        return Rows(step, epoch, stage, rank, [], [], [])
+        return None, np.empty(0)
     n = 0 if measured is None else len(measured.layers)
     plan = _row_plan(tuple(shape), n)
     matrix = np.asarray(structure, dtype=np.float64).ravel()
     matrix.setflags(write=False)
     if memo is not None:
         memo.key, memo.plan, memo.structure = key, plan, matrix
-    return _rows(step, epoch, stage, rank, measured, plan, matrix)
+    return plan, matrix
 
 
 def _rows(
@@ -296,6 +336,39 @@ def _rows(
     parts = [structure] if measured is None else [measured.table.ravel(), structure]
     values = np.concatenate(parts)[plan.positions]
     return Rows(step, epoch, stage, rank, plan.layers, plan.metrics, values)
+
+
+def block_rows(
+    steps: list[int],
+    epochs: list[int],
+    stage: str,
+    rank: int,
+    table: np.ndarray,
+    plan: _RowPlan,
+    structure: np.ndarray,
+) -> Rows:
+    """The layer rows of k steps that share a row plan and structure rows
+    (:func:`row_plan`) as one multi-step :class:`~bnprobe.store.Rows`: ``table`` holds each
+    step's (layers, metrics) matrix of :class:`LayerMetrics`, stacked, (k * layers, metrics).
+    Each step's values are those :func:`layer_rows` gives it (the same gather); the name
+    columns are the plan's, tiled (:func:`bnprobe.store.tile`: the sinks see a tiling)."""
+    k = len(steps)
+    if k == 1:
+        measured = LayerMetrics([], [], table)
+        return _rows(steps[0], epochs[0], stage, rank, measured, plan, structure)
+    per_step = table.reshape(k, -1)
+    whole = np.concatenate([per_step, np.broadcast_to(structure, (k, len(structure)))], axis=1)
+    values = whole[:, plan.positions].ravel()
+    n = len(plan.positions)
+    return Rows(
+        read_only(np.repeat(np.array(steps, dtype=np.int64), n)),
+        read_only(np.repeat(np.array(epochs, dtype=np.int64), n)),
+        stage,
+        rank,
+        tile(plan.layers, k),
+        tile(plan.metrics, k),
+        values,
+    )
 
 
 # -- per-channel vectors and rows ----------------------------------------------------------------
@@ -349,11 +422,11 @@ class ChannelColumns(Mapping[str, dict[str, np.ndarray]]):
 
 
 def channel_vectors(
-    ok: list[tuple[LayerState, Layout]], seg: stats.Segments, chan: dict[str, np.ndarray]
+    ok: list[tuple[LayerState, Layout]], channels: np.ndarray, chan: dict[str, np.ndarray]
 ) -> ChannelColumns:
     """Each layer's per-channel vectors (the keys it has) for :attr:`Snapshot.channels`: the
     step's columns as they are (no per-layer work; :class:`ChannelColumns` slices a layer when
-    it is looked up)."""
+    it is looked up). ``channels``: each layer's channel count."""
     n = len(ok)
     running = np.fromiter((lay.running for _, lay in ok), dtype=bool, count=n)
     affine = np.fromiter((lay.affine for _, lay in ok), dtype=bool, count=n)
@@ -364,26 +437,30 @@ def channel_vectors(
     present = {k: has for k, has in present.items() if k in chan}
     columns = {k: chan[k] for k in present}
     layers = tuple(layer.name for layer, _ in ok)
-    return ChannelColumns(layers, np.asarray(seg.channels, dtype=np.int64), columns, present)
+    return ChannelColumns(layers, np.asarray(channels, dtype=np.int64), columns, present)
 
 
 def channel_rows(
     ok: list[tuple[LayerState, Layout]],
-    seg: stats.Segments,
+    channels: np.ndarray,
     chan: dict[str, np.ndarray],
-    step: int,
-    epoch: int,
+    step: int | list[int],
+    epoch: int | list[int],
     stage: str,
     rank: int,
 ) -> Rows:
     """The per-channel rows of a step (``per_channel=True``), metric by metric, built with
-    numpy over all layers at once."""
-    ends = np.cumsum(seg.channels).tolist()
+    numpy over all layers at once; of k steps (``step`` and ``epoch`` lists, ``chan`` the k
+    steps' vectors one after the other) as one multi-step block, each step's rows those of
+    the step alone. ``channels``: each layer's channel count."""
+    ends = np.cumsum(channels).tolist()
     starts = [0, *ends[:-1]]
-    running = np.repeat([lay.running for _, lay in ok], seg.channels)
-    affine = np.repeat([lay.affine for _, lay in ok], seg.channels)
-    names = np.repeat(np.array([layer.name for layer, _ in ok], dtype=object), seg.channels)
-    index = np.arange(len(names)) - np.repeat(starts, seg.channels)
+    running = np.repeat([lay.running for _, lay in ok], channels)
+    affine = np.repeat([lay.affine for _, lay in ok], channels)
+    names = np.repeat(np.array([layer.name for layer, _ in ok], dtype=object), channels)
+    index = np.arange(len(names)) - np.repeat(starts, channels)
+    k = len(step) if isinstance(step, list) else 1
+    width = len(names)
     sources = {"mean_shift": np.abs(chan["d"]), "var_shift": np.abs(chan["v"])}
     parts: list[tuple[str, np.ndarray, np.ndarray | None]] = [
         ("batch_mean", chan["batch_mean"], None),
@@ -395,18 +472,31 @@ def channel_rows(
     col_layers, col_metrics, col_index, col_values = [], [], [], []
     for name, vec, mask in parts:
         sel = slice(None) if mask is None else mask
-        n = int(mask.sum()) if mask is not None else len(vec)
+        n = int(mask.sum()) if mask is not None else width
         col_layers.append(names[sel])
         col_metrics.append(np.full(n, name, dtype=object))
         col_index.append(index[sel])
-        col_values.append(vec[sel])
+        col_values.append(vec.reshape(k, width)[:, sel])
+    values = np.concatenate(col_values, axis=1).ravel()
+    if not isinstance(step, list) or not isinstance(epoch, list):
+        return Rows(
+            int(step),  # type: ignore[arg-type]
+            int(epoch),  # type: ignore[arg-type]
+            stage,
+            rank,
+            np.concatenate(col_layers),
+            np.concatenate(col_metrics),
+            values,
+            np.concatenate(col_index),
+        )
+    size = len(values) // k
     return Rows(
-        step,
-        epoch,
+        read_only(np.repeat(np.array(step, dtype=np.int64), size)),
+        read_only(np.repeat(np.array(epoch, dtype=np.int64), size)),
         stage,
         rank,
-        np.concatenate(col_layers),
-        np.concatenate(col_metrics),
-        np.concatenate(col_values),
-        np.concatenate(col_index),
+        tile(np.concatenate(col_layers), k),
+        tile(np.concatenate(col_metrics), k),
+        values,
+        np.tile(np.concatenate(col_index), k),
     )
