@@ -20,8 +20,9 @@ import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
@@ -193,6 +194,11 @@ class BNProbeBase:
         self._fallback_dir = False  # the store went to <default_root_dir>/bnprobe_logs
         self._world_size = 1
         self._writes = False
+        self._gathered: list[tuple[int, int, str | None]] = []
+        """Under DDP: the gathered steps not handed to the gather yet, as (step, epoch, why this
+        rank has no rows of it), and :attr:`_taken` this rank's rows of them, as the tap gave
+        them (steps processed in blocks, or one at a time): :meth:`_hand_over`."""
+        self._taken: list[Snapshot] = []
         self._validating = False
         self._first_val_batch: Any = None
         self._recal_batches: list[Any] = []
@@ -384,12 +390,14 @@ class BNProbeBase:
             self._exchange(snap, why, step, epoch)  # every rank: never skip it
 
     def _collect(self, tap: BNTap, trainer: pl.Trainer, step: int, epoch: int) -> Snapshot | None:
-        """This step's measurements: in a single process kept for a block of steps
-        (:meth:`~bnprobe.tap.BNTap.keep`; the rows of a block when one ends, else None);
-        under DDP at once (:meth:`~bnprobe.tap.BNTap.collect`), for the gather."""
-        if self._ranks is not None:
-            return tap.collect(step=step, epoch=epoch, rank=int(trainer.global_rank))
-        return tap.keep(step=step, epoch=epoch, rank=int(trainer.global_rank))
+        """This step's measurements, kept for a block of steps
+        (:meth:`~bnprobe.tap.BNTap.keep`; the rows of a block when one ends, else None); at
+        once (:meth:`~bnprobe.tap.BNTap.collect`) under DDP with ``gather_every`` > 1, where
+        only some steps go to the gather."""
+        rank = int(trainer.global_rank)
+        if self._ranks is not None and self.gather_every > 1:
+            return tap.collect(step=step, epoch=epoch, rank=rank)
+        return tap.keep(step=step, epoch=epoch, rank=rank)
 
     def _drain(self) -> None:
         """Record the measured steps the tap keeps for a block (:meth:`BNTap.drain`): wherever
@@ -403,6 +411,8 @@ class BNProbeBase:
         snap = tap.drain()
         if snap is not None:
             self._record(snap)
+            if self._ranks is not None:  # steps kept only with gather_every 1: all gathered
+                self._taken.append(snap)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (self.tap is None and self._ranks is None) or trainer.sanity_checking:
@@ -577,14 +587,41 @@ class BNProbeBase:
         return (step // self._every) % self.gather_every == 0
 
     def _exchange(self, snap: Snapshot | None, why: str | None, step: int, epoch: int) -> None:
-        """Add this gathered step's rows for rank 0 (``why``: why this rank has none), and
-        exchange them with the other ranks when a batch is full (:attr:`RankGather.due`: by the
-        count of gathered steps alone, the same on every rank)."""
+        """Note this gathered step (``why``: why this rank has no rows of it) and the rows the
+        tap gave now (``snap``: this step's, or a block's that ends here, or None while the tap
+        keeps the step for a block), and exchange with the other ranks when a batch is full: by
+        the count of gathered steps alone, the same on every rank."""
         ranks = self._ranks
         assert ranks is not None
-        ranks.add(snap, step=step, epoch=epoch, error=why)
-        if ranks.due:
+        if snap is not None:
+            self._taken.append(snap)
+        self._gathered.append((step, epoch, why))
+        if len(self._gathered) >= ranks.batch_steps:
             self._flush_ranks(step, epoch)
+
+    def _hand_over(self, ranks: RankGather) -> None:
+        """Add every gathered step noted since the last exchange to the gather, in step order,
+        exactly once each whatever failed: a block of the tap as one block
+        (:meth:`RankGather.add` counts its steps), a step without rows with why."""
+        gathered, taken = self._gathered, self._taken
+        self._gathered, self._taken = [], []
+        epochs = {step: epoch for step, epoch, _ in gathered}
+        starts: dict[int, tuple[Snapshot, list[int]]] = {}
+        covered: set[int] = set()
+        for snap in taken:
+            steps = _train_steps(snap)
+            if steps and covered.isdisjoint(steps) and all(s in epochs for s in steps):
+                starts[steps[0]] = snap, steps
+                covered.update(steps)
+        for step, epoch, why in gathered:
+            if step in starts:
+                snap, steps = starts[step]
+                if len(steps) == 1:
+                    ranks.add(snap, step=step, epoch=epoch)
+                else:
+                    ranks.add(_per_step(snap, steps), step=steps, epoch=[epochs[s] for s in steps])
+            elif step not in covered:
+                ranks.add(None, step=step, epoch=epoch, error=why)
 
     def _flush_ranks(self, step: int, epoch: int) -> None:
         """Exchange the gathered steps not sent yet (a collective every rank calls at the same
@@ -594,6 +631,8 @@ class BNProbeBase:
         time out once, and stop too)."""
         ranks = self._ranks
         assert ranks is not None
+        self._drain()  # the steps the tap keeps, then every gathered step to the gather
+        self._hand_over(ranks)
         if not self._writes and self.tap is not None:
             for line in self.tap.failures[self._told_failures :]:
                 ranks.tell(line)  # a layer switched off on this rank: rank 0 says so
@@ -683,6 +722,22 @@ class BNProbeBase:
 class BNProbe(BNProbeBase, pl.Callback):
     __doc__ = BNProbeBase.__doc__
     _tensorboard_logger = TensorBoardLogger
+
+
+def _train_steps(snap: Snapshot) -> list[int]:
+    """The steps of a snapshot's layer rows of stage train, in order."""
+    steps: set[int] = set()
+    for part in snap.parts:
+        if part.channels is None and part.stage == "train":
+            steps.update(np.unique(part.step).tolist() if part.multi else [int(part.step)])
+    return sorted(steps)
+
+
+def _per_step(snap: Snapshot, steps: list[int]) -> Snapshot:
+    """A snapshot of several steps as :meth:`RankGather.add` takes a block: its channels one
+    mapping per step (empty where the step has none)."""
+    by_step = {step: ch for stage, step, ch in snap.step_channels() if stage == "train"}
+    return Snapshot(snap.parts, cast(Any, [by_step.get(step, {}) for step in steps]))
 
 
 def _logger_prefix(logger: TensorBoardLogger) -> str:

@@ -4,8 +4,8 @@ in a process group whose timeout is 20 s (a rank left waiting in a collective fa
 fast instead of after Lightning's 30 minutes), and writes what rank 0 warned and recorded.
 
 The failures are real exceptions inside the probe's own code paths on rank 1: a tap whose
-``collect`` (building the rows) or ``start`` raises, a gather whose payload encoding raises, and
-a probe batch the model cannot read (the train/eval probe fails).
+``collect``/``keep`` (building the rows) or ``start`` raises, a gather whose payload encoding
+raises, and a probe batch the model cannot read (the train/eval probe fails).
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ class CollectFails(BNTap):
         if RANK == 1 and stage == "train":
             raise RuntimeError(f"collect {CAUSE}")
         return super().collect(step=step, epoch=epoch, rank=rank, stage=stage)
+
+    def keep(self, *, step: int, epoch: int = 0, rank: int = 0) -> Any:  # blocks of steps
+        if RANK == 1:
+            raise RuntimeError(f"collect {CAUSE}")
+        return super().keep(step=step, epoch=epoch, rank=rank)
 
 
 class StartFails(BNTap):

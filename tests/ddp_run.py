@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe import BNProbe
+from bnprobe.distributed import RankGather
 from tests.reference import Lit, Reference, loader
 
 RANK = int(os.environ["LOCAL_RANK"])
@@ -142,6 +143,21 @@ class StoreAtCheckpoint(pl.Callback):
             self.seen[int(trainer.global_step)] = pairs.to_numpy().tolist()
 
 
+class CountedGather(RankGather):
+    """The gather, noting how many steps each :meth:`add` hands it (a block of the tap's, or
+    one step)."""
+
+    added: ClassVar[list[int]] = []
+
+    def add(self, snapshot: Any, *, step: Any, epoch: Any, error: str | None = None) -> None:
+        CountedGather.added.append(1 if isinstance(step, int) else len(step))
+        super().add(snapshot, step=step, epoch=epoch, error=error)
+
+
+class CountedProbe(BNProbe):
+    _gather_class = CountedGather
+
+
 def fit_batched(out: Path, name: str = "batched") -> None:
     """Two epochs of 7 steps, 3 gathered steps per exchange, a checkpoint every 5 steps: the
     other rank's rows of a batch cut short by an epoch end, a checkpoint or the end of fit
@@ -149,7 +165,9 @@ def fit_batched(out: Path, name: str = "batched") -> None:
     pl.seed_everything(0)
     lit = Lit(Net())
     record = RecordRunning(lit)
-    probe = BNProbe(every_n_steps=1, save_dir=out / name / "store", summary=False, gather_batch=3)
+    probe = CountedProbe(
+        every_n_steps=1, save_dir=out / name / "store", summary=False, gather_batch=3
+    )
     seen = StoreAtCheckpoint(probe)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -173,6 +191,7 @@ def fit_batched(out: Path, name: str = "batched") -> None:
     )
     trainer.fit(lit, loader((6,), n=16 * 7, batch_size=16, seed=10 + RANK))
     folder = save_rank(out / name, record, probe)
+    (folder / "added.json").write_text(json.dumps(CountedGather.added))
     if RANK == 0:
         (folder / "checkpoints.json").write_text(json.dumps(seen.seen))
 

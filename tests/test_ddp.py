@@ -70,7 +70,8 @@ def test_rank0_table_holds_every_ranks_rows_with_its_values(ddp_out: Path) -> No
 def test_batched_exchange_loses_nothing_at_epoch_end_checkpoint_or_fit_end(ddp_out: Path) -> None:
     """``gather_batch=3`` over two epochs of 7 steps with a checkpoint every 5 steps: batches
     are cut short by each epoch end (step 6), checkpoint (after steps 4 and 9) and the end of fit
-    (step 13), and every row of rank 1 arrives, with its own values."""
+    (step 13), and every row of rank 1 arrives, with its own values; the steps each rank kept
+    for a block go to the gather as one block."""
     df = _table(ddp_out, "batched")
     train = df[df["stage"] == "train"]
     for rank in (0, 1):
@@ -84,6 +85,10 @@ def test_batched_exchange_loses_nothing_at_epoch_end_checkpoint_or_fit_end(ddp_o
                 assert got[1, int(step), layer, metric] == pytest.approx(value, rel=2e-4, abs=1e-7)
                 checked += 1
     assert checked >= 14 * 2 * 13
+    # each rank handed the gather every step once, in blocks of the tap's where it kept steps
+    for rank in (0, 1):
+        added = json.loads((ddp_out / "batched" / f"rank{rank}" / "added.json").read_text())
+        assert sum(added) == 14 and max(added) > 1, (rank, added)
     div = train[train["metric"] == "rank_divergence"]
     assert sorted(div["step"]) == sorted(list(range(14)) * 2)
     assert (div["value"] == 0.0).all() and set(div["rank"]) == {0}
