@@ -4,14 +4,14 @@ For nets of ``--depths`` BN layers (pre-activation residual blocks
 ``x + Linear(ReLU(BatchNorm1d(x)))``, width 32, batch 32: cheap, so bnprobe's cost is not
 hidden under the model's), one process runs
 ``BNTap`` and :class:`bnprobe.recorder.Recorder` directly, the way both drivers do: every step
-``tap.start()``, forward, backward, optimizer step, then ``tap.collect`` and ``recorder.record``
+``tap.start()``, forward, backward, optimizer step, then ``tap.keep`` and ``recorder.record``
 into a :class:`bnprobe.store.Store` on disk and bnprobe's own
 :class:`~bnprobe.tensorboard.EventWriter`, with and without histograms.
 
 What it times (process CPU time, ``time.process_time``, with ``torch.set_num_threads(1)``):
 
-- *host ms*: ``collect`` + ``record`` per measured step (the probe's host work after the
-  forward: packing, metrics, rows, store, events);
+- *host ms*: ``keep`` + ``record`` per measured step, the mean over whole blocks of 16 steps
+  (the probe's host work after the forward: packing, metrics, rows, store, events);
 - *hooks ms*: what ``tap.start()`` and the hooks add to a measured step: ``start`` and the same
   forward and backward with the tap started, minus them with it idle, interleaved step by step
   (a difference of two noisy times: the median over steps).
@@ -101,7 +101,12 @@ class Bench:
         self.train()
 
     def record(self) -> None:
-        self.recorder.record(self.tap.collect(step=self.step))
+        """What a driver does after a measured training step: ``tap.keep`` (the step kept for
+        a block of up to 16, as the callback and ``bnprobe.watch`` do) and ``recorder.record``
+        of a block when one ends."""
+        snap = self.tap.keep(step=self.step)
+        if snap is not None:
+            self.recorder.record(snap)
         self.step += 1
 
     def measured_step(self) -> None:
@@ -110,6 +115,9 @@ class Bench:
         self.record()
 
     def close(self) -> None:
+        snap = self.tap.drain()
+        if snap is not None:
+            self.recorder.record(snap)
         self.tap.detach()
         self.recorder.close()
         self.writer.close()
@@ -122,12 +130,16 @@ def cpu(fn: Callable[[], None]) -> float:
 
 
 def measure(depth: int, histograms: bool, steps: int, warmup: int) -> dict[str, float]:
-    """Median CPU ms per step of host work (collect + record) and of the hooks."""
+    """CPU ms per step of host work (keep + record: the mean, as most steps are only kept and
+    the step that ends a block pays for it) and of the hooks (the median)."""
     with tempfile.TemporaryDirectory(prefix="bnprobe-host-") as tmp:
         bench = Bench(depth, histograms, Path(tmp))
         for _ in range(warmup):
             bench.measured_step()
             bench.train()
+        snap = bench.tap.drain()  # the measured steps start a block
+        if snap is not None:
+            bench.recorder.record(snap)
         host, plain, hooked = [], [], []
         for _ in range(steps):
             plain.append(cpu(bench.train))
@@ -136,7 +148,7 @@ def measure(depth: int, histograms: bool, steps: int, warmup: int) -> dict[str, 
         bench.close()
     hooks = [h - p for h, p in zip(hooked, plain, strict=True)]
     return {
-        "host_ms": 1e3 * statistics.median(host),
+        "host_ms": 1e3 * statistics.fmean(host),
         "hooks_ms": 1e3 * statistics.median(hooks),
         "plain_ms": 1e3 * statistics.median(plain),
     }
@@ -168,7 +180,9 @@ def profile(depth: int, histograms: bool, steps: int, top: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 16, 64, 256])
-    parser.add_argument("--steps", type=int, default=60, help="measured steps per net")
+    parser.add_argument(
+        "--steps", type=int, default=64, help="measured steps per net (whole blocks of 16)"
+    )
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1, help="passes over every net")
     parser.add_argument("--profile", type=int, metavar="DEPTH", help="cProfile collect+record")
