@@ -1,7 +1,7 @@
 """Row building: what one measured step becomes, and the :class:`Snapshot` that carries it.
 
 Owns the order of a layer's rows (the metric names it has, :func:`_metric_index`; its
-structural metrics, :func:`structure_metrics`), the per-channel vectors and per-channel rows
+structural metrics, :func:`structure_values`), the per-channel vectors and per-channel rows
 of a step, and :class:`Snapshot`, whose ``parts`` are :class:`bnprobe.store.Rows` only: the one
 row representation between the tap, the store and the sinks. A DataFrame handed to
 :class:`Snapshot` is turned into Rows at once (:meth:`bnprobe.store.Rows.from_frame`).
@@ -178,14 +178,6 @@ def structure_values(layer: LayerState, pooled: bool) -> tuple[str, tuple[float,
         layer.batch_size,
         lay.eps,
     )
-
-
-def structure_metrics(layer: LayerState, pooled: bool) -> dict[str, float]:
-    """The structural metrics of a layer this step (store.STRUCTURE_METRICS and, on a traced
-    step, store.TRACE_METRICS), in the order the table has them. A ``pooled`` (validation) step
-    has ``samples_per_channel`` only."""
-    kind, row = structure_values(layer, pooled)
-    return {STRUCTURE[i]: row[i] for i in _STRUCTURE_KINDS[kind]}
 
 
 class _RowPlan(NamedTuple):
