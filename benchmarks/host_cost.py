@@ -24,6 +24,7 @@ Usage::
     .venv/bin/python benchmarks/host_cost.py                   # 4, 16, 64, 256 layers
     .venv/bin/python benchmarks/host_cost.py --steps 5 --depths 4 16   # a smoke run
     .venv/bin/python benchmarks/host_cost.py --profile 256     # cProfile of 50 measured steps
+    .venv/bin/python benchmarks/host_cost.py --compare-blocks 4 --repeats 5   # blocks 1 vs 16
 """
 
 from __future__ import annotations
@@ -177,6 +178,34 @@ def profile(depth: int, histograms: bool, steps: int, top: int) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
+def compare_blocks(depth: int, histograms: bool, rounds: int, steps: int = 32) -> None:
+    """Host work per measured step (``keep`` + ``record``, process CPU time, the mean of
+    ``steps``) with blocks of 1 and of 16 (``BNTap.block``), two nets interleaved in one
+    process, ``rounds`` times."""
+    benches = {}
+    for block in (1, 16):
+        bench = Bench(depth, histograms, Path(tempfile.mkdtemp(prefix="bnprobe-host-")))
+        bench.tap.block = block
+        for _ in range(20):
+            bench.measured_step()
+        snap = bench.tap.drain()
+        if snap is not None:
+            bench.recorder.record(snap)
+        benches[block] = bench
+    ms: dict[int, list[float]] = {1: [], 16: []}
+    for _ in range(rounds):
+        for block, bench in benches.items():
+            spent = 0.0
+            for _ in range(steps):
+                bench.started_train()
+                spent += cpu(bench.record)
+            ms[block].append(1e3 * spent / steps)
+    for block, bench in benches.items():
+        bench.close()
+        shown = " ".join(f"{m:.2f}" for m in ms[block])
+        print(f"{depth} layers, blocks of {block:2d}: host ms a measured step by round: {shown}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 16, 64, 256])
@@ -188,9 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=int, metavar="DEPTH", help="cProfile collect+record")
     parser.add_argument("--histograms", action="store_true", help="with --profile")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument(
+        "--compare-blocks", type=int, metavar="DEPTH", help="blocks of 1 against 16, interleaved"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    if args.compare_blocks:
+        compare_blocks(args.compare_blocks, args.histograms, args.repeats)
+        return 0
     if args.profile:
         profile(args.profile, args.histograms, args.steps, args.top)
         return 0
