@@ -285,53 +285,7 @@ class Plan:
         leaves :attr:`~bnprobe.stats.Segments.ill_conditioned` None (the tap checks it per
         step, :class:`IllCheck`, before it processes a block of steps)."""
         values = np.concatenate([*host, _ZERO_NAN])[self.index]
-        (
-            mean_old,
-            var_old,
-            mean_new,
-            var_new,
-            running_mean,
-            running_var,
-            gamma,
-            beta,
-            gamma0,
-            beta0,
-            initial_mean,
-            initial_var,
-            tracked,
-            initial_tracked,
-        ) = values
-        mean, var = stats.recover_moments(
-            mean_old, var_old, mean_new, var_new, self.factor, self.count, bessel=self.bessel
-        )
-        seg = stats.Segments(
-            self.channels,
-            mean,
-            var,
-            running_mean,
-            running_var,
-            self.eps,
-            gamma,
-            beta,
-            gamma0,
-            beta0,
-        )
-        seg.running, seg.mean0, seg.var0 = self.running, initial_mean, initial_var
-        seg.n0, seg.n = initial_tracked, tracked
-        seg.momentum, seg.per_layer_counts = self.momentum, True
-        if ill and self.any_recoverable:
-            ill_channels = stats.recovery_ill_conditioned(
-                running_mean,
-                running_var,
-                mean,
-                var,
-                self.bound_factor,
-                self.samples,
-                bessel=self.bound_bessel,
-            )
-            ill_layers = np.add.reduceat(ill_channels & self.recoverable, self.starts) > 0
-            seg.ill_conditioned = ill_layers
-        return seg
+        return self._segments(values, 1, ill)
 
     def block_segments(
         self, raws: list[np.ndarray], refs: np.ndarray, *, ill: bool = True
@@ -352,7 +306,11 @@ class Plan:
             row[:live] = raw
         host[:, live : self.size] = refs
         host[:, self.size :] = _ZERO_NAN
-        values = host[:, self.index].transpose(1, 0, 2)  # (quantities, k, channels)
+        return self._segments(host[:, self.index].transpose(1, 0, 2), k, ill)
+
+    def _segments(self, values: np.ndarray, k: int, ill: bool) -> stats.Segments:
+        """:meth:`segments` (``values``: quantities x channels, ``k`` 1) or
+        :meth:`block_segments` (quantities x k x channels) from the gathered values."""
         (
             mean_old,
             var_old,
@@ -372,27 +330,30 @@ class Plan:
         mean, var = stats.recover_moments(
             mean_old, var_old, mean_new, var_new, self.factor, self.count, bessel=self.bessel
         )
-        channels = np.tile(self.channels, k)
 
-        def flat(x: np.ndarray) -> np.ndarray:
-            return x.reshape(-1)
+        def flat(x: np.ndarray) -> np.ndarray:  # (k, channels) -> one row of k x channels
+            return x if k == 1 else x.reshape(-1)
 
+        def tiled(x: np.ndarray) -> np.ndarray:  # a per-channel constant, for each step
+            return x if k == 1 else np.tile(x, k)
+
+        channels = tiled(self.channels)
         seg = stats.Segments(
             channels,
             flat(mean),
             flat(var),
             flat(running_mean),
             flat(running_var),
-            np.tile(self.eps, k),
+            tiled(self.eps),
             flat(gamma),
             flat(beta),
             flat(gamma0),
             flat(beta0),
         )
-        seg.running = np.tile(self.running, k)
+        seg.running = tiled(self.running)
         seg.mean0, seg.var0 = flat(initial_mean), flat(initial_var)
         seg.n0, seg.n = flat(initial_tracked), flat(tracked)
-        seg.momentum, seg.per_layer_counts = np.tile(self.momentum, k), True
+        seg.momentum, seg.per_layer_counts = tiled(self.momentum), True
         if ill and self.any_recoverable:
             ill_channels = stats.recovery_ill_conditioned(
                 running_mean,
@@ -403,7 +364,7 @@ class Plan:
                 self.samples,
                 bessel=self.bound_bessel,
             )
-            starts = np.concatenate([[0], np.cumsum(channels)[:-1]])
+            starts = self.starts if k == 1 else np.concatenate([[0], np.cumsum(channels)[:-1]])
             seg.ill_conditioned = np.add.reduceat(flat(ill_channels & self.recoverable), starts) > 0
         return seg
 
