@@ -276,7 +276,7 @@ class BNTap:
                 self.layers, placeholder, False, self._row_memo, rkey
             )
             block = self._block = _Block(
-                step_plan, ok, layouts, refs, rkey, row_plan, structure, stage, rank, step, now
+                step_plan, ok, layouts, refs, rkey, row_plan, structure, stage, rank, now
             )
         block.steps.append(step)
         block.epochs.append(epoch)
@@ -303,7 +303,7 @@ class BNTap:
         gap, interval = step - previous[0], now - previous[1]
         if gap <= 0:
             return True
-        return step + gap - block.first > MAX_BLOCK_SPAN or (
+        return step + gap - block.steps[0] > MAX_BLOCK_SPAN or (
             now + interval - block.born > MAX_BLOCK_AGE_S
         )
 
@@ -348,10 +348,7 @@ class BNTap:
                 self._fail(layer, err)
             return Snapshot([])
         if seg.ill_conditioned is not None:  # the last step's layers: the next step's choice
-            last = seg.ill_conditioned[len(ok) * (k - 1) :].tolist()
-            for layer, lay, ill in zip(ok, block.layouts, last, strict=True):
-                if lay.recoverable:
-                    layer.suspect = bool(ill)
+            _set_suspect(ok, block.layouts, seg.ill_conditioned[len(ok) * (k - 1) :])
         first_step, first_epoch = block.steps[0], block.epochs[0]
         steps: list[int] | int = block.steps if k > 1 else first_step
         epochs: list[int] | int = block.epochs if k > 1 else first_epoch
@@ -363,8 +360,7 @@ class BNTap:
         parts = [rows]
         if not self.keep_channels:
             return Snapshot(parts)
-        chan = {"batch_mean": seg.mean, "batch_var": seg.var, "running_mean": seg.mu_r}
-        chan |= {"running_var": seg.var_r, "gamma": seg.gamma, "beta": seg.beta, **per}
+        chan = _channel_columns(seg, per)
         pairs = list(zip(ok, block.layouts, strict=True))
         sizes = block.plan.channels
         if self.per_channel:
@@ -465,9 +461,7 @@ class BNTap:
             return
         seg = step_plan.segments(raw, refs)  # a row beyond the transfer: the whole way
         if seg.ill_conditioned is not None:
-            for layer, lay, ill in zip(ok, layouts, seg.ill_conditioned.tolist(), strict=True):
-                if lay.recoverable:
-                    layer.suspect = bool(ill)
+            _set_suspect(ok, layouts, seg.ill_conditioned)
 
     def _host_metrics(
         self, measured: list[LayerState]
@@ -495,8 +489,7 @@ class BNTap:
         out = build.layer_metrics(ok, layouts, table)
         chan: dict[str, np.ndarray] = {}
         if self.keep_channels:
-            chan = {"batch_mean": seg.mean, "batch_var": seg.var, "running_mean": seg.mu_r}
-            chan |= {"running_var": seg.var_r, "gamma": seg.gamma, "beta": seg.beta, **per}
+            chan = _channel_columns(seg, per)
         return out, list(zip(ok, layouts, strict=True)), seg, chan
 
     def _sized(self, layers: list[LayerState]) -> list[LayerState]:
@@ -871,7 +864,7 @@ class _Block:
     steps and epochs, and what their rows are made of (the same for every step)."""
 
     __slots__ = (
-        "born", "epochs", "first", "layouts", "ok", "plan", "rank", "raws", "refs", "rkey",
+        "born", "epochs", "layouts", "ok", "plan", "rank", "raws", "refs", "rkey",
         "row_plan", "stage", "steps", "structure",
     )  # fmt: skip
 
@@ -886,12 +879,11 @@ class _Block:
         structure: np.ndarray,
         stage: str,
         rank: int,
-        first: int,
         born: float,
     ) -> None:
         self.plan, self.ok, self.layouts, self.refs = plan, ok, layouts, refs
         self.rkey, self.row_plan, self.structure = rkey, row_plan, structure
-        self.stage, self.rank, self.first, self.born = stage, rank, first, born
+        self.stage, self.rank, self.born = stage, rank, born
         self.steps: list[int] = []
         self.epochs: list[int] = []
         self.raws: list[np.ndarray] = []
@@ -905,6 +897,21 @@ class _Block:
             and rank == self.rank
             and rkey == self.rkey
         )
+
+
+def _channel_columns(seg: stats.Segments, per: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A step's (or a block's) per-channel columns: the segments' moments and parameters and
+    the per-channel metrics of :func:`bnprobe.stats.segment_metrics`."""
+    chan = {"batch_mean": seg.mean, "batch_var": seg.var, "running_mean": seg.mu_r}
+    return chan | {"running_var": seg.var_r, "gamma": seg.gamma, "beta": seg.beta, **per}
+
+
+def _set_suspect(ok: list[LayerState], layouts: list[Layout], ill: np.ndarray) -> None:
+    """Each recoverable layer's ``suspect`` from its step's ill-conditioned flag: whether the
+    next measured step computes its moments directly."""
+    for layer, lay, flag in zip(ok, layouts, ill.tolist(), strict=True):
+        if lay.recoverable:
+            layer.suspect = bool(flag)
 
 
 def _joined(snaps: list[Snapshot]) -> Snapshot:
