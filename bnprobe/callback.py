@@ -596,7 +596,7 @@ class BNProbeBase:
         if snap is not None:
             self._taken.append(snap)
         self._gathered.append((step, epoch, why))
-        if len(self._gathered) >= ranks.batch_steps:
+        if ranks.fills(len(self._gathered)):
             self._flush_ranks(step, epoch)
 
     def _hand_over(self, ranks: RankGather) -> None:

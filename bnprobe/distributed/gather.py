@@ -1,12 +1,13 @@
 """Every rank's train rows to rank 0, failures included, several measured steps per collective.
 
 Uses ``torch.distributed`` only (no Lightning). Under DDP every rank runs its own probe; at each
-gathered step every rank :meth:`~RankGather.add`\\ s its rows (local: no communication), and calls
-:meth:`RankGather.exchange` (a collective: it must be called by all ranks, at the same steps,
-whatever happened inside the probe on any of them) when :attr:`RankGather.due` says so, and at
-the end of each epoch, before a checkpoint and at the end of fit. An exchange sends one float64
-vector per rank to rank 0 holding the steps added since the last one (the names of its values, a
-:class:`Layout`, only when they change), per step:
+gathered step (or for a block of them) every rank :meth:`~RankGather.add`\\ s its rows (local: no
+communication), and calls :meth:`RankGather.exchange` (a collective: it must be called by all
+ranks, at the same steps, whatever happened inside the probe on any of them) when
+:meth:`RankGather.fills` says so, and at the end of each epoch, before a checkpoint and at the
+end of fit. An exchange sends one float64 vector per rank to rank 0 holding the steps added
+since the last one (the names of its values, a :class:`Layout`, only when they change), per
+step:
 
 - the layer-aggregate rows of stage ``train`` (about 25 numbers per BN layer), and
 - the per-channel running moments mu_R, var_R of each layer (2·C numbers per layer, as they were
@@ -199,7 +200,13 @@ class RankGather:
     def due(self) -> bool:
         """Whether the steps added so far fill an exchange (call :meth:`exchange` now): a
         function of the number of added steps alone, the same on every rank."""
-        return len(self._steps) >= self.batch_steps
+        return self.fills(0)
+
+    def fills(self, pending: int) -> bool:
+        """Whether the steps added so far and ``pending`` gathered steps not added yet fill an
+        exchange (:attr:`due` once they are added): what a caller that adds its steps at the
+        exchange asks (the callback, whose tap keeps steps for blocks)."""
+        return len(self._steps) + pending >= self.batch_steps
 
     @property
     def note_bytes(self) -> int:
