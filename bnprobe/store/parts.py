@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from bnprobe.store import read as _read
 from bnprobe.store.constants import Changes
-from bnprobe.store.table import COLUMNS, DTYPES, Rows, empty_frame
+from bnprobe.store.table import COLUMNS, DTYPES, Rows, empty_frame, frozen_names
 
 SPILL_ROWS = 1 << 18
 """Rows a store with a folder holds before the recorder saves them (about 17 MB)."""
@@ -62,10 +62,66 @@ SCHEMA = pa.schema(
     ]
 )
 """A part file's Arrow schema: ``stage``, ``layer`` and ``metric`` dictionary-encoded."""
+WRITE_OPTIONS: dict[str, Any] = {"use_dictionary": [c for c in SCHEMA.names if c != "value"]}
+"""How parts are written: parquet's dictionary pages for every column but ``value`` (trying
+one on the values, nearly all distinct, cost more time than the rest of the write)."""
+
+
+class _Names:
+    """A column of names (stage, layer or metric) as int32 codes into the names seen so far.
+
+    The tap names a step's rows with the same read-only columns every step (a block of steps:
+    those repeated, :meth:`Rows.tiling`), so a column is encoded once and its codes reused: no
+    name is hashed per row, and a part file's dictionary is built from the codes."""
+
+    _MEMO = 16
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._codes: dict[str, int] = {}
+        self._memo: dict[int, tuple[object, np.ndarray]] = {}
+
+    def code(self, name: str) -> int:
+        code = self._codes.get(name)
+        if code is None:
+            code = self._codes[name] = len(self.names)
+            self.names.append(name)
+        return code
+
+    def known(self, names: Collection[str]) -> list[int]:
+        """The codes of those of ``names`` seen so far."""
+        return [self._codes[name] for name in names if name in self._codes]
+
+    def encode(self, column: Sequence[str] | np.ndarray) -> np.ndarray:
+        """The codes of ``column``, remembered for a column that cannot change."""
+        frozen = frozen_names(column)
+        memo = self._memo.get(id(column)) if frozen else None
+        if memo is not None and memo[0] is column:
+            return memo[1]
+        inverse, seen = pd.factorize(np.asarray(column, dtype=object))
+        codes = np.array([self.code(name) for name in seen], dtype=np.int32)[inverse]
+        if frozen:
+            if len(self._memo) >= self._MEMO:
+                del self._memo[next(iter(self._memo))]
+            codes.flags.writeable = False
+            self._memo[id(column)] = (column, codes)
+        return codes
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """The names of ``codes``, as an object array."""
+        return np.array(self.names, dtype=object)[codes]
+
+    def dictionary(self, codes: np.ndarray) -> pa.DictionaryArray:
+        """``codes`` as an Arrow dictionary column holding only the names they use."""
+        used = np.bincount(codes, minlength=len(self.names)) > 0
+        renumber = np.cumsum(used, dtype=np.int32) - 1
+        names = pa.array(np.array(self.names, dtype=object)[used], pa.string())
+        return pa.DictionaryArray.from_arrays(renumber[codes], names)
 
 
 class _Columns:
-    """The table's columns in a few large numpy buffers that double when full.
+    """The table's columns in a few large numpy buffers that double when full; the name columns
+    (stage, layer, metric) as int32 codes (:class:`_Names`).
 
     One small DataFrame kept per measured step would leave many small long-lived blocks on the
     C heap between the (much larger) activation buffers that training frees and allocates every
@@ -77,37 +133,39 @@ class _Columns:
     _DTYPES: ClassVar[dict[str, Any]] = {
         "step": np.int64,
         "epoch": np.int64,
-        "stage": object,
+        "stage": np.int32,
         "rank": np.int64,
-        "layer": object,
+        "layer": np.int32,
         "channel": np.int64,  # NA kept as a mask
-        "metric": object,
+        "metric": np.int32,
         "value": np.float64,
     }
+    _NAMED = ("stage", "layer", "metric")
 
     def __init__(self) -> None:
         self.n = 0
         self._data = {c: np.empty(0, dtype=t) for c, t in self._DTYPES.items()}
         self._na = np.empty(0, dtype=bool)
+        self._names = {c: _Names() for c in self._NAMED}
 
     def extend(self, rows: Rows, keep: np.ndarray | None = None) -> None:
         """Add ``rows`` (only those where ``keep`` is True, if given)."""
-        layers, channels, metrics, values = rows.layers, rows.channels, rows.metrics, rows.values
+        layers, metrics = self._name_codes(rows)
+        channels, values = rows.channels, rows.values
         step, epoch = rows.step, rows.epoch  # ints, or one entry per row (several steps)
         if keep is not None:
             if isinstance(step, np.ndarray):
                 step = step[keep]
             if isinstance(epoch, np.ndarray):
                 epoch = epoch[keep]
-            layers = np.asarray(layers, dtype=object)[keep]
-            metrics = np.asarray(metrics, dtype=object)[keep]
+            layers, metrics = layers[keep], metrics[keep]
             values = np.asarray(values, dtype=np.float64)[keep]
             if channels is not None:
                 channels = np.asarray(channels, dtype=np.int64)[keep]
         cols: dict[str, Any] = {
             "step": step,
             "epoch": epoch,
-            "stage": rows.stage,
+            "stage": self._names["stage"].code(rows.stage),
             "rank": rows.rank,
             "layer": layers,
             "channel": -1 if channels is None else channels,
@@ -130,6 +188,16 @@ class _Columns:
             self._data[c][self.n : stop] = values
         self.n = stop
 
+    def _name_codes(self, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+        """The codes of ``rows``' layer and metric columns; a block of steps named alike
+        (:meth:`Rows.tiling`) has its one step's names encoded and the codes repeated."""
+        layer, metric = self._names["layer"], self._names["metric"]
+        tiled = rows.tiling()
+        if tiled is None:
+            return layer.encode(rows.layers), metric.encode(rows.metrics)
+        k = len(rows.metrics) // tiled[0]
+        return np.tile(layer.encode(tiled[1]), k), np.tile(metric.encode(tiled[2]), k)
+
     def frame(
         self, start: int = 0, stop: int | None = None, metrics: Collection[str] | None = None
     ) -> pd.DataFrame:
@@ -137,12 +205,14 @@ class _Columns:
         stop = self.n if stop is None else stop
         rows: Any = slice(start, stop)
         if metrics is not None:
-            wanted = set(metrics)
-            names = self._data["metric"][start:stop]
-            rows = start + np.flatnonzero([name in wanted for name in names])
-        cols: dict[str, Any] = {
-            c: pd.Series(self._data[c][rows], dtype=t) for c, t in DTYPES.items()
-        }
+            wanted = self._names["metric"].known(metrics)
+            rows = start + np.flatnonzero(np.isin(self._data["metric"][start:stop], wanted))
+        cols: dict[str, Any] = {}
+        for c, t in DTYPES.items():
+            values = self._data[c][rows]
+            if c in self._names:
+                values = self._names[c].decode(values)
+            cols[c] = pd.Series(values, dtype=t)
         cols["channel"] = pd.arrays.IntegerArray(self._data["channel"][rows], self._na[rows])
         return pd.DataFrame(cols)  # the SPEC dtypes already: no inference of string columns
 
@@ -151,7 +221,7 @@ class _Columns:
         self.n = 0
 
     def table(self, start: int = 0) -> pa.Table:
-        """Rows from ``start`` on as an Arrow table for parquet, with the string columns
+        """Rows from ``start`` on as an Arrow table for parquet, with the name columns
         dictionary-encoded (a few distinct names repeated on every row)."""
         rows = slice(start, self.n)
         arrays: dict[str, pa.Array] = {}
@@ -159,11 +229,8 @@ class _Columns:
             values = self._data[c][rows]
             if c == "channel":
                 arrays[c] = pa.array(values, mask=self._na[rows])
-            elif values.dtype == object:
-                codes, names = pd.factorize(values)
-                arrays[c] = pa.DictionaryArray.from_arrays(
-                    pa.array(codes.astype(np.int32)), pa.array(names.astype(object), pa.string())
-                )
+            elif c in self._names:
+                arrays[c] = self._names[c].dictionary(values)
             else:
                 arrays[c] = pa.array(values)
         return pa.table(arrays, schema=SCHEMA)
@@ -275,7 +342,9 @@ class Store:
             self._cleaned = folder
             remove_stale(folder, keep=self._token)
         name = f"part-r{self.rank:04d}-{self._token}-{self._seq:06d}.parquet"
-        final = _publish(folder, name, lambda tmp: pq.write_table(self._rows.table(), tmp))
+        final = _publish(
+            folder, name, lambda tmp: pq.write_table(self._rows.table(), tmp, **WRITE_OPTIONS)
+        )
         self._parts.append(_Part(final, self._seq, self._seq, 0, self._rows.n))
         self._seq += 1
         self._rows.clear()
@@ -327,7 +396,7 @@ def _publish(folder: Path, name: str, write: Any) -> Path:
 
 def _concat_parts(inputs: list[Path], out: Path) -> None:
     """Stream the parts ``inputs`` into one file, in order, row group by row group."""
-    with pq.ParquetWriter(out, SCHEMA) as writer:
+    with pq.ParquetWriter(out, SCHEMA, **WRITE_OPTIONS) as writer:
         held: list[pa.Table] = []
         count = 0
         for path in inputs:
