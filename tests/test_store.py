@@ -383,3 +383,48 @@ def test_constant_plans_follow_names_changed_in_place_but_reuse_frozen_ones() ->
     metrics[:] = ["eps", "batch_mean"]  # the same array object, other names
     swapped = changes.keep(Rows(2, 0, "train", 0, layers, metrics, [1e-5, 0.0]))
     assert swapped is not None and swapped.tolist() == [False, True]
+
+
+def test_names_are_read_back_whatever_column_object_carries_them(tmp_path) -> None:
+    """The store keeps stage, layer and metric as codes, remembering the codes of a names
+    column that cannot change (a read-only array, as the tap hands out every step): a writable
+    column rewritten in place between two appends, a frozen one appended twice, and a block of
+    several steps all read back with their own names, from memory and from the part file, whose
+    dictionaries hold only the names its rows use."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from bnprobe.store import Rows
+
+    store = Store(tmp_path / "store")
+    writable = np.array(["bn1", "bn2"], dtype=object)
+    metrics = np.array(["batch_mean", "kl"], dtype=object)
+    metrics.setflags(write=False)
+    store.append(Rows(0, 0, "train", 0, writable, metrics, np.array([1.0, 2.0])))
+    writable[:] = ["bn3", "bn4"]  # the same object, other names
+    store.append(Rows(1, 0, "train", 0, writable, metrics, np.array([3.0, 4.0])))
+    store.append(Rows(2, 0, "val", 0, ("bn1", "bn1"), metrics, np.array([5.0, 6.0])))
+    block = Rows.stack(
+        [Rows(s, 1, "train", 0, ("bn2", "bn2"), ("mean_shift", "kl"), [s, -s]) for s in (3, 4)]
+    )
+    store.append(block)
+    expected = [
+        (0, "train", "bn1", "batch_mean", 1.0), (0, "train", "bn2", "kl", 2.0),
+        (1, "train", "bn3", "batch_mean", 3.0), (1, "train", "bn4", "kl", 4.0),
+        (2, "val", "bn1", "batch_mean", 5.0), (2, "val", "bn1", "kl", 6.0),
+        (3, "train", "bn2", "mean_shift", 3.0), (3, "train", "bn2", "kl", -3.0),
+        (4, "train", "bn2", "mean_shift", 4.0), (4, "train", "bn2", "kl", -4.0),
+    ]  # fmt: skip
+    columns = ["step", "stage", "layer", "metric", "value"]
+
+    def read(df: pd.DataFrame) -> list[tuple[object, ...]]:
+        return [tuple(row) for row in df[columns].itertuples(index=False)]
+
+    assert read(store.to_dataframe()) == expected  # from the buffers
+    store.flush()
+    store.append(Rows(5, 1, "train", 0, ("bn4",), ("kl",), np.array([7.0])))
+    store.flush()
+    assert read(store.to_dataframe()) == [*expected, (5, "train", "bn4", "kl", 7.0)]
+    last = pq.read_table(store.part_files[-1])
+    assert last.column("layer").chunk(0).dictionary.to_pylist() == ["bn4"]
+    assert last.column("metric").chunk(0).dictionary.to_pylist() == ["kl"]

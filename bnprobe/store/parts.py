@@ -88,10 +88,6 @@ class _Names:
             self.names.append(name)
         return code
 
-    def known(self, names: Collection[str]) -> list[int]:
-        """The codes of those of ``names`` seen so far."""
-        return [self._codes[name] for name in names if name in self._codes]
-
     def encode(self, column: Sequence[str] | np.ndarray) -> np.ndarray:
         """The codes of ``column``, remembered for a column that cannot change."""
         frozen = frozen_names(column)
@@ -109,7 +105,8 @@ class _Names:
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """The names of ``codes``, as an object array."""
-        return np.array(self.names, dtype=object)[codes]
+        names: np.ndarray = np.array(self.names, dtype=object)[codes]
+        return names
 
     def dictionary(self, codes: np.ndarray) -> pa.DictionaryArray:
         """``codes`` as an Arrow dictionary column holding only the names they use."""
@@ -198,32 +195,27 @@ class _Columns:
         k = len(rows.metrics) // tiled[0]
         return np.tile(layer.encode(tiled[1]), k), np.tile(metric.encode(tiled[2]), k)
 
-    def frame(
-        self, start: int = 0, stop: int | None = None, metrics: Collection[str] | None = None
-    ) -> pd.DataFrame:
-        """Rows ``[start, stop)`` (of the given ``metrics`` only, if given) as a table."""
-        stop = self.n if stop is None else stop
-        rows: Any = slice(start, stop)
-        if metrics is not None:
-            wanted = self._names["metric"].known(metrics)
-            rows = start + np.flatnonzero(np.isin(self._data["metric"][start:stop], wanted))
+    def frame(self) -> pd.DataFrame:
+        """The rows as a table."""
         cols: dict[str, Any] = {}
         for c, t in DTYPES.items():
-            values = self._data[c][rows]
+            values = self._data[c][: self.n]
             if c in self._names:
                 values = self._names[c].decode(values)
             cols[c] = pd.Series(values, dtype=t)
-        cols["channel"] = pd.arrays.IntegerArray(self._data["channel"][rows], self._na[rows])
+        cols["channel"] = pd.arrays.IntegerArray(
+            self._data["channel"][: self.n], self._na[: self.n]
+        )
         return pd.DataFrame(cols)  # the SPEC dtypes already: no inference of string columns
 
     def clear(self) -> None:
         """Forget the rows (after they were saved); the buffers are kept for the next ones."""
         self.n = 0
 
-    def table(self, start: int = 0) -> pa.Table:
-        """Rows from ``start`` on as an Arrow table for parquet, with the name columns
-        dictionary-encoded (a few distinct names repeated on every row)."""
-        rows = slice(start, self.n)
+    def table(self) -> pa.Table:
+        """The rows as an Arrow table for parquet, with the name columns dictionary-encoded (a
+        few distinct names repeated on every row)."""
+        rows = slice(0, self.n)
         arrays: dict[str, pa.Array] = {}
         for c in COLUMNS:
             values = self._data[c][rows]
