@@ -24,6 +24,15 @@ Usage::
     .venv/bin/python benchmarks/ddp_overhead.py --rounds 1 --steps 30 --layers 4   # smoke run
     .venv/bin/python benchmarks/ddp_overhead.py --micro --layers 8   # rank 0's exchange parts
 
+``--busy-core`` runs each single-process configuration beside a second process training the
+same net without the probe, so that the other core is busy as under DDP (on a 2-core machine a
+single process alone runs the same code faster than a DDP rank, whose twin works on the other
+core: ``--parts`` shows it with a fixed control workload).
+
+``--parts`` runs ``single_probe`` and ``ddp_probe`` alternated and prints rank 0's thread CPU
+ms a step in each piece of the probe (the tap's block, recording its own and the other ranks'
+rows, ``add``, the exchange, ``rank_divergence``) and in a fixed control workload.
+
 ``--micro`` times rank 0's DDP-only work alone, on two gloo processes without Lightning (thread
 CPU time, which the load of a shared machine disturbs less than step times): ``RankGather.add``
 per step, and per exchange of ``--gather-batch`` (default 32) steps the exchange itself and the
@@ -278,9 +287,20 @@ def run(config: str, args: argparse.Namespace, folder: Path) -> tuple[float, flo
             procs.append(subprocess.Popen(cmd, env=rank_env, stdout=subprocess.DEVNULL))
     else:
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
-    for proc in procs:
-        if proc.wait(timeout=args.timeout) != 0:
-            raise RuntimeError(f"{config} failed")
+    busy = None
+    if args.busy_core and not ddp:  # the other core busy too, as under DDP (then killed)
+        twin = [sys.executable, __file__, "--worker", "single_none", "--out", str(out) + ".busy"]
+        twin += ["--layers", str(args.layers), "--width", str(args.width)]
+        twin += ["--steps", str(10 * args.steps), "--warmup", str(args.warmup)]
+        busy = subprocess.Popen(twin, env=env, stdout=subprocess.DEVNULL)
+    try:
+        for proc in procs:
+            if proc.wait(timeout=args.timeout) != 0:
+                raise RuntimeError(f"{config} failed")
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
     got = json.loads(out.read_text())
     return float(got["ms"]), float(got["own_ms"]), float(got["own_mean_ms"])
 
@@ -295,6 +315,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--gather-batch", type=int, help="BNProbe(gather_batch=...)")
     parser.add_argument("--micro", action="store_true", help="time rank 0's exchange parts")
+    parser.add_argument(
+        "--busy-core",
+        action="store_true",
+        help="run each single-process configuration beside a second process training the "
+        "same net without the probe (killed when the measured one ends), so that both cores are "
+        "busy as under DDP's two ranks: the single process's figures are then not those of a "
+        "process with the machine to itself",
+    )
     parser.add_argument(
         "--parts",
         action="store_true",
