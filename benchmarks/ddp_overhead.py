@@ -192,7 +192,8 @@ def worker(
         kept = probe.own[warmup:]
         own = 1e3 * statistics.median(kept) if kept else 0.0
         mean = 1e3 * statistics.fmean(kept) if kept else 0.0
-        got = {"ms": 1e3 * statistics.median(gaps), "own_ms": own, "own_mean_ms": mean}
+        got: dict[str, Any] = {"ms": 1e3 * statistics.median(gaps), "own_ms": own}
+        got["own_mean_ms"] = mean
         got["parts"] = {k: 1e3 * v / steps for k, v in spent.items()}  # ms a step, whole fit
         out.write_text(json.dumps(got))
 
@@ -248,7 +249,7 @@ def _time_parts() -> dict[str, float]:
         finally:
             where[0] = ""
 
-    Recorder.record = record  # type: ignore[method-assign]
+    Recorder.record = record  # type: ignore[assignment]
     wrap(build, "channel_vectors", "tap channel_vectors (keep_channels)")
     wrap(hooks.BNTap, "_finish", "tap _finish (block)")
     wrap(BNProbeBase, "_hand_over", "callback _hand_over (incl. add)")
