@@ -24,6 +24,15 @@ Usage::
     .venv/bin/python benchmarks/ddp_overhead.py --rounds 1 --steps 30 --layers 4   # smoke run
     .venv/bin/python benchmarks/ddp_overhead.py --micro --layers 8   # rank 0's exchange parts
 
+``--busy-core`` runs each single-process configuration beside a second process training the
+same net without the probe, so that the other core is busy as under DDP (on a 2-core machine a
+single process alone runs the same code faster than a DDP rank, whose twin works on the other
+core: ``--parts`` shows it with a fixed control workload).
+
+``--parts`` runs ``single_probe`` and ``ddp_probe`` alternated and prints rank 0's thread CPU
+ms a step in each piece of the probe (the tap's block, recording its own and the other ranks'
+rows, ``add``, the exchange, ``rank_divergence``) and in a fixed control workload.
+
 ``--micro`` times rank 0's DDP-only work alone, on two gloo processes without Lightning (thread
 CPU time, which the load of a shared machine disturbs less than step times): ``RankGather.add``
 per step, and per exchange of ``--gather-batch`` (default 32) steps the exchange itself and the
@@ -41,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +74,12 @@ def worker(
     warmup: int,
     profile: Path | None,
     gather_batch: int | None = None,
+    parts: bool = False,
 ) -> None:
     """One rank of one configuration: fit and write rank 0's CPU ms per step; with ``profile``
     (a folder) each rank also writes its cProfile statistics of the fit there
     (``<config>.rank<r>.prof``)."""
+    import numpy as np
     import pytorch_lightning as pl
     import torch
     from torch import nn
@@ -78,6 +90,7 @@ def worker(
 
     torch.set_num_threads(1)
     rank = int(os.environ.get("LOCAL_RANK", "0"))
+    spent = _time_parts() if parts else {}
 
     class Net(pl.LightningModule):
         def __init__(self) -> None:
@@ -121,6 +134,21 @@ def worker(
         def on_train_batch_end(self, *args: Any) -> None:
             self.times.append(time.process_time())
 
+    class Control(pl.Callback):
+        """A fixed piece of Python and numpy work after every training step, timed like the
+        probe's pieces (``--parts``): how much slower the same work runs in this process under
+        DDP (the other rank busy on the other core) than alone."""
+
+        values = np.arange(512.0)
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            t = time.thread_time()
+            for _ in range(40):
+                float(np.sqrt(self.values * self.values + 1.0).sum())
+                {i: str(i) for i in range(16)}
+            key = "control (fixed work)"
+            spent[key] = spent.get(key, 0.0) + time.thread_time() - t
+
     gen = torch.Generator().manual_seed(rank)
     n = 32 * (steps + 1)
     data = DataLoader(
@@ -129,6 +157,8 @@ def worker(
     )
     clock = Clock()
     callbacks: list[pl.Callback] = [clock]
+    if parts:
+        callbacks.append(Control())
     batch = {} if gather_batch is None else {"gather_batch": gather_batch}
     probe = TimedProbe(every_n_steps=1, histograms=False, summary=False, **batch)
     if config.endswith("probe"):
@@ -162,9 +192,78 @@ def worker(
         kept = probe.own[warmup:]
         own = 1e3 * statistics.median(kept) if kept else 0.0
         mean = 1e3 * statistics.fmean(kept) if kept else 0.0
-        out.write_text(
-            json.dumps({"ms": 1e3 * statistics.median(gaps), "own_ms": own, "own_mean_ms": mean})
-        )
+        got: dict[str, Any] = {"ms": 1e3 * statistics.median(gaps), "own_ms": own}
+        got["own_mean_ms"] = mean
+        got["parts"] = {k: 1e3 * v / steps for k, v in spent.items()}  # ms a step, whole fit
+        out.write_text(json.dumps(got))
+
+
+def _time_parts() -> dict[str, float]:
+    """Wrap the probe's pieces that DDP adds (and those both settings share) with this thread's
+    CPU time, summed per piece over the fit (``--parts``): where rank 0's extra goes."""
+    from bnprobe.callback import BNProbeBase
+    from bnprobe.distributed import gather
+    from bnprobe.recorder import Recorder
+    from bnprobe.tap import hooks
+    from bnprobe.tap import rows as build
+
+    spent: dict[str, float] = {}
+
+    def wrap(owner: Any, name: str, label: str | Callable[..., str]) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            key = label if isinstance(label, str) else label(*args)
+            t = time.thread_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[key] = spent.get(key, 0.0) + time.thread_time() - t
+                spent["calls/step: " + key] = spent.get("calls/step: " + key, 0.0) + 1e-3
+
+        setattr(owner, name, timed)
+
+    def recorded(recorder: Any, snap: Any) -> str:
+        other = all(p.rank != 0 or p.metrics[:1] == ("rank_divergence",) for p in snap.parts)
+        return "record others" if snap.parts and other else "record own"
+
+    wrap(Recorder, "record", recorded)
+    import bnprobe.recorder as recorder_module
+    from bnprobe import tensorboard as tb
+    from bnprobe.store import Store
+
+    where = [""]
+
+    def inside(label: str) -> Callable[..., str]:
+        return lambda *args: f"{label} ({where[0] or 'own'})"
+
+    wrap(Store, "append", inside("  store append"))
+    wrap(recorder_module, "_digest", inside("  digest"))
+    wrap(tb, "write_snapshot", inside("  TensorBoard scalars"))
+    inner_record = Recorder.record
+
+    def record(self: Any, snap: Any) -> Any:
+        where[0] = recorded(self, snap).removeprefix("record ").replace("own", "")
+        try:
+            return inner_record(self, snap)
+        finally:
+            where[0] = ""
+
+    Recorder.record = record  # type: ignore[assignment]
+    wrap(build, "channel_vectors", "tap channel_vectors (keep_channels)")
+    wrap(hooks.BNTap, "_finish", "tap _finish (block)")
+    wrap(BNProbeBase, "_hand_over", "callback _hand_over (incl. add)")
+    wrap(gather.RankGather, "add", "gather add")
+    wrap(gather.RankGather, "exchange", "gather exchange (incl. pack/decode)")
+    wrap(gather.RankGather, "_pack", "gather _pack")
+    wrap(gather.RankGather, "_decode", "gather _decode (incl. divergence)")
+    wrap(gather.RankGather, "_divergences", "gather _divergences")
+    import bnprobe.callback as callback
+
+    wrap(callback, "_per_step", "callback _per_step")
+    wrap(callback, "_train_steps", "callback _train_steps")
+    wrap(BNProbeBase, "_flush_ranks", "callback _flush_ranks (all of it)")
+    return spent
 
 
 def run(config: str, args: argparse.Namespace, folder: Path) -> tuple[float, float, float]:
@@ -175,6 +274,7 @@ def run(config: str, args: argparse.Namespace, folder: Path) -> tuple[float, flo
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--profile", str(args.profile)] if args.profile else []
     cmd += ["--gather-batch", str(args.gather_batch)] if args.gather_batch else []
+    cmd += ["--parts"] if args.parts else []
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
     procs = []
     if ddp:
@@ -188,9 +288,20 @@ def run(config: str, args: argparse.Namespace, folder: Path) -> tuple[float, flo
             procs.append(subprocess.Popen(cmd, env=rank_env, stdout=subprocess.DEVNULL))
     else:
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
-    for proc in procs:
-        if proc.wait(timeout=args.timeout) != 0:
-            raise RuntimeError(f"{config} failed")
+    busy = None
+    if args.busy_core and not ddp:  # the other core busy too, as under DDP (then killed)
+        twin = [sys.executable, __file__, "--worker", "single_none", "--out", str(out) + ".busy"]
+        twin += ["--layers", str(args.layers), "--width", str(args.width)]
+        twin += ["--steps", str(10 * args.steps), "--warmup", str(args.warmup)]
+        busy = subprocess.Popen(twin, env=env, stdout=subprocess.DEVNULL)
+    try:
+        for proc in procs:
+            if proc.wait(timeout=args.timeout) != 0:
+                raise RuntimeError(f"{config} failed")
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
     got = json.loads(out.read_text())
     return float(got["ms"]), float(got["own_ms"]), float(got["own_mean_ms"])
 
@@ -205,6 +316,20 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--gather-batch", type=int, help="BNProbe(gather_batch=...)")
     parser.add_argument("--micro", action="store_true", help="time rank 0's exchange parts")
+    parser.add_argument(
+        "--busy-core",
+        action="store_true",
+        help="run each single-process configuration beside a second process training the "
+        "same net without the probe (killed when the measured one ends), so that both cores are "
+        "busy as under DDP's two ranks: the single process's figures are then not those of a "
+        "process with the machine to itself",
+    )
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="run single_probe and ddp_probe --rounds times, alternated, and print rank 0's "
+        "thread CPU ms a step in each piece of the probe (the whole fit's mean)",
+    )
     parser.add_argument("--worker")
     parser.add_argument("--out", type=Path)
     parser.add_argument(
@@ -224,7 +349,11 @@ def main() -> None:
             args.warmup,
             args.profile,
             args.gather_batch,
+            args.parts,
         )
+        return
+    if args.parts:
+        parts(args)
         return
     if args.profile:
         profile(args)
@@ -274,6 +403,31 @@ def main() -> None:
         print(f"  single {statistics.median(single):.3f}   ddp rank 0 {statistics.median(ddp):.3f}")
         ratios = [d / max(s, 1e-9) for s, d in zip(single, ddp, strict=True)]
         print(f"  {label}    ", summary(ratios), note)
+
+
+def parts(args: argparse.Namespace) -> None:
+    """Rank 0's thread CPU ms a step in each piece of the probe, single process against DDP
+    (``--parts``; the mean over the whole fit, min..max over rounds)."""
+    got: dict[str, dict[str, list[float]]] = {"single_probe": {}, "ddp_probe": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for config, into in got.items():
+                out = Path(tmp) / f"{config}.json"
+                run(config, args, Path(tmp))
+                found = json.loads(out.read_text())
+                found["parts"]["own (batch start + end), mean"] = found["own_mean_ms"]
+                for key, ms in found["parts"].items():
+                    into.setdefault(key, []).append(ms)
+    keys = sorted({k for into in got.values() for k in into})
+    print(f"\n{args.layers} layers of {args.width}, rank 0 thread CPU ms a step (min..max over "
+          f"{args.rounds} rounds):")  # fmt: skip
+    print(f"  {'piece':44s} {'single':>16s} {'ddp rank 0':>16s}")
+    for key in keys:
+        cells = []
+        for into in got.values():
+            v = into.get(key)
+            cells.append(f"{min(v):.3f}..{max(v):.3f}" if v else "-")
+        print(f"  {key:44s} {cells[0]:>16s} {cells[1]:>16s}")
 
 
 def profile(args: argparse.Namespace) -> None:

@@ -729,7 +729,13 @@ def _train_steps(snap: Snapshot) -> list[int]:
     steps: set[int] = set()
     for part in snap.parts:
         if part.channels is None and part.stage == "train":
-            steps.update(np.unique(part.step).tolist() if part.multi else [int(part.step)])
+            if not part.multi:
+                steps.add(int(part.step))
+                continue
+            step = np.asarray(part.step)  # a block's rows come step by step: read run starts
+            if len(step):
+                starts = np.flatnonzero(step[1:] != step[:-1]) + 1
+                steps.update(step[[0, *starts.tolist()]].tolist())
     return sorted(steps)
 
 

@@ -180,6 +180,47 @@ def test_rank_divergence_formula() -> None:
     assert math.isnan(nan["a"])
 
 
+def _divergence_by_channel(mu: np.ndarray, var: np.ndarray, eps: float) -> float:
+    """rank_divergence of one layer written out channel by channel (ranks x channels)."""
+    gaps = []
+    for c in range(mu.shape[1]):
+        m, s2 = mu[:, c].mean(), var[:, c].mean()
+        if not (np.isfinite(mu[:, c]).all() and np.isfinite(var[:, c]).all()):
+            return math.nan
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.abs((mu[:, c] - m) / np.sqrt(s2 + eps))
+            v = np.abs(np.log((var[:, c] + eps) / (s2 + eps)))
+        gaps += [g for g in np.fmax(d, v).tolist() if not math.isnan(g)]
+    return max(gaps, default=0.0)
+
+
+@pytest.mark.parametrize(
+    ("ranks", "mu", "var", "eps"),
+    [
+        (2, [0.1, -3.0, 0.0], [1.0, 0.0, 2.5], 1e-5),  # identical ranks: exactly 0
+        (3, [0.1, 0.7, 1e300], [1.0, 0.3, 2.0], 1e-5),  # identical, but their mean is not 0.1
+        (2, [1e308, 0.0, 1.0], [1.0, 0.0, 1.0], 0.0),  # the mean overflows; 0/0 ignored
+        (2, [0.0, np.inf, 1.0], [1.0, 1.0, 1.0], 1e-5),  # not finite: NaN
+        (4, [0.5, 0.25, -2.0], [0.0, 4.0, 0.5], 0.0),  # var + eps = 0 on channel 0
+    ],
+)
+def test_rank_divergence_of_identical_ranks_is_the_formulas_value(
+    ranks: int, mu: list[float], var: list[float], eps: float
+) -> None:
+    """The shortcut for ranks holding the same buffers (broadcast_buffers) gives exactly what the
+    formula gives channel by channel, also where the mean over ranks is not the ranks' value."""
+    mu_r, var_r = np.array([mu] * ranks), np.array([var] * ranks)
+    got = rank_divergence([{"a": (m, v)} for m, v in zip(mu_r, var_r, strict=True)], {"a": eps})
+    want = _divergence_by_channel(mu_r, var_r, eps)
+    if math.isnan(want):
+        assert math.isnan(got["a"])
+    else:
+        assert got["a"] == want
+        assert math.copysign(1.0, got["a"]) == math.copysign(1.0, want)
+    if ranks == 3:
+        assert want > 0.0  # the full formula ran: 0.1 + 0.1 + 0.1 is not 3 x 0.1
+
+
 def test_gather_without_a_process_group_is_a_no_op() -> None:
     rows = make_rows(
         step=3, epoch=0, stage="train", rank=0, layers=["bn"], metrics=["kl"], values=[0.5]

@@ -71,10 +71,13 @@ def layer_divergences(
     The same arithmetic per channel as one layer at a time, so the same values."""
     mu = mu.astype(np.float64, copy=False)
     var = var.astype(np.float64, copy=False)
+    mu_mean, var_mean = mu.mean(axis=0), var.mean(axis=0)
+    if _at_their_means(mu, var, mu_mean, var_mean):
+        return np.zeros(len(counts))  # what the formula gives there, without its logarithms
     e = np.repeat(eps, counts)
     with np.errstate(divide="ignore", invalid="ignore"):  # d and v against the rank means
-        mean_gap = np.abs(mean_shift(mu, mu.mean(axis=0), var.mean(axis=0), e))
-        var_gap = np.abs(var_shift(var, var.mean(axis=0), e))
+        mean_gap = np.abs(mean_shift(mu, mu_mean, var_mean, e))
+        var_gap = np.abs(var_shift(var, var_mean, e))
     gap = np.fmax.reduce(np.fmax(mean_gap, var_gap), axis=0)  # NaN gaps (0/0) ignored
     gap = np.where(np.isnan(gap), 0.0, gap)
     finite = np.isfinite(mu).all(axis=0) & np.isfinite(var).all(axis=0)
@@ -86,3 +89,17 @@ def layer_divergences(
         ok = np.logical_and.reduceat(finite, starts)
         out[np.flatnonzero(nonempty)[~ok]] = math.nan
     return out
+
+
+def _at_their_means(
+    mu: np.ndarray, var: np.ndarray, mu_mean: np.ndarray, var_mean: np.ndarray
+) -> bool:
+    """Whether every rank's running moments equal, exactly, their means over ranks, all finite
+    (DDP's default ``broadcast_buffers=True``: the ranks hold the same buffers): then every
+    channel's distance is ``0 / sqrt(.)`` and ``log(1)`` (or 0/0, which the formula ignores),
+    so every layer's ``rank_divergence`` is exactly 0.0, as the full formula computes it."""
+    if not (np.array_equal(mu, np.broadcast_to(mu_mean, mu.shape))):
+        return False
+    if not np.array_equal(var, np.broadcast_to(var_mean, var.shape)):
+        return False
+    return bool(np.isfinite(mu_mean).all() and np.isfinite(var_mean).all())

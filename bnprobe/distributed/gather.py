@@ -746,6 +746,10 @@ def _running_columns(
     column), or ``channels`` is a sequence of one such mapping per step."""
     rows = 1 if k is None else k
     if isinstance(channels, Sequence) and not isinstance(channels, Mapping):
+        if len(channels) == rows and rows > 1:
+            block = _block_columns(channels)
+            if block is not None:  # a tap block: every step read at once
+                return block
         per_step = [_running_columns(c, None) for c in channels]
         if len(per_step) != rows or len({counts for counts, _, _ in per_step}) > 1:
             raise ValueError("a block's channels must hold the same layers at every step")
@@ -772,6 +776,48 @@ def _running_columns(
     variances = [v.reshape(rows, -1) for _, v in running.values()]
     counts = tuple((name, m.shape[1]) for name, m in zip(running, means, strict=True))
     return counts, np.concatenate(means, axis=1), np.concatenate(variances, axis=1)
+
+
+def _block_columns(
+    channels: Sequence[Any],
+) -> tuple[tuple[tuple[str, int], ...], np.ndarray, np.ndarray] | None:
+    """:func:`_running_columns` of a block's channels given one per step, read at once when
+    every step is the tap's :class:`~bnprobe.tap.rows.ChannelColumns` of the same layers,
+    channel counts and running layers (a tap block: its steps share one plan); None
+    otherwise (read step by step). The checks per step are cheap (the tap hands every step
+    the same ``sizes`` array and layer names), so a block costs one read, not one per step."""
+    first = channels[0]
+    columns = getattr(first, "columns", None)
+    if not isinstance(columns, dict) or not {"running_mean", "running_var"} <= columns.keys():
+        return None
+    present, sizes, layers = first.present, first.sizes, first.layers
+    has = present["running_mean"] & present["running_var"]
+    flags = has.tobytes()
+    width = int(np.sum(sizes))
+    mus, variances = [], []
+    for step in channels:
+        cols = getattr(step, "columns", None)
+        if not isinstance(cols, dict) or step.layers != layers:
+            return None
+        if step.sizes is not sizes and not np.array_equal(step.sizes, sizes):
+            return None
+        mu, var = cols.get("running_mean"), cols.get("running_var")
+        if mu is None or var is None or len(mu) != width or len(var) != width:
+            return None
+        have = step.present
+        if (have["running_mean"] & have["running_var"]).tobytes() != flags:
+            return None
+        mus.append(mu)
+        variances.append(var)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    k = len(channels)
+    mu = np.concatenate(mus).astype(np.float64, copy=False).reshape(k, width)
+    var = np.concatenate(variances).astype(np.float64, copy=False).reshape(k, width)
+    if not has.all():
+        keep = np.repeat(has, sizes)
+        mu, var = mu[:, keep], var[:, keep]
+    names = [n for n, h in zip(layers, has.tolist(), strict=True) if h]
+    return tuple(zip(names, sizes[has].tolist(), strict=True)), mu, var
 
 
 def _rows_of(
