@@ -331,24 +331,23 @@ class BNTap:
         plan (:meth:`Plan.block_segments`), one :func:`bnprobe.stats.segment_metrics` over
         every (step, layer), one block
         of rows; per-channel vectors (histograms) and rows per step. ``check``: the block
-        ends with the step being collected, whose recovery check (every earlier step's was
-        made when it was kept, :meth:`_check_recovery`) comes from the block's segments, as
-        a step processed alone has always had it."""
+        ends with the step being collected, whose recovery check (:meth:`_check_recovery`,
+        every earlier step's made when it was kept) is made now, from that step alone."""
         block = self._block
         assert block is not None
         self._block = None
         k = len(block.steps)
         ok = block.ok
         try:
-            seg = block.plan.block_segments(block.raws, block.refs, ill=check)
+            seg = block.plan.block_segments(block.raws, block.refs)
             table, per = stats.segment_metrics(seg)
             matrix = build.layer_metrics(ok, block.layouts, table).table
+            if check:  # the last step's layers: the next step's choice
+                self._check_recovery(block.plan, ok, block.layouts, block.raws[-1], block.refs)
         except Exception as err:  # the probe must never stop training: one warning, every layer
             for layer in ok:
                 self._fail(layer, err)
             return Snapshot([])
-        if seg.ill_conditioned is not None:  # the last step's layers: the next step's choice
-            _set_suspect(ok, block.layouts, seg.ill_conditioned[len(ok) * (k - 1) :])
         first_step, first_epoch = block.steps[0], block.epochs[0]
         steps: list[int] | int = block.steps if k > 1 else first_step
         epochs: list[int] | int = block.epochs if k > 1 else first_epoch

@@ -287,9 +287,7 @@ class Plan:
         values = np.concatenate([*host, _ZERO_NAN])[self.index]
         return self._segments(values, 1, ill)
 
-    def block_segments(
-        self, raws: list[np.ndarray], refs: np.ndarray, *, ill: bool = True
-    ) -> stats.Segments:
+    def block_segments(self, raws: list[np.ndarray], refs: np.ndarray) -> stats.Segments:
         """The :class:`bnprobe.stats.Segments` of k steps of these layouts at once, one after
         the other (per-layer quantities are per (step, layer) segment), from each step's
         transfer and the references they share. Each step's values are gathered through this
@@ -297,20 +295,23 @@ class Plan:
         contiguous row of k x channels values, and every per-channel constant broadcasts over
         the steps: each channel's values are computed by the same elementwise formulas from the
         same inputs as :meth:`segments` of each step alone, bit for bit, and nothing of size
-        k x channels is kept between blocks."""
+        k x channels is kept between blocks. Without
+        :attr:`~bnprobe.stats.Segments.ill_conditioned`: the tap checks each step as it keeps it
+        (:func:`ill_conditioned`)."""
         k = len(raws)
         if k == 1:
-            return self.segments(raws[0], refs, ill=ill)
+            return self.segments(raws[0], refs, ill=False)
         # (quantities, k, channels): each step gathered as :meth:`segments` gathers it, into
         # its place, so that each quantity's k x channels values are one contiguous row
         values = np.empty((*self.index.shape[:1], k, self.index.shape[1]))
         for i, raw in enumerate(raws):
             values[:, i] = np.concatenate([raw, refs, _ZERO_NAN])[self.index]
-        return self._segments(values, k, ill)
+        return self._segments(values, k, False)
 
     def _segments(self, values: np.ndarray, k: int, ill: bool) -> stats.Segments:
         """:meth:`segments` (``values``: quantities x channels, ``k`` 1) or
-        :meth:`block_segments` (quantities x k x channels) from the gathered values."""
+        :meth:`block_segments` (quantities x k x channels, ``ill`` False) from the gathered
+        values."""
         (
             mean_old,
             var_old,
@@ -364,8 +365,7 @@ class Plan:
                 self.samples,
                 bessel=self.bound_bessel,
             )
-            starts = self.starts if k == 1 else np.concatenate([[0], np.cumsum(channels)[:-1]])
-            seg.ill_conditioned = np.add.reduceat(flat(ill_channels & self.recoverable), starts) > 0
+            seg.ill_conditioned = np.add.reduceat(ill_channels & self.recoverable, self.starts) > 0
         return seg
 
 
