@@ -908,22 +908,29 @@ def _block_metrics(block: _Block, channels: bool) -> tuple[np.ndarray, dict[str,
     each), computed :data:`BLOCK_VALUES` at a time (:meth:`Plan.block_segments` and
     :func:`bnprobe.stats.segment_metrics` of a few steps, one after the other): every value is
     computed from the same inputs by the same elementwise formulas, whichever steps it is
-    computed with."""
+    computed with. Each part's columns are copied into the block's at once: kept, they would
+    keep alive the part's temporaries they are views of, and the next part would take fresh
+    memory (page faults) instead of reusing theirs."""
     plan, raws = block.plan, block.raws
-    n = max(1, BLOCK_VALUES // max(1, int(plan.channels.sum())))  # steps at a time
+    k, width = len(raws), int(plan.channels.sum())
+    n = max(1, BLOCK_VALUES // max(1, width))  # steps at a time
     matrices: list[np.ndarray] = []
-    columns: list[dict[str, np.ndarray]] = []
-    for at in range(0, len(raws), n):
+    chan: dict[str, np.ndarray] = {}
+    for at in range(0, k, n):
         seg = plan.block_segments(raws[at : at + n], block.refs)
         table, per = stats.segment_metrics(seg)
         matrices.append(build.layer_metrics(block.ok, block.layouts, table).table)
-        if channels:
-            columns.append(_channel_columns(seg, per))
-    if len(matrices) == 1:
-        return matrices[0], columns[0] if columns else {}
-    names = columns[0] if columns else {}
-    chan = {name: np.concatenate([c[name] for c in columns]) for name in names}
-    return np.concatenate(matrices), chan
+        if not channels:
+            continue
+        columns = _channel_columns(seg, per)
+        if n >= k:
+            chan = columns
+            break
+        if not chan:
+            chan = {name: np.empty(k * width, column.dtype) for name, column in columns.items()}
+        for name, column in columns.items():
+            chan[name][at * width : at * width + column.size] = column
+    return (matrices[0] if len(matrices) == 1 else np.concatenate(matrices)), chan
 
 
 def _channel_columns(seg: stats.Segments, per: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
