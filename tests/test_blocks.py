@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import bnprobe
 from bnprobe import BNProbe
 from bnprobe.store import concat
-from bnprobe.tap import BNTap, Snapshot
+from bnprobe.tap import BNTap, Snapshot, hooks
 from bnprobe.tap.hooks import MAX_BLOCK_SPAN
 from tests.reference import Lit, trainer
 
@@ -118,6 +118,30 @@ def test_a_block_of_16_gives_the_rows_of_one_step_at_a_time_bit_for_bit() -> Non
                 assert np.array_equal(a[layer][name], b[layer][name], equal_nan=True)
     for name, tensor in one["weights"].items():
         assert torch.equal(tensor, block["weights"][name])
+
+
+@pytest.mark.parametrize("values", [40, 100])
+def test_a_block_computed_a_few_steps_at_a_time_gives_the_same_bits(
+    monkeypatch: pytest.MonkeyPatch, values: int
+) -> None:
+    """A block whose steps hold more than BLOCK_VALUES values per quantity is computed a few
+    steps at a time (the net has 32 channels: 40 gives one step at a time, 100 three, with a
+    last chunk of one): rows, per-channel vectors and recovery flags are those of one step at
+    a time, bit for bit."""
+    one = _tap_run(1)
+    monkeypatch.setattr(hooks, "BLOCK_VALUES", values)
+    monkeypatch.setattr(hooks, "MAX_BLOCK_AGE_S", 1e9)  # full blocks, on a loaded machine too
+    chunked = _tap_run(16)
+    assert chunked["snapshots"] < 10
+    assert one["suspects"] == chunked["suspects"]
+    _same(one["rows"], chunked["rows"])
+    assert [c[:2] for c in one["channels"]] == [c[:2] for c in chunked["channels"]]
+    for (_, _, a), (_, _, b) in zip(one["channels"], chunked["channels"], strict=True):
+        assert a.keys() == b.keys()
+        for layer in a:
+            assert a[layer].keys() == b[layer].keys()
+            for name in a[layer]:
+                assert a[layer][name].tobytes() == b[layer][name].tobytes(), (layer, name)
 
 
 def test_the_recovery_check_of_a_block_is_the_one_collect_makes() -> None:
