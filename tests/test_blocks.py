@@ -100,7 +100,10 @@ def _tap_run(block: int, steps: int = 40, every: int = 1) -> dict[str, Any]:
     }
 
 
-def test_a_block_of_16_gives_the_rows_of_one_step_at_a_time_bit_for_bit() -> None:
+def test_a_block_of_16_gives_the_rows_of_one_step_at_a_time_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hooks, "MAX_BLOCK_AGE_S", 1e9)  # full blocks, on a loaded machine too
     one, block = _tap_run(1), _tap_run(16)
     assert one["snapshots"] == 40 and block["snapshots"] < 10  # blocks were made
     flags = [s[0] for s in one["suspects"]]
@@ -386,3 +389,34 @@ def test_the_fused_recovery_check_answers_as_the_two_functions_bit_for_bit() -> 
     )
     assert 0.05 < want.mean() < 0.95  # both answers occur
     assert np.array_equal(got, want)
+
+
+def test_a_block_that_fails_loses_only_what_one_step_at_a_time_loses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When processing a block fails (here: any block holding step 21, in the middle of the
+    block of steps 16..31), its steps are processed one at a time: the steps before the failing
+    one keep their rows, that one turns the layers off with one warning, and it and the later
+    steps give the rows of a step that measured nothing (none: every layer is off), exactly as
+    one step at a time. The block ends at step 22, whose plan differs (the offset makes the
+    first layer's recovery ill-conditioned): that step, measured before the failure was known,
+    goes without the layers it turned off."""
+    real = hooks._block_metrics
+
+    def failing(block: Any, channels: bool) -> Any:
+        if OFFSET_STEP in block.steps:
+            raise FloatingPointError("injected")
+        return real(block, channels)
+
+    monkeypatch.setattr(hooks, "_block_metrics", failing)
+    monkeypatch.setattr(hooks, "MAX_BLOCK_AGE_S", 1e9)  # full blocks, on a loaded machine too
+    runs = {}
+    for block in (1, 16):
+        with pytest.warns(RuntimeWarning, match="injected") as caught:
+            runs[block] = _tap_run(block)
+        assert sum("injected" in str(w.message) for w in caught) == 1
+    one, blocked = runs[1], runs[16]
+    _same(one["rows"], blocked["rows"])
+    measured = blocked["rows"].loc[blocked["rows"]["metric"] == "batch_mean", "step"]
+    assert sorted(set(measured)) == list(range(OFFSET_STEP))  # 16..20 of the failing block too
+    assert set(blocked["rows"]["step"]) == set(range(OFFSET_STEP))  # then every layer is off

@@ -261,6 +261,18 @@ class BNTap:
             done.append(self._pooled(step, epoch, rank, stage))
             return _joined(done)
         prep = self._prepare([lay for lay in self.layers if not lay.failed])
+        while prep is not None:  # this step's plan; a block of another plan ends first
+            step_plan, ok, layouts, raw, refs = prep
+            placeholder = build.LayerMetrics(ok, layouts, _NO_TABLE)
+            rkey = build.row_key(self.layers, placeholder, False)
+            if self._block is None or self._block.takes(step_plan, refs, rkey, stage, rank):
+                break
+            done.append(self._finish())
+            if not any(layer.failed for layer in ok):
+                break
+            # processing that block turned layers off: this step goes without them, as it
+            # would have one step at a time
+            prep = self._prepare([lay for lay in self.layers if not lay.failed])
         self._snapshots, self._snapshot_due = [], False
         if prep is None:  # nothing measured: the step's structure rows alone, in order
             if self._block is not None:
@@ -270,13 +282,7 @@ class BNTap:
             )
             done.append(Snapshot([rows]))
             return _joined(done)
-        step_plan, ok, layouts, raw, refs = prep
-        placeholder = build.LayerMetrics(ok, layouts, _NO_TABLE)
-        rkey = build.row_key(self.layers, placeholder, False)
         block = self._block
-        if block is not None and not block.takes(step_plan, refs, rkey, stage, rank):
-            done.append(self._finish())
-            block = None
         now = time.monotonic()
         if block is None:
             row_plan, structure = build.row_plan(
@@ -350,6 +356,8 @@ class BNTap:
             if check:  # the last step's layers: the next step's choice
                 self._check_recovery(block.plan, ok, block.layouts, block.raws[-1], block.refs)
         except Exception as err:  # the probe must never stop training: one warning, every layer
+            if k > 1:  # only what one step at a time would have lost is lost
+                return self._finish_steps(block, check)
             for layer in ok:
                 self._fail(layer, err)
             return Snapshot([])
@@ -378,6 +386,27 @@ class BNTap:
             part = {name: vec[i * width : (i + 1) * width] for name, vec in chan.items()}
             history.append((block.stage, step, build.channel_vectors(pairs, sizes, part)))
         return Snapshot(parts, history[-1][2], history)
+
+    def _finish_steps(self, block: _Block, check: bool) -> Snapshot:
+        """:meth:`_finish` of a block whose processing failed, one step at a time, as if each
+        step had been processed when it was kept: the steps before the first that fails give
+        their rows; that one turns its layers off with one warning, and it and the later
+        steps give the rows of a step that measured nothing, as those layers, off, would have."""
+        done: list[Snapshot] = []
+        failed = False
+        for i, (step, epoch) in enumerate(zip(block.steps, block.epochs, strict=True)):
+            if not failed:
+                self._block = block.alone(i)
+                snap = self._finish(check=check and i == len(block.steps) - 1)
+                if snap.parts:
+                    done.append(snap)
+                    continue
+                failed = True
+            rows = build.layer_rows(
+                step, epoch, block.stage, block.rank, self.layers, None, False, self._row_memo
+            )
+            done.append(Snapshot([rows]))
+        return _joined(done)
 
     def _prepare(self, measured: list[LayerState]) -> _Prepared | None:
         """A measured step's values on the host, and its plan: the measured layers' pieces
@@ -890,6 +919,15 @@ class _Block:
         self.steps: list[int] = []
         self.epochs: list[int] = []
         self.raws: list[np.ndarray] = []
+
+    def alone(self, i: int) -> _Block:
+        """The block of its ``i``-th step alone."""
+        one = _Block(
+            self.plan, self.ok, self.layouts, self.refs, self.rkey, self.row_plan,
+            self.structure, self.stage, self.rank, self.born,
+        )  # fmt: skip
+        one.steps, one.epochs, one.raws = [self.steps[i]], [self.epochs[i]], [self.raws[i]]
+        return one
 
     def takes(self, plan: Plan, refs: np.ndarray, rkey: object, stage: str, rank: int) -> bool:
         """Whether a step of this plan, references, rows, stage and rank joins the block."""
