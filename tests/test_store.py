@@ -428,3 +428,29 @@ def test_names_are_read_back_whatever_column_object_carries_them(tmp_path) -> No
     last = pq.read_table(store.part_files[-1])
     assert last.column("layer").chunk(0).dictionary.to_pylist() == ["bn4"]
     assert last.column("metric").chunk(0).dictionary.to_pylist() == ["kl"]
+
+
+def test_a_frozen_memo_knows_only_columns_that_cannot_change() -> None:
+    """FrozenMemo (the store's and the digest's codes of a names column) keeps what was worked
+    out for a tuple or a read-only array, by identity only, a bounded number of them; a
+    writable column is never known, however often it is put."""
+    import numpy as np
+
+    from bnprobe.store.table import FrozenMemo
+
+    memo = FrozenMemo(size=2)
+    writable = np.array(["a", "b"], dtype=object)
+    memo.put(writable, "codes")
+    assert memo.get(writable) is None
+    frozen = writable.copy()
+    frozen.setflags(write=False)
+    names = ("a", "b")
+    memo.put(frozen, 1)
+    memo.put(names, 2)
+    assert memo.get(frozen) == 1 and memo.get(names) == 2
+    twin = frozen.copy()
+    twin.setflags(write=False)
+    assert memo.get(twin) is None and memo.get(tuple(["a", "b"])) is None  # not by value
+    third = ("c",)
+    memo.put(third, 3)  # over the size: the oldest is forgotten
+    assert memo.get(frozen) is None and memo.get(names) == 2 and memo.get(third) == 3

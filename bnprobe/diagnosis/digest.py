@@ -49,7 +49,7 @@ from bnprobe import store
 from bnprobe.diagnosis.buckets import Block, concat, select, select_steps
 from bnprobe.diagnosis.table import Columns
 from bnprobe.store.constants import ANCHOR
-from bnprobe.store.table import CONSTANT_METRICS, frozen_names
+from bnprobe.store.table import CONSTANT_METRICS, FrozenMemo
 
 HEAD_STEPS = 32
 """Measured steps per stage kept whole from the start of a run."""
@@ -180,7 +180,7 @@ class Digest:
         self._names: list[str] = []  # stage, layer and metric names, by code
         self._vocab: dict[str, int] = {}
         self._seen: dict[tuple[str, ...], np.ndarray] = {}
-        self._known: dict[int, tuple[object, np.ndarray]] = {}  # id of a frozen column -> codes
+        self._known = FrozenMemo()  # a frozen names column -> its codes
         self._luts: dict[frozenset[str], np.ndarray] = {}
 
     # -- feeding -------------------------------------------------------------------------------
@@ -219,20 +219,16 @@ class Digest:
         step, so a measured step pays a tuple's hash instead of a lookup per row, and a column
         that cannot change (:func:`~bnprobe.store.table.frozen_names`: the tap's) seen before
         not even that."""
-        frozen = frozen_names(names)
-        known = self._known.get(id(names)) if frozen else None
-        if known is not None and known[0] is names:
-            return known[1]
+        known: np.ndarray | None = self._known.get(names)
+        if known is not None:
+            return known
         key = tuple(names.tolist() if isinstance(names, np.ndarray) else names)
         codes = self._seen.get(key)
         if codes is None:
             if len(self._seen) >= 16:
                 self._seen.clear()
             codes = self._seen[key] = self.encode(key)
-        if frozen:
-            if len(self._known) >= 16:
-                self._known.clear()
-            self._known[id(names)] = (names, codes)
+        self._known.put(names, codes)
         return codes
 
     def _is(self, names: frozenset[str]) -> np.ndarray:

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from bnprobe.store import read as _read
 from bnprobe.store.constants import Changes
-from bnprobe.store.table import COLUMNS, DTYPES, Rows, empty_frame, frozen_names
+from bnprobe.store.table import COLUMNS, DTYPES, FrozenMemo, Rows, empty_frame
 
 SPILL_ROWS = 1 << 18
 """Rows a store with a folder holds before the recorder saves them (about 17 MB)."""
@@ -74,12 +74,10 @@ class _Names:
     those repeated, :meth:`Rows.tiling`), so a column is encoded once and its codes reused: no
     name is hashed per row, and a part file's dictionary is built from the codes."""
 
-    _MEMO = 16
-
     def __init__(self) -> None:
         self.names: list[str] = []
         self._codes: dict[str, int] = {}
-        self._memo: dict[int, tuple[object, np.ndarray]] = {}
+        self._memo = FrozenMemo()
 
     def code(self, name: str) -> int:
         code = self._codes.get(name)
@@ -90,17 +88,13 @@ class _Names:
 
     def encode(self, column: Sequence[str] | np.ndarray) -> np.ndarray:
         """The codes of ``column``, remembered for a column that cannot change."""
-        frozen = frozen_names(column)
-        memo = self._memo.get(id(column)) if frozen else None
-        if memo is not None and memo[0] is column:
-            return memo[1]
+        known: np.ndarray | None = self._memo.get(column)
+        if known is not None:
+            return known
         inverse, seen = pd.factorize(np.asarray(column, dtype=object))
         codes = np.array([self.code(name) for name in seen], dtype=np.int32)[inverse]
-        if frozen:
-            if len(self._memo) >= self._MEMO:
-                del self._memo[next(iter(self._memo))]
-            codes.flags.writeable = False
-            self._memo[id(column)] = (column, codes)
+        codes.flags.writeable = False
+        self._memo.put(column, codes)
         return codes
 
     def decode(self, codes: np.ndarray) -> np.ndarray:

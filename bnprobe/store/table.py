@@ -337,6 +337,30 @@ def frozen_names(names: object) -> bool:
     return isinstance(names, tuple) or (isinstance(names, np.ndarray) and not names.flags.writeable)
 
 
+class FrozenMemo:
+    """What was worked out from columns of names that cannot change (:func:`frozen_names`),
+    known by the column's identity: the same object means the same names. Holds the columns
+    it knows (so an id is never reused while kept) and at most ``size`` of them, forgetting
+    the oldest."""
+
+    def __init__(self, size: int = 16) -> None:
+        self._size = size
+        self._kept: dict[int, tuple[object, Any]] = {}
+
+    def get(self, column: object) -> Any:
+        """What :meth:`put` kept for this very column (None: nothing, or it can change)."""
+        kept = self._kept.get(id(column)) if frozen_names(column) else None
+        return kept[1] if kept is not None and kept[0] is column else None
+
+    def put(self, column: object, value: Any) -> None:
+        """Keep ``value`` for ``column`` if it cannot change."""
+        if not frozen_names(column):
+            return
+        if len(self._kept) >= self._size:
+            del self._kept[next(iter(self._kept))]
+        self._kept[id(column)] = (column, value)
+
+
 def same_names(a: object, b: object) -> bool:
     """Whether two columns of names (lists, tuples or numpy arrays) hold the same names: by
     identity for :func:`frozen_names`, else element by element."""
