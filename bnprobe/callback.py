@@ -238,8 +238,7 @@ class BNProbeBase:
         """Every row collected so far (SPEC schema), read back from the store's part files.
         Filters as :func:`bnprobe.load`: ``stages=``, ``layers=``, ``metrics=``,
         ``steps=(first, last)``, ``constants=``."""
-        self._drain()
-        return self.store.to_dataframe(**filters)
+        return self.store.to_dataframe(**filters)  # the store property drains the tap first
 
     def findings(self) -> list[Finding]:
         """What is wrong with the BN layers so far, in plain words (:func:`bnprobe.diagnose`,

@@ -25,6 +25,7 @@ modules of :mod:`bnprobe.tap`; no Lightning, no TensorBoard, no pandas.
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Callable
@@ -296,7 +297,7 @@ class BNTap:
         block.raws.append(raw)
         previous, self._kept = self._kept, (step, now)
         if not hold or self._ends(block, previous, step, now):
-            done.append(self._finish(check=True))  # the block's segments say it for this step
+            done.append(self._finish(check=True))  # this step's recovery check made there
             return _joined(done)
         try:  # kept: whether the next step recovers each layer must be known now
             self._check_recovery(step_plan, ok, layouts, raw, refs)
@@ -922,10 +923,7 @@ class _Block:
 
     def alone(self, i: int) -> _Block:
         """The block of its ``i``-th step alone."""
-        one = _Block(
-            self.plan, self.ok, self.layouts, self.refs, self.rkey, self.row_plan,
-            self.structure, self.stage, self.rank, self.born,
-        )  # fmt: skip
+        one = copy.copy(self)
         one.steps, one.epochs, one.raws = [self.steps[i]], [self.epochs[i]], [self.raws[i]]
         return one
 
