@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import Logger, TensorBoardLogger
+from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -22,7 +22,7 @@ from bnprobe import BNProbe
 from bnprobe.store import concat
 from bnprobe.tap import BNTap, Snapshot, hooks
 from bnprobe.tap.hooks import MAX_BLOCK_SPAN
-from tests.reference import Lit, trainer
+from tests.reference import Lit, MetricsLogger, trainer
 
 OFFSET_STEP = 21
 """The step whose batch has a large offset: the first BN layer's recovery turns ill-conditioned
@@ -206,23 +206,12 @@ def test_at_every_50_steps_each_measured_step_is_processed_at_once() -> None:
     assert run["snapshots"] == 4
 
 
-class _Calls(Logger):
+class _Calls(MetricsLogger):
     """A logger that remembers bnprobe's log_metrics calls (step and keys, in order)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "calls"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         keys = {k: v for k, v in metrics.items() if k.startswith("bnprobe/")}

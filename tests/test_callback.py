@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
@@ -20,7 +20,15 @@ import bnprobe
 from bnprobe import BNProbe, load
 from bnprobe import tensorboard as tb
 from bnprobe.store import COLUMNS, KEY, STORE_NAME
-from tests.reference import INPUT_SHAPES, Lit, Reference, loader, make_model, trainer
+from tests.reference import (
+    INPUT_SHAPES,
+    Lit,
+    MetricsLogger,
+    Reference,
+    loader,
+    make_model,
+    trainer,
+)
 
 
 class _RefCallback(pl.Callback):
@@ -417,19 +425,8 @@ def test_scalars_go_to_tensorboard_only_unless_asked_and_only_those_chosen(tmp_p
 
 
 # -- the end-of-fit summary ----------------------------------------------------------------------
-class _DeadServer(Logger):
+class _DeadServer(MetricsLogger):
     """A real logger whose log_metrics fails (a tracking server that went away)."""
-
-    @property
-    def name(self) -> str:
-        return "dead"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         raise ConnectionError("the tracking server went away")

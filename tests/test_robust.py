@@ -15,13 +15,13 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import bnprobe
 from bnprobe import BNProbe, load
-from tests.reference import Lit, Reference, loader, make_model, trainer
+from tests.reference import Lit, MetricsLogger, Reference, loader, make_model, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -274,21 +274,10 @@ class OddNet(nn.Module):
         return self.head(torch.relu(self.tuple_bn(h)[0]))  # type: ignore[no-any-return]
 
 
-class BrokenLogger(Logger):
+class BrokenLogger(MetricsLogger):
     """A real logger whose log_metrics fails on the probe's keys (like a dead remote service)."""
 
     calls = 0
-
-    @property
-    def name(self) -> str:
-        return "broken"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if any(k.startswith("bnprobe/") for k in metrics):
