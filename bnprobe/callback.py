@@ -208,16 +208,29 @@ class BNProbeBase:
         self._why: str | None = None  # why this rank measures nothing at the current step
         self._told_failures = 0  # tap failures passed on to rank 0
         self._checked_hooks = False
+        self._state_key: tuple[tuple[Any, ...], str] | None = None
 
     # -- public ----------------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
         """The checkpoint key of this probe: its class and the options that shape what it
-        measures and where it writes, so that two probes in one Trainer resume separately."""
-        layers = self.layers
+        measures and where it writes, so that two probes in one Trainer resume separately.
+        Lightning reads it at every hook it calls (its profiler's label): the key is built
+        again only when one of those options changed."""
+        layers, scalars = self.layers, self.scalars
+        options = (
+            self.every_n_steps,
+            tuple(layers) if isinstance(layers, list) else layers,  # a list changed in place too
+            self.per_channel,
+            self.save_dir,
+            tuple(scalars) if isinstance(scalars, list) else scalars,
+        )
+        memo = self._state_key
+        if memo is not None and memo[0] == options:
+            return memo[1]
         if callable(layers):  # a predicate's repr holds its address: name it instead
             layers = f"{getattr(layers, '__module__', '')}.{getattr(layers, '__qualname__', '')}"
-        return f"{type(self).__qualname__}" + repr(
+        key = f"{type(self).__qualname__}" + repr(
             {
                 "every_n_steps": self.every_n_steps,
                 "layers": layers,
@@ -226,6 +239,8 @@ class BNProbeBase:
                 "scalars": self.scalars,
             }
         )
+        self._state_key = options, key
+        return key
 
     @property
     def store(self) -> Store:

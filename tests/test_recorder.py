@@ -156,6 +156,26 @@ def test_two_probes_in_one_trainer_resume_with_their_own_state(tmp_path) -> None
     assert sorted(bnprobe.load(tmp_path / "b")["step"].unique()) == [0, 3, 6]
 
 
+def test_the_state_key_follows_every_option_it_names() -> None:
+    """Lightning reads ``state_key`` at every hook; the probe keeps the key while its options
+    stay the same, and builds it again when one changes, a list changed in place included."""
+    layers = ["a.bn"]
+    probe = bnprobe.BNProbe(layers=layers, save_dir="/tmp/x")
+    key = probe.state_key
+    assert probe.state_key is key  # kept, not rebuilt
+    assert "'a.bn'" in key and "'/tmp/x'" in key
+    layers.append("b.bn")
+    assert "['a.bn', 'b.bn']" in probe.state_key
+    probe.every_n_steps = 7
+    assert "'every_n_steps': 7" in probe.state_key
+    probe.save_dir = "/tmp/y"
+    assert "'/tmp/y'" in probe.state_key
+    assert (
+        probe.state_key
+        == bnprobe.BNProbe(every_n_steps=7, layers=["a.bn", "b.bn"], save_dir="/tmp/y").state_key
+    )
+
+
 class _OldProbe(bnprobe.BNProbe):
     """A probe as they were before ``state_key``: its state is saved under "BNProbe"."""
 
